@@ -3,3 +3,10 @@
 //! runs lives here so tests reach it.
 
 pub mod api;
+pub mod dpc;
+
+/// Installs rustls' ring crypto provider for the process (kube and reqwest share it).
+/// Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
