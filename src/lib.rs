@@ -10,3 +10,4 @@ pub mod dpc;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+pub mod sim;

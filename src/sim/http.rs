@@ -1,0 +1,194 @@
+//! A small HTTP/1.1 server on hyper shared by the test doubles and the admin endpoints.
+//! A handler may answer `Err(Drop)` to close the connection without a response, which a
+//! client sees as a reset connection.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A response body: a whole buffer or a stream of chunks.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Answer of a handler that closes the connection without answering.
+#[derive(Debug)]
+pub struct Drop;
+
+impl std::fmt::Display for Drop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped on purpose")
+    }
+}
+
+impl std::error::Error for Drop {}
+
+/// A request with its body read.
+pub struct Req {
+    pub method: hyper::Method,
+    pub uri: hyper::Uri,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Req {
+    /// The raw query string, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.uri.query()
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The decoded query parameters (`+` and `%xx` decoded), in order.
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        self.query()
+            .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The first decoded value of a query parameter.
+    pub fn param(&self, name: &str) -> Option<String> {
+        self.query_pairs().into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+}
+
+/// A whole-buffer body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A streamed body.
+pub fn streamed<S>(stream: S) -> Body
+where
+    S: Stream<Item = Bytes> + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    BodyExt::boxed(StreamBody::new(stream.map(|b| Ok::<_, Infallible>(Frame::data(b)))))
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    json_typed(status, value, "application/json")
+}
+
+/// A JSON response with a given media type.
+pub fn json_typed(status: StatusCode, value: &serde_json::Value, content_type: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(full(serde_json::to_vec(value).expect("JSON serializes")))
+        .expect("a valid response")
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(full(body.into()))
+        .expect("a valid response")
+}
+
+/// A running server: its address, and a handle that stops it when dropped or on `stop`.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Stops accepting connections and closes open ones.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl std::ops::Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Serves `handler` on `listener` until the returned server is stopped or dropped.
+pub fn serve<H, F>(listener: TcpListener, handler: H) -> Server
+where
+    H: Fn(Req) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+{
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    let (stop, mut stopped) = watch::channel(false);
+    let handler = Arc::new(handler);
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped.changed() => break,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let _ = stream.set_nodelay(true);
+            let handler = handler.clone();
+            let mut conn_stopped = stopped.clone();
+            connections.spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let handler = handler.clone();
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let body = match body.collect().await {
+                            Ok(collected) => collected.to_bytes(),
+                            Err(_) => return Err(Drop),
+                        };
+                        handler(Req {
+                            method: parts.method,
+                            uri: parts.uri,
+                            headers: parts.headers,
+                            body,
+                        })
+                        .await
+                    }
+                });
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = conn_stopped.changed() => {}
+                }
+            });
+            // Reap finished connections so the set does not grow without bound.
+            while connections.try_join_next().is_some() {}
+        }
+        connections.shutdown().await;
+    });
+    Server {
+        addr,
+        stop,
+        task: Some(task),
+    }
+}
+
+/// Binds `addr` (port 0 picks a free port) and serves `handler` there.
+pub async fn bind_and_serve<H, F>(addr: SocketAddr, handler: H) -> std::io::Result<Server>
+where
+    H: Fn(Req) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr).await?;
+    Ok(serve(listener, handler))
+}
