@@ -67,7 +67,10 @@ fn request(connection: &str, secret_name: &str) -> OverrideRequest {
         auth_type: None,
         connection_overrides: OverrideValues {
             secrets_location: Some(json!({"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"})),
-            connection_properties: BTreeMap::from([("secretName".to_string(), secret_name.to_string())]),
+            connection_properties: BTreeMap::from([(
+                "secretName".to_string(),
+                secret_name.to_string(),
+            )]),
         },
     }
 }
@@ -82,7 +85,10 @@ async fn token_is_fetched_once_with_the_documented_form_and_reused() {
     let ops: Vec<SimOp> = calls.iter().map(|c| c.op).collect();
     assert_eq!(ops, [SimOp::Token, SimOp::Create, SimOp::List]);
     let token = &calls[0];
-    assert_eq!(token.content_type.as_deref(), Some("application/x-www-form-urlencoded"));
+    assert_eq!(
+        token.content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
     assert_eq!(
         token.body.as_ref().unwrap(),
         &json!({
@@ -93,12 +99,20 @@ async fn token_is_fetched_once_with_the_documented_form_and_reused() {
         })
     );
     for call in &calls[1..] {
-        assert_eq!(call.auth, AuthSeen::Valid { client_id: CLIENT_ID.into() });
+        assert_eq!(
+            call.auth,
+            AuthSeen::Valid {
+                client_id: CLIENT_ID.into()
+            }
+        );
         assert_eq!(call.account_id.as_deref(), Some("acc-42"));
     }
     let create = &calls[1];
     assert_eq!(create.method, "POST");
-    assert_eq!(create.path, format!("/dpc/v1/projects/{PROJECT}/connections/environment-overrides"));
+    assert_eq!(
+        create.path,
+        format!("/dpc/v1/projects/{PROJECT}/connections/environment-overrides")
+    );
     assert_eq!(create.content_type.as_deref(), Some("application/json"));
     assert_eq!(
         create.body.as_ref().unwrap(),
@@ -127,7 +141,11 @@ async fn unauthorized_gets_one_new_token_and_one_retry() {
     let summary: Vec<(SimOp, Option<u16>)> = calls.iter().map(|c| (c.op, c.status)).collect();
     assert_eq!(
         summary,
-        [(SimOp::Create, Some(401)), (SimOp::Token, Some(200)), (SimOp::Create, Some(201))]
+        [
+            (SimOp::Create, Some(401)),
+            (SimOp::Token, Some(200)),
+            (SimOp::Create, Some(201))
+        ]
     );
     assert_eq!(calls[0].auth, AuthSeen::Expired);
 }
@@ -137,11 +155,17 @@ async fn unauthorized_twice_is_credentials_rejected_without_a_loop() {
     let (sim, dpc) = setup(SimConfig::default()).await;
     sim.push_fault(Fault::status(SimOp::Create, 401).times(2));
 
-    let err = dpc.create(PROJECT, &request("A", "prod/a")).await.unwrap_err();
+    let err = dpc
+        .create(PROJECT, &request("A", "prod/a"))
+        .await
+        .unwrap_err();
 
     assert_eq!(err.class(), ErrorClass::CredentialsRejected);
     let ops: Vec<SimOp> = sim.calls().iter().map(|c| c.op).collect();
-    assert_eq!(ops, [SimOp::Token, SimOp::Create, SimOp::Token, SimOp::Create]);
+    assert_eq!(
+        ops,
+        [SimOp::Token, SimOp::Create, SimOp::Token, SimOp::Create]
+    );
 }
 
 #[tokio::test]
@@ -149,7 +173,10 @@ async fn wrong_client_secret_is_credentials_rejected_and_not_echoed() {
     let sim = DpcSim::start(SimConfig::default()).await.unwrap();
     sim.add_client(CLIENT_ID, "the-right-one");
     let dpc = DpcClient::new(settings()).account(
-        AccountKey { namespace: None, name: "a".into() },
+        AccountKey {
+            namespace: None,
+            name: "a".into(),
+        },
         endpoint(&sim, None),
         Credentials {
             client_id: SecretString::new(CLIENT_ID),
@@ -161,7 +188,10 @@ async fn wrong_client_secret_is_credentials_rejected_and_not_echoed() {
     let text = format!("{err} {err:?}");
     assert!(text.contains("invalid_client"), "{text}");
     assert!(!text.contains(CLIENT_SECRET));
-    assert_eq!(sim.calls()[0].body.as_ref().unwrap()["client_secret"], "<wrong>");
+    assert_eq!(
+        sim.calls()[0].body.as_ref().unwrap()["client_secret"],
+        "<wrong>"
+    );
 }
 
 #[tokio::test]
@@ -173,7 +203,10 @@ async fn create_conflict_and_update_not_found_are_classified() {
 
     let created = dpc.create(PROJECT, &request("A", "x")).await.unwrap();
     assert_eq!(created.status, 201);
-    assert_eq!(created.remote.unwrap().created_by.as_deref(), Some(CLIENT_ID));
+    assert_eq!(
+        created.remote.unwrap().created_by.as_deref(),
+        Some(CLIENT_ID)
+    );
 
     let conflict = dpc.create(PROJECT, &request("A", "x")).await.unwrap_err();
     assert_eq!(conflict.class(), ErrorClass::Conflict);
@@ -194,7 +227,10 @@ async fn post_as_upsert_and_empty_success_bodies_are_accepted() {
     let again = dpc.create(PROJECT, &request("A", "two")).await.unwrap();
     assert_eq!(again.status, 200);
     let stored = sim.get_override(PROJECT, "PROD", "A").unwrap();
-    assert_eq!(stored.connection_overrides["connectionProperties"]["secretName"], "two");
+    assert_eq!(
+        stored.connection_overrides["connectionProperties"]["secretName"],
+        "two"
+    );
     let empty = dpc.update(PROJECT, &request("A", "three")).await.unwrap();
     assert_eq!((empty.status, empty.remote), (204, None));
 }
@@ -234,7 +270,9 @@ async fn list_reads_arrays_single_objects_and_every_envelope_page() {
         assert_eq!(one[0].name.as_deref(), Some("Only"));
 
         for i in 0..4 {
-            dpc.create(PROJECT, &request(&format!("C{i}"), "x")).await.unwrap();
+            dpc.create(PROJECT, &request(&format!("C{i}"), "x"))
+                .await
+                .unwrap();
         }
         sim.clear_calls();
         let all = dpc.list(PROJECT, "PROD").await.unwrap();
@@ -250,24 +288,35 @@ async fn list_reads_arrays_single_objects_and_every_envelope_page() {
 #[tokio::test]
 async fn delete_encodes_names_and_treats_404_as_done() {
     let (sim, dpc) = setup(SimConfig::default()).await;
-    dpc.create(PROJECT, &request("Sales, EU", "x")).await.unwrap();
+    dpc.create(PROJECT, &request("Sales, EU", "x"))
+        .await
+        .unwrap();
     sim.clear_calls();
 
-    dpc.delete(PROJECT, "PROD", &["Sales, EU".to_string()]).await.unwrap();
+    dpc.delete(PROJECT, "PROD", &["Sales, EU".to_string()])
+        .await
+        .unwrap();
     let deletes = sim.calls_of(SimOp::Delete);
     assert_eq!(deletes.len(), 1);
-    assert_eq!(deletes[0].query.as_deref(), Some("environmentName=PROD&connectionNames=Sales%2C%20EU"));
+    assert_eq!(
+        deletes[0].query.as_deref(),
+        Some("environmentName=PROD&connectionNames=Sales%2C%20EU")
+    );
     assert_eq!(deletes[0].status, Some(204));
     assert!(sim.overrides().is_empty());
 
-    dpc.delete(PROJECT, "PROD", &["Sales, EU".to_string()]).await.unwrap();
+    dpc.delete(PROJECT, "PROD", &["Sales, EU".to_string()])
+        .await
+        .unwrap();
     assert_eq!(sim.calls_of(SimOp::Delete)[1].status, Some(404));
 }
 
 #[tokio::test]
 async fn too_many_names_are_split_over_several_deletes() {
     let (sim, dpc) = setup(SimConfig::default()).await;
-    let names: Vec<String> = (0..300).map(|i| format!("connection-with-a-long-name-{i:04}")).collect();
+    let names: Vec<String> = (0..300)
+        .map(|i| format!("connection-with-a-long-name-{i:04}"))
+        .collect();
     for name in &names[..3] {
         dpc.create(PROJECT, &request(name, "x")).await.unwrap();
     }
@@ -276,7 +325,8 @@ async fn too_many_names_are_split_over_several_deletes() {
     assert!(deletes.len() > 1, "one URL would hold all 300 names");
     let mut seen = 0;
     for call in &deletes {
-        let url_len = sim.base_url().len() + call.path.len() + 1 + call.query.as_ref().unwrap().len();
+        let url_len =
+            sim.base_url().len() + call.path.len() + 1 + call.query.as_ref().unwrap().len();
         assert!(url_len <= 2000, "{url_len}");
         seen += call.param("connectionNames").unwrap().split(',').count();
     }
@@ -287,11 +337,14 @@ async fn too_many_names_are_split_over_several_deletes() {
 #[tokio::test]
 async fn rate_limited_answer_holds_every_call_of_the_account() {
     let (sim, dpc) = setup(SimConfig::default()).await;
-    sim.push_fault(Fault::on(SimOp::Create, FaultKind::Status {
-        status: 429,
-        retry_after: Some("2".into()),
-        body: None,
-    }));
+    sim.push_fault(Fault::on(
+        SimOp::Create,
+        FaultKind::Status {
+            status: 429,
+            retry_after: Some("2".into()),
+            body: None,
+        },
+    ));
     let err = dpc.create(PROJECT, &request("A", "x")).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::RateLimited);
     assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
@@ -299,7 +352,11 @@ async fn rate_limited_answer_holds_every_call_of_the_account() {
     let calls_before = sim.calls().len();
     let held = dpc.list(PROJECT, "PROD").await.unwrap_err();
     assert!(matches!(held, DpcError::Throttled { .. }), "{held:?}");
-    assert_eq!(sim.calls().len(), calls_before, "a held call must not reach DPC");
+    assert_eq!(
+        sim.calls().len(),
+        calls_before,
+        "a held call must not reach DPC"
+    );
     let remaining = dpc.blocked_for().unwrap();
     assert!(remaining > Duration::from_millis(1500) && remaining <= Duration::from_secs(2));
 }
@@ -311,12 +368,30 @@ async fn transport_failures_are_transient_with_their_kind() {
 
     sim.push_fault(Fault::on(SimOp::Create, FaultKind::Reset));
     let reset = dpc.create(PROJECT, &request("A", "x")).await.unwrap_err();
-    assert!(matches!(reset, DpcError::Transport { kind: TransportKind::Reset, .. }), "{reset:?}");
+    assert!(
+        matches!(
+            reset,
+            DpcError::Transport {
+                kind: TransportKind::Reset,
+                ..
+            }
+        ),
+        "{reset:?}"
+    );
     assert!(reset.is_transient());
 
     sim.push_fault(Fault::on(SimOp::Create, FaultKind::Delay { ms: 2000 }));
     let timeout = dpc.create(PROJECT, &request("B", "x")).await.unwrap_err();
-    assert!(matches!(timeout, DpcError::Transport { kind: TransportKind::Timeout, .. }), "{timeout:?}");
+    assert!(
+        matches!(
+            timeout,
+            DpcError::Transport {
+                kind: TransportKind::Timeout,
+                ..
+            }
+        ),
+        "{timeout:?}"
+    );
 
     sim.push_fault(Fault::status(SimOp::Create, 503));
     let unavailable = dpc.create(PROJECT, &request("C", "x")).await.unwrap_err();
@@ -324,11 +399,17 @@ async fn transport_failures_are_transient_with_their_kind() {
 
     sim.push_fault(Fault::on(SimOp::List, FaultKind::Malformed));
     let unreadable = dpc.list(PROJECT, "PROD").await.unwrap_err();
-    assert!(matches!(unreadable, DpcError::Decode { .. }), "{unreadable:?}");
+    assert!(
+        matches!(unreadable, DpcError::Decode { .. }),
+        "{unreadable:?}"
+    );
 
     sim.push_fault(Fault::on(SimOp::Create, FaultKind::Malformed));
     let written = dpc.create(PROJECT, &request("D", "x")).await.unwrap();
-    assert_eq!(written.remote, None, "a success with an unreadable body is still a success");
+    assert_eq!(
+        written.remote, None,
+        "a success with an unreadable body is still a success"
+    );
     assert!(sim.get_override(PROJECT, "PROD", "D").is_some());
 }
 
@@ -338,18 +419,42 @@ async fn changed_credentials_drop_the_cached_token() {
     sim.add_client("one", "secret-one");
     sim.add_client("two", "secret-two");
     let client = DpcClient::new(settings());
-    let key = AccountKey { namespace: None, name: "acct".into() };
+    let key = AccountKey {
+        namespace: None,
+        name: "acct".into(),
+    };
     let creds = |id: &str, secret: &str| Credentials {
         client_id: SecretString::new(id),
         client_secret: SecretString::new(secret),
     };
-    client.account(key.clone(), endpoint(&sim, None), creds("one", "secret-one")).ensure_token().await.unwrap();
-    client.account(key.clone(), endpoint(&sim, None), creds("one", "secret-one")).ensure_token().await.unwrap();
+    client
+        .account(
+            key.clone(),
+            endpoint(&sim, None),
+            creds("one", "secret-one"),
+        )
+        .ensure_token()
+        .await
+        .unwrap();
+    client
+        .account(
+            key.clone(),
+            endpoint(&sim, None),
+            creds("one", "secret-one"),
+        )
+        .ensure_token()
+        .await
+        .unwrap();
     assert_eq!(sim.calls_of(SimOp::Token).len(), 1);
     let rotated = client.account(key, endpoint(&sim, None), creds("two", "secret-two"));
     rotated.list(PROJECT, "PROD").await.unwrap();
     assert_eq!(sim.calls_of(SimOp::Token).len(), 2);
-    assert_eq!(sim.calls_of(SimOp::List)[0].auth, AuthSeen::Valid { client_id: "two".into() });
+    assert_eq!(
+        sim.calls_of(SimOp::List)[0].auth,
+        AuthSeen::Valid {
+            client_id: "two".into()
+        }
+    );
 }
 
 #[tokio::test]
@@ -357,7 +462,10 @@ async fn plain_http_is_refused_without_the_flag() {
     let sim = DpcSim::start(SimConfig::default()).await.unwrap();
     let client = DpcClient::new(ClientSettings::default());
     let dpc = client.account(
-        AccountKey { namespace: None, name: "a".into() },
+        AccountKey {
+            namespace: None,
+            name: "a".into(),
+        },
         endpoint(&sim, None),
         Credentials {
             client_id: SecretString::new("x"),

@@ -18,10 +18,23 @@ use serde::{Deserialize, Serialize};
     status = "DpcAccountStatus",
     derive = "PartialEq",
     doc = "DpcAccount says where and as whom dpc-operator calls the Matillion Data Productivity Cloud API. ConnectionOverrides in the same namespace refer to it by name.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
-    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.region) || has(self.apiUrl)").message("one of region and apiUrl is required"))]

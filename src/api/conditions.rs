@@ -152,14 +152,38 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, READY, false, Reason::Creating, "creating", Some(1), &at(10));
-        set_condition(&mut conditions, READY, false, Reason::ApiUnavailable, "down", Some(1), &at(20));
+        set_condition(
+            &mut conditions,
+            READY,
+            false,
+            Reason::Creating,
+            "creating",
+            Some(1),
+            &at(10),
+        );
+        set_condition(
+            &mut conditions,
+            READY,
+            false,
+            Reason::ApiUnavailable,
+            "down",
+            Some(1),
+            &at(20),
+        );
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].last_transition_time, at(10));
         assert_eq!(conditions[0].reason, "ApiUnavailable");
         assert_eq!(conditions[0].message, "down");
 
-        set_condition(&mut conditions, READY, true, Reason::Available, "ok", Some(2), &at(30));
+        set_condition(
+            &mut conditions,
+            READY,
+            true,
+            Reason::Available,
+            "ok",
+            Some(2),
+            &at(30),
+        );
         assert_eq!(conditions[0].last_transition_time, at(30));
         assert_eq!(conditions[0].status, "True");
         assert_eq!(conditions[0].observed_generation, Some(2));
@@ -168,9 +192,33 @@ mod tests {
     #[test]
     fn conditions_are_keyed_by_type() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, READY, true, Reason::Available, "", Some(1), &at(1));
-        set_condition(&mut conditions, SYNCED, true, Reason::ReconcileSuccess, "", Some(1), &at(1));
-        set_condition(&mut conditions, SYNCED, false, Reason::ReconcileError, "x", Some(1), &at(2));
+        set_condition(
+            &mut conditions,
+            READY,
+            true,
+            Reason::Available,
+            "",
+            Some(1),
+            &at(1),
+        );
+        set_condition(
+            &mut conditions,
+            SYNCED,
+            true,
+            Reason::ReconcileSuccess,
+            "",
+            Some(1),
+            &at(1),
+        );
+        set_condition(
+            &mut conditions,
+            SYNCED,
+            false,
+            Reason::ReconcileError,
+            "x",
+            Some(1),
+            &at(2),
+        );
         assert_eq!(conditions.len(), 2);
         assert!(is_true(&conditions, READY));
         assert!(!is_true(&conditions, SYNCED));

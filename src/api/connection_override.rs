@@ -28,12 +28,37 @@ pub const PROJECT_ID_PATTERN: &str =
     status = "ConnectionOverrideStatus",
     derive = "PartialEq",
     doc = "ConnectionOverride declares a Matillion Data Productivity Cloud environment connection override. dpc-operator creates or updates the override in DPC to match the spec, and reports the outcome in status.conditions (Ready, Synced).",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Synced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Synced\")].status"),
-    printcolumn(name = "Environment", type_ = "string", json_path = ".spec.environmentName"),
-    printcolumn(name = "Connection", type_ = "string", json_path = ".spec.connectionName"),
-    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Synced",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Synced\")].status"
+    ),
+    printcolumn(
+        name = "Environment",
+        type_ = "string",
+        json_path = ".spec.environmentName"
+    ),
+    printcolumn(
+        name = "Connection",
+        type_ = "string",
+        json_path = ".spec.connectionName"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionOverrideSpec {

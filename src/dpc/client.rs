@@ -29,7 +29,11 @@ const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(1800);
 const MAX_URL_LEN: usize = 2000;
 /// Characters left as they are in a query value (RFC 3986 unreserved); everything else,
 /// including space and comma, is percent-encoded.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// Settings shared by every account.
 #[derive(Clone, Debug)]
@@ -73,13 +77,19 @@ impl Endpoint {
             (None, Some(region)) => format!("https://{}.api.matillion.com/dpc", region.as_str()),
             (None, None) => return Err("the DpcAccount sets neither region nor apiUrl".into()),
         };
-        let token = spec.token_url.clone().unwrap_or_else(|| DEFAULT_TOKEN_URL.into());
+        let token = spec
+            .token_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TOKEN_URL.into());
         let api_url = parse_endpoint_url("apiUrl", &api, allow_insecure_http)?;
         let token_url = parse_endpoint_url("tokenUrl", &token, allow_insecure_http)?;
         Ok(Self {
             api_url,
             token_url,
-            audience: spec.audience.clone().unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
+            audience: spec
+                .audience
+                .clone()
+                .unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
             account_id: spec.account_id.clone().filter(|s| !s.is_empty()),
         })
     }
@@ -93,7 +103,9 @@ fn parse_endpoint_url(field: &str, value: &str, allow_insecure_http: bool) -> Re
         "http" => Err(format!(
             "{field} {value} uses plain http, which is refused; use https, or start the operator with --allow-insecure-http (tests and sandboxes only)"
         )),
-        other => Err(format!("{field} {value} has scheme {other}; only https is supported")),
+        other => Err(format!(
+            "{field} {value} has scheme {other}; only https is supported"
+        )),
     }
 }
 
@@ -183,7 +195,10 @@ impl DpcClient {
     }
 
     /// A client that reports every call to `observer`.
-    pub fn with_observer(settings: ClientSettings, observer: Option<Arc<dyn CallObserver>>) -> Self {
+    pub fn with_observer(
+        settings: ClientSettings,
+        observer: Option<Arc<dyn CallObserver>>,
+    ) -> Self {
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("dpc-operator/", env!("CARGO_PKG_VERSION")))
@@ -209,7 +224,12 @@ impl DpcClient {
 
     /// The handle for an account with this endpoint and these credentials. A change of either
     /// drops the cached token; the `Retry-After` gate of the account is kept.
-    pub fn account(&self, key: AccountKey, endpoint: Endpoint, credentials: Credentials) -> AccountHandle {
+    pub fn account(
+        &self,
+        key: AccountKey,
+        endpoint: Endpoint,
+        credentials: Credentials,
+    ) -> AccountHandle {
         let fingerprint = fingerprint(&endpoint, &credentials);
         let mut accounts = self.inner.accounts.lock().expect("account map lock");
         let state = match accounts.get(&key) {
@@ -236,7 +256,11 @@ impl DpcClient {
 
     /// Forgets an account (it was deleted).
     pub fn forget(&self, key: &AccountKey) {
-        self.inner.accounts.lock().expect("account map lock").remove(key);
+        self.inner
+            .accounts
+            .lock()
+            .expect("account map lock")
+            .remove(key);
     }
 }
 
@@ -291,9 +315,15 @@ impl AccountHandle {
     }
 
     /// `POST` a new override. 409 comes back as an error of class `Conflict`.
-    pub async fn create(&self, project_id: &str, body: &OverrideRequest) -> Result<WriteAnswer, DpcError> {
+    pub async fn create(
+        &self,
+        project_id: &str,
+        body: &OverrideRequest,
+    ) -> Result<WriteAnswer, DpcError> {
         let url = self.overrides_url(project_id, &[]);
-        let answer = self.send(Operation::Create, Method::POST, url, Some(body)).await?;
+        let answer = self
+            .send(Operation::Create, Method::POST, url, Some(body))
+            .await?;
         Ok(WriteAnswer {
             status: answer.status.as_u16(),
             remote: parse_write_answer(&answer.body),
@@ -301,9 +331,15 @@ impl AccountHandle {
     }
 
     /// `PUT` an existing override. 404 comes back as an error of class `NotFound`.
-    pub async fn update(&self, project_id: &str, body: &OverrideRequest) -> Result<WriteAnswer, DpcError> {
+    pub async fn update(
+        &self,
+        project_id: &str,
+        body: &OverrideRequest,
+    ) -> Result<WriteAnswer, DpcError> {
         let url = self.overrides_url(project_id, &[]);
-        let answer = self.send(Operation::Update, Method::PUT, url, Some(body)).await?;
+        let answer = self
+            .send(Operation::Update, Method::PUT, url, Some(body))
+            .await?;
         Ok(WriteAnswer {
             status: answer.status.as_u16(),
             remote: parse_write_answer(&answer.body),
@@ -311,7 +347,11 @@ impl AccountHandle {
     }
 
     /// Every override of an environment, following envelope pages when the answer has them.
-    pub async fn list(&self, project_id: &str, environment: &str) -> Result<Vec<RemoteOverride>, DpcError> {
+    pub async fn list(
+        &self,
+        project_id: &str,
+        environment: &str,
+    ) -> Result<Vec<RemoteOverride>, DpcError> {
         let mut items = Vec::new();
         let mut page_params: Option<(u64, u64)> = None;
         for _ in 0..1000 {
@@ -339,10 +379,18 @@ impl AccountHandle {
 
     /// `DELETE` the overrides of `connection_names` in an environment. 404 counts as done.
     /// Names are split over several calls when one URL would be too long.
-    pub async fn delete(&self, project_id: &str, environment: &str, connection_names: &[String]) -> Result<(), DpcError> {
+    pub async fn delete(
+        &self,
+        project_id: &str,
+        environment: &str,
+        connection_names: &[String],
+    ) -> Result<(), DpcError> {
         for chunk in self.delete_batches(project_id, environment, connection_names) {
             let url = self.overrides_url_raw(project_id, &chunk);
-            match self.send(Operation::Delete, Method::DELETE, url, None).await {
+            match self
+                .send(Operation::Delete, Method::DELETE, url, None)
+                .await
+            {
                 Ok(_) => {}
                 Err(DpcError::Api { status: 404, .. }) => {}
                 Err(e) => return Err(e),
@@ -374,7 +422,10 @@ impl AccountHandle {
     }
 
     fn overrides_url(&self, project_id: &str, query: &[(&str, String)]) -> Url {
-        let raw: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+        let raw: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", encode(v)))
+            .collect();
         self.overrides_url_raw(project_id, &raw.join("&"))
     }
 
@@ -383,7 +434,13 @@ impl AccountHandle {
         url.path_segments_mut()
             .expect("an http(s) URL has path segments")
             .pop_if_empty()
-            .extend(["v1", "projects", project_id, "connections", "environment-overrides"]);
+            .extend([
+                "v1",
+                "projects",
+                project_id,
+                "connections",
+                "environment-overrides",
+            ]);
         url.set_query((!query.is_empty()).then_some(query));
         url
     }
@@ -411,11 +468,17 @@ impl AccountHandle {
     async fn fetch_token(&self) -> Result<CachedToken, DpcError> {
         self.check_gate(Operation::Token)?;
         let endpoint = &self.state.endpoint;
-        ensure_scheme(&endpoint.token_url, self.client.settings().allow_insecure_http)?;
+        ensure_scheme(
+            &endpoint.token_url,
+            self.client.settings().allow_insecure_http,
+        )?;
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.state.credentials.client_id.expose()),
-            ("client_secret", self.state.credentials.client_secret.expose()),
+            (
+                "client_secret",
+                self.state.credentials.client_secret.expose(),
+            ),
             ("audience", endpoint.audience.as_str()),
         ];
         let request = self
@@ -429,14 +492,18 @@ impl AccountHandle {
         if !answer.status.is_success() {
             return Err(self.api_error(Operation::Token, answer));
         }
-        let parsed: TokenAnswer = serde_json::from_slice(&answer.body).map_err(|_| DpcError::Decode {
-            operation: Operation::Token,
-            reason: "the token answer has no access_token".into(),
-        })?;
+        let parsed: TokenAnswer =
+            serde_json::from_slice(&answer.body).map_err(|_| DpcError::Decode {
+                operation: Operation::Token,
+                reason: "the token answer has no access_token".into(),
+            })?;
         let lifetime = parsed
             .expires_in
             .as_ref()
-            .and_then(|v| v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .and_then(|v| {
+                v.as_f64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            })
             .filter(|secs| *secs > 0.0)
             .map(Duration::from_secs_f64)
             .unwrap_or(DEFAULT_TOKEN_LIFETIME);
@@ -475,16 +542,25 @@ impl AccountHandle {
         blocked.and_then(|until| until.checked_duration_since(Instant::now()))
     }
 
-    async fn send(&self, operation: Operation, method: Method, url: Url, body: Option<&OverrideRequest>) -> Result<Answer, DpcError> {
+    async fn send(
+        &self,
+        operation: Operation,
+        method: Method,
+        url: Url,
+        body: Option<&OverrideRequest>,
+    ) -> Result<Answer, DpcError> {
         ensure_scheme(&url, self.client.settings().allow_insecure_http)?;
         self.check_gate(operation)?;
         let (token_id, token) = self.token().await?;
-        let answer = self.send_with(operation, &method, &url, body, &token).await?;
+        let answer = self
+            .send_with(operation, &method, &url, body, &token)
+            .await?;
         let answer = if answer.status == StatusCode::UNAUTHORIZED {
             // The token may have been revoked or expired early: one new token, one more try.
             self.invalidate_token(token_id).await;
             let (_, token) = self.token().await?;
-            self.send_with(operation, &method, &url, body, &token).await?
+            self.send_with(operation, &method, &url, body, &token)
+                .await?
         } else {
             answer
         };
@@ -495,7 +571,14 @@ impl AccountHandle {
         }
     }
 
-    async fn send_with(&self, operation: Operation, method: &Method, url: &Url, body: Option<&OverrideRequest>, token: &SecretString) -> Result<Answer, DpcError> {
+    async fn send_with(
+        &self,
+        operation: Operation,
+        method: &Method,
+        url: &Url,
+        body: Option<&OverrideRequest>,
+        token: &SecretString,
+    ) -> Result<Answer, DpcError> {
         self.check_gate(operation)?;
         let mut request = self
             .client
@@ -503,7 +586,10 @@ impl AccountHandle {
             .http
             .request(method.clone(), url.clone())
             .bearer_auth(token.expose())
-            .header(reqwest::header::ACCEPT, "application/json, application/problem+json");
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, application/problem+json",
+            );
         if let Some(account_id) = &self.state.endpoint.account_id {
             request = request.header("account-id", account_id);
         }
@@ -515,7 +601,11 @@ impl AccountHandle {
         self.execute(operation, request).await
     }
 
-    async fn execute(&self, operation: Operation, request: reqwest::RequestBuilder) -> Result<Answer, DpcError> {
+    async fn execute(
+        &self,
+        operation: Operation,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Answer, DpcError> {
         let started = std::time::Instant::now();
         let result = async {
             let response = request.send().await?;
@@ -552,7 +642,9 @@ impl AccountHandle {
             source: source.without_url(),
         })?;
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
-            let wait = answer.retry_after.unwrap_or(self.client.settings().default_retry_after);
+            let wait = answer
+                .retry_after
+                .unwrap_or(self.client.settings().default_retry_after);
             self.hold_account(wait);
         }
         Ok(answer)
@@ -565,9 +657,11 @@ impl AccountHandle {
             None => excerpt(&answer.body),
         };
         let retry_after = match answer.status {
-            StatusCode::TOO_MANY_REQUESTS => {
-                Some(answer.retry_after.unwrap_or(self.client.settings().default_retry_after))
-            }
+            StatusCode::TOO_MANY_REQUESTS => Some(
+                answer
+                    .retry_after
+                    .unwrap_or(self.client.settings().default_retry_after),
+            ),
             _ => answer.retry_after,
         };
         DpcError::Api {
@@ -635,7 +729,9 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(secs) = value.parse::<f64>() {
         return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
     }
-    let when = k8s_openapi::jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+    let when = k8s_openapi::jiff::fmt::rfc2822::parse(value)
+        .ok()?
+        .timestamp();
     let now = k8s_openapi::jiff::Timestamp::now();
     let wait = when.duration_since(now);
     Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
@@ -664,7 +760,10 @@ mod tests {
     #[test]
     fn region_gives_the_documented_urls() {
         let endpoint = Endpoint::for_account(&spec(), false).unwrap();
-        assert_eq!(endpoint.api_url.as_str(), "https://eu1.api.matillion.com/dpc");
+        assert_eq!(
+            endpoint.api_url.as_str(),
+            "https://eu1.api.matillion.com/dpc"
+        );
         assert_eq!(endpoint.token_url.as_str(), DEFAULT_TOKEN_URL);
         assert_eq!(endpoint.audience, DEFAULT_AUDIENCE);
     }
@@ -679,21 +778,35 @@ mod tests {
         let allowed = Endpoint::for_account(&s, true).unwrap();
         assert_eq!(allowed.api_url.as_str(), "http://127.0.0.1:9/dpc");
         s.api_url = Some("ftp://x".into());
-        assert!(Endpoint::for_account(&s, true).unwrap_err().contains("scheme ftp"));
+        assert!(
+            Endpoint::for_account(&s, true)
+                .unwrap_err()
+                .contains("scheme ftp")
+        );
     }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after(" 1.5 "), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after(" 1.5 "),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(parse_retry_after("-1"), None);
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
-        let later = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(60);
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        let later =
+            k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(60);
         let text = k8s_openapi::jiff::fmt::rfc2822::DateTimePrinter::new()
             .timestamp_to_rfc9110_string(&later)
             .unwrap();
         let wait = parse_retry_after(&text).unwrap();
-        assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(50) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 
@@ -706,7 +819,10 @@ mod tests {
 
     #[test]
     fn error_excerpts_are_short_and_skip_html() {
-        assert_eq!(excerpt(b"<html><body>502</body></html>").unwrap(), "(an HTML page)");
+        assert_eq!(
+            excerpt(b"<html><body>502</body></html>").unwrap(),
+            "(an HTML page)"
+        );
         assert_eq!(excerpt(b"  ").as_deref(), None);
         let long = "x".repeat(500);
         assert_eq!(excerpt(long.as_bytes()).unwrap().chars().count(), 201);

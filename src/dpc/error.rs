@@ -94,7 +94,10 @@ pub enum DpcError {
     },
     /// The answer could not be read.
     #[error("could not read DPC's answer to {operation}: {reason}")]
-    Decode { operation: Operation, reason: String },
+    Decode {
+        operation: Operation,
+        reason: String,
+    },
     /// The call was not made: the account is waiting out a 429's `Retry-After`.
     #[error("{operation} held back: DPC asked this account to wait {} s more", .remaining.as_secs_f64().ceil())]
     Throttled {
@@ -157,7 +160,10 @@ impl DpcError {
 
     /// Whether retrying on a timer can help.
     pub fn is_transient(&self) -> bool {
-        matches!(self.class(), ErrorClass::Transient | ErrorClass::RateLimited)
+        matches!(
+            self.class(),
+            ErrorClass::Transient | ErrorClass::RateLimited
+        )
     }
 
     /// A bounded label for metrics: never error text.
@@ -292,6 +298,9 @@ mod tests {
         assert_eq!(e.class(), ErrorClass::RateLimited);
         assert!(e.is_transient());
         assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
-        assert_eq!(e.to_string(), "update held back: DPC asked this account to wait 2 s more");
+        assert_eq!(
+            e.to_string(),
+            "update held back: DPC asked this account to wait 2 s more"
+        );
     }
 }

@@ -37,7 +37,11 @@ impl fmt::Debug for OverrideRequest {
             .field("auth_type", &self.auth_type)
             .field(
                 "properties",
-                &self.connection_overrides.connection_properties.keys().collect::<Vec<_>>(),
+                &self
+                    .connection_overrides
+                    .connection_properties
+                    .keys()
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -272,7 +276,9 @@ mod tests {
             connection_name: "Salesforce".into(),
             auth_type: Some("OAUTH_CLIENT_CRED".into()),
             connection_overrides: OverrideValues {
-                secrets_location: Some(json!({"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"})),
+                secrets_location: Some(
+                    json!({"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}),
+                ),
                 connection_properties: [("secretName".to_string(), "prod/sf".to_string())].into(),
             },
         }
@@ -281,7 +287,10 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_at_every_level() {
         let a = json!({"b": 1, "a": {"z": [ {"y": 1, "x": 2} ], "c": null}});
-        assert_eq!(canonical_json(&a), r#"{"a":{"c":null,"z":[{"x":2,"y":1}]},"b":1}"#);
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"c":null,"z":[{"x":2,"y":1}]},"b":1}"#
+        );
     }
 
     #[test]
@@ -360,7 +369,9 @@ mod tests {
             problem.summary(),
             "Bad Request: Invalid override (violations: secretName must not be blank; region unknown)"
         );
-        let oauth = Problem::parse(br#"{"error":"invalid_client","error_description":"Bad credentials"}"#).unwrap();
+        let oauth =
+            Problem::parse(br#"{"error":"invalid_client","error_description":"Bad credentials"}"#)
+                .unwrap();
         assert_eq!(oauth.summary(), "invalid_client: Bad credentials");
         assert!(Problem::parse(b"not json").is_none());
         assert!(Problem::parse(b"{\"unrelated\": 1}").is_none());

@@ -236,11 +236,14 @@ impl Fault {
 
     /// A status answer with a problem body.
     pub fn status(op: SimOp, status: u16) -> Self {
-        Self::on(op, FaultKind::Status {
-            status,
-            retry_after: None,
-            body: None,
-        })
+        Self::on(
+            op,
+            FaultKind::Status {
+                status,
+                retry_after: None,
+                body: None,
+            },
+        )
     }
 }
 
@@ -376,7 +379,9 @@ impl DpcSim {
 
     /// Accepts this client id and secret at the token endpoint.
     pub fn add_client(&self, client_id: &str, client_secret: &str) {
-        self.lock().clients.insert(client_id.into(), client_secret.into());
+        self.lock()
+            .clients
+            .insert(client_id.into(), client_secret.into());
     }
 
     /// Invalidates every issued token (the next call with one gets 401).
@@ -385,10 +390,20 @@ impl DpcSim {
     }
 
     /// Registers a parent connection (and its environment) for `require_known_parents`.
-    pub fn add_connection(&self, project: &str, environment: &str, name: &str, parent: ParentConnection) {
+    pub fn add_connection(
+        &self,
+        project: &str,
+        environment: &str,
+        name: &str,
+        parent: ParentConnection,
+    ) {
         let mut inner = self.lock();
-        inner.connections.insert((project.into(), name.into()), parent);
-        inner.environments.insert((project.into(), environment.into()));
+        inner
+            .connections
+            .insert((project.into(), name.into()), parent);
+        inner
+            .environments
+            .insert((project.into(), environment.into()));
     }
 
     /// Changes the configuration.
@@ -417,7 +432,12 @@ impl DpcSim {
 
     /// Calls of one kind.
     pub fn calls_of(&self, op: SimOp) -> Vec<Call> {
-        self.lock().calls.iter().filter(|c| c.op == op).cloned().collect()
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.op == op)
+            .cloned()
+            .collect()
     }
 
     /// Forgets the calls so far.
@@ -427,7 +447,11 @@ impl DpcSim {
 
     /// Waits until `done` holds for the calls (checked on every new call), or fails after
     /// `timeout` with the calls seen.
-    pub async fn wait_for_calls(&self, timeout: Duration, done: impl Fn(&[Call]) -> bool) -> Result<Vec<Call>, Vec<Call>> {
+    pub async fn wait_for_calls(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[Call]) -> bool,
+    ) -> Result<Vec<Call>, Vec<Call>> {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.state.changed.notified();
@@ -449,7 +473,12 @@ impl DpcSim {
     }
 
     /// One stored override.
-    pub fn get_override(&self, project: &str, environment: &str, connection: &str) -> Option<StoredOverride> {
+    pub fn get_override(
+        &self,
+        project: &str,
+        environment: &str,
+        connection: &str,
+    ) -> Option<StoredOverride> {
         self.lock()
             .overrides
             .get(&(project.into(), environment.into(), connection.into()))
@@ -457,19 +486,33 @@ impl DpcSim {
     }
 
     /// Writes an override behind the operator's back (as a user of the DPC UI would).
-    pub fn put_override(&self, project: &str, environment: &str, connection: &str, auth_type: Option<&str>, connection_overrides: Value) {
+    pub fn put_override(
+        &self,
+        project: &str,
+        environment: &str,
+        connection: &str,
+        auth_type: Option<&str>,
+        connection_overrides: Value,
+    ) {
         let mut inner = self.lock();
-        let key = (project.to_string(), environment.to_string(), connection.to_string());
-        let entry = inner.overrides.entry(key).or_insert_with(|| StoredOverride {
-            project_id: project.into(),
-            environment_name: environment.into(),
-            connection_name: connection.into(),
-            auth_type: None,
-            connection_overrides: Value::Null,
-            created_by: "ui-user".into(),
-            created_date: Timestamp::now().to_string(),
-            writes: 0,
-        });
+        let key = (
+            project.to_string(),
+            environment.to_string(),
+            connection.to_string(),
+        );
+        let entry = inner
+            .overrides
+            .entry(key)
+            .or_insert_with(|| StoredOverride {
+                project_id: project.into(),
+                environment_name: environment.into(),
+                connection_name: connection.into(),
+                auth_type: None,
+                connection_overrides: Value::Null,
+                created_by: "ui-user".into(),
+                created_date: Timestamp::now().to_string(),
+                writes: 0,
+            });
         entry.auth_type = auth_type.map(String::from);
         entry.connection_overrides = connection_overrides;
         entry.writes += 1;
@@ -491,7 +534,13 @@ impl DpcSim {
     }
 }
 
-fn problem(config: &SimConfig, status: StatusCode, title: &str, detail: &str, violations: &[String]) -> Response<Body> {
+fn problem(
+    config: &SimConfig,
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+    violations: &[String],
+) -> Response<Body> {
     let mut body = json!({
         "type": "about:blank",
         "title": title,
@@ -585,15 +634,30 @@ async fn handle(state: Arc<State>, req: Req) -> Result<Response<Body>, Drop> {
     let result = match plan {
         Plan::Normal => Ok(respond(&state, op, &req)),
         Plan::Fault(FaultKind::Reset, _) => Err(Drop),
-        Plan::Fault(FaultKind::Status { status, retry_after, body }, _) => {
+        Plan::Fault(
+            FaultKind::Status {
+                status,
+                retry_after,
+                body,
+            },
+            _,
+        ) => {
             let inner = state.inner.lock().expect("simulator lock");
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = match body {
                 Some(body) => http::json_typed(status, &body, &inner.config.problem_media_type),
-                None => problem(&inner.config, status, status.canonical_reason().unwrap_or("Error"), "injected by the simulator", &[]),
+                None => problem(
+                    &inner.config,
+                    status,
+                    status.canonical_reason().unwrap_or("Error"),
+                    "injected by the simulator",
+                    &[],
+                ),
             };
             if let Some(value) = retry_after {
-                response.headers_mut().insert("retry-after", value.parse().expect("a header value"));
+                response
+                    .headers_mut()
+                    .insert("retry-after", value.parse().expect("a header value"));
             }
             Ok(response)
         }
@@ -641,12 +705,19 @@ fn auth_seen(inner: &Inner, req: &Req) -> AuthSeen {
 }
 
 fn token_form_for_log(inner: &Inner, req: &Req) -> Value {
-    let fields: BTreeMap<String, String> = url::form_urlencoded::parse(&req.body).into_owned().collect();
+    let fields: BTreeMap<String, String> = url::form_urlencoded::parse(&req.body)
+        .into_owned()
+        .collect();
     let mut logged = serde_json::Map::new();
     for (key, value) in &fields {
         let shown = if key == "client_secret" {
             let expected = fields.get("client_id").and_then(|id| inner.clients.get(id));
-            if expected == Some(value) { "<matches>" } else { "<wrong>" }.to_string()
+            if expected == Some(value) {
+                "<matches>"
+            } else {
+                "<wrong>"
+            }
+            .to_string()
         } else {
             value.clone()
         };
@@ -659,7 +730,11 @@ fn pick_fault(inner: &mut Inner, op: SimOp) -> Plan {
     if op == SimOp::Other {
         return Plan::Normal;
     }
-    if let Some(index) = inner.faults.iter().position(|f| f.op.is_none_or(|o| o == op)) {
+    if let Some(index) = inner
+        .faults
+        .iter()
+        .position(|f| f.op.is_none_or(|o| o == op))
+    {
         let fault = &mut inner.faults[index];
         let kind = fault.kind.clone();
         fault.times = fault.times.saturating_sub(1);
@@ -746,25 +821,47 @@ fn respond(state: &State, op: SimOp, req: &Req) -> Response<Body> {
         entry.1 += 1;
         if entry.1 > limit.limit {
             let left = window.saturating_sub(now.duration_since(entry.0));
-            let secs = limit.retry_after_secs.unwrap_or_else(|| left.as_secs_f64().ceil().max(1.0) as u64);
-            let mut response = problem(&inner.config, StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "rate limit exceeded", &[]);
-            response
-                .headers_mut()
-                .insert("retry-after", secs.to_string().parse().expect("a header value"));
+            let secs = limit
+                .retry_after_secs
+                .unwrap_or_else(|| left.as_secs_f64().ceil().max(1.0) as u64);
+            let mut response = problem(
+                &inner.config,
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too Many Requests",
+                "rate limit exceeded",
+                &[],
+            );
+            response.headers_mut().insert(
+                "retry-after",
+                secs.to_string().parse().expect("a header value"),
+            );
             return response;
         }
     }
     match op {
         SimOp::Token => token(&mut inner, req),
-        SimOp::Other => problem(&inner.config, StatusCode::NOT_FOUND, "Not Found", "no such endpoint", &[]),
+        SimOp::Other => problem(
+            &inner.config,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            "no such endpoint",
+            &[],
+        ),
         _ => {
             match auth_seen(&inner, req) {
                 AuthSeen::Valid { .. } => {}
                 _ => {
-                    return problem(&inner.config, StatusCode::UNAUTHORIZED, "Unauthorized", "a valid bearer token is required", &[]);
+                    return problem(
+                        &inner.config,
+                        StatusCode::UNAUTHORIZED,
+                        "Unauthorized",
+                        "a valid bearer token is required",
+                        &[],
+                    );
                 }
             }
-            let project = overrides_project(req.uri.path()).expect("classified as an override call");
+            let project =
+                overrides_project(req.uri.path()).expect("classified as an override call");
             match op {
                 SimOp::Create | SimOp::Update => write(&mut inner, op, &project, req),
                 SimOp::List => list(&inner, &project, req),
@@ -776,32 +873,53 @@ fn respond(state: &State, op: SimOp, req: &Req) -> Response<Body> {
 }
 
 fn token(inner: &mut Inner, req: &Req) -> Response<Body> {
-    let fields: HashMap<String, String> = url::form_urlencoded::parse(&req.body).into_owned().collect();
+    let fields: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
+        .into_owned()
+        .collect();
     let oauth_error = |status: StatusCode, error: &str, description: &str| {
-        http::json(status, &json!({"error": error, "error_description": description}))
+        http::json(
+            status,
+            &json!({"error": error, "error_description": description}),
+        )
     };
     if fields.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type must be client_credentials");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant_type must be client_credentials",
+        );
     }
     let (Some(id), Some(secret)) = (fields.get("client_id"), fields.get("client_secret")) else {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "client_id and client_secret are required");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "client_id and client_secret are required",
+        );
     };
     if inner.clients.get(id) != Some(secret) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized");
     }
     let token: String = format!("simtok-{:032x}", inner.rng.random::<u128>());
     let lifetime = inner.config.token_lifetime_secs;
-    inner.tokens.insert(token.clone(), TokenInfo {
-        client_id: id.clone(),
-        expires_at: Instant::now() + Duration::from_secs(lifetime),
-    });
+    inner.tokens.insert(
+        token.clone(),
+        TokenInfo {
+            client_id: id.clone(),
+            expires_at: Instant::now() + Duration::from_secs(lifetime),
+        },
+    );
     http::json(
         StatusCode::OK,
         &json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": "pipeline-execution"}),
     )
 }
 
-fn parent_of(inner: &Inner, project: &str, environment: &str, connection: &str) -> Result<ParentConnection, (String, String)> {
+fn parent_of(
+    inner: &Inner,
+    project: &str,
+    environment: &str,
+    connection: &str,
+) -> Result<ParentConnection, (String, String)> {
     if !inner.config.require_known_parents {
         return Ok(inner
             .connections
@@ -812,14 +930,25 @@ fn parent_of(inner: &Inner, project: &str, environment: &str, connection: &str) 
     if !inner.environments.iter().any(|(p, _)| p == project) {
         return Err(("Not Found".into(), format!("Project {project} not found")));
     }
-    if !inner.environments.contains(&(project.into(), environment.into())) {
-        return Err(("Not Found".into(), format!("Environment {environment} not found")));
+    if !inner
+        .environments
+        .contains(&(project.into(), environment.into()))
+    {
+        return Err((
+            "Not Found".into(),
+            format!("Environment {environment} not found"),
+        ));
     }
     inner
         .connections
         .get(&(project.into(), connection.into()))
         .cloned()
-        .ok_or_else(|| ("Not Found".into(), format!("Connection {connection} not found")))
+        .ok_or_else(|| {
+            (
+                "Not Found".into(),
+                format!("Connection {connection} not found"),
+            )
+        })
 }
 
 fn validate_body(body: &Value, parent: &ParentConnection) -> Vec<String> {
@@ -855,18 +984,24 @@ fn validate_body(body: &Value, parent: &ParentConnection) -> Vec<String> {
         violations.push("connectionOverrides is required".into());
         return violations;
     };
-    match overrides.get("connectionProperties").and_then(Value::as_object) {
+    match overrides
+        .get("connectionProperties")
+        .and_then(Value::as_object)
+    {
         None => violations.push("connectionOverrides.connectionProperties is required".into()),
         Some(props) => {
             if props.values().any(|v| !v.is_string()) {
-                violations.push("connectionOverrides.connectionProperties values must be strings".into());
+                violations
+                    .push("connectionOverrides.connectionProperties values must be strings".into());
             }
             let required = match parent.platform_connection_type.as_str() {
                 "CLOUD_PLATFORM_CREDENTIALS" => "credentialSecretName",
                 _ => "secretName",
             };
             if !props.contains_key(required) {
-                violations.push(format!("connectionOverrides.connectionProperties.{required} is required"));
+                violations.push(format!(
+                    "connectionOverrides.connectionProperties.{required} is required"
+                ));
             }
         }
     }
@@ -893,17 +1028,39 @@ fn override_json(stored: &StoredOverride, parent: &ParentConnection) -> Value {
 
 fn write(inner: &mut Inner, op: SimOp, project: &str, req: &Req) -> Response<Body> {
     let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
-        return problem(&inner.config, StatusCode::BAD_REQUEST, "Bad Request", "the body is not JSON", &[]);
+        return problem(
+            &inner.config,
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "the body is not JSON",
+            &[],
+        );
     };
-    let environment = body.get("environmentName").and_then(Value::as_str).unwrap_or("").to_string();
-    let connection = body.get("connectionName").and_then(Value::as_str).unwrap_or("").to_string();
+    let environment = body
+        .get("environmentName")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let connection = body
+        .get("connectionName")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let parent = match parent_of(inner, project, &environment, &connection) {
         Ok(parent) => parent,
-        Err((title, detail)) => return problem(&inner.config, StatusCode::NOT_FOUND, &title, &detail, &[]),
+        Err((title, detail)) => {
+            return problem(&inner.config, StatusCode::NOT_FOUND, &title, &detail, &[]);
+        }
     };
     let violations = validate_body(&body, &parent);
     if !violations.is_empty() {
-        return problem(&inner.config, StatusCode::BAD_REQUEST, "Bad Request", "Invalid environment connection override", &violations);
+        return problem(
+            &inner.config,
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "Invalid environment connection override",
+            &violations,
+        );
     }
     let key = (project.to_string(), environment.clone(), connection.clone());
     let exists = inner.overrides.contains_key(&key);
@@ -913,7 +1070,9 @@ fn write(inner: &mut Inner, op: SimOp, project: &str, req: &Req) -> Response<Bod
                 &inner.config,
                 StatusCode::CONFLICT,
                 "Conflict",
-                &format!("An override for connection {connection} already exists in environment {environment}"),
+                &format!(
+                    "An override for connection {connection} already exists in environment {environment}"
+                ),
                 &[],
             );
         }
@@ -929,39 +1088,67 @@ fn write(inner: &mut Inner, op: SimOp, project: &str, req: &Req) -> Response<Bod
         (SimOp::Create, _, _) => inner.config.create_status,
         _ => inner.config.update_status,
     };
-    let auth_type = body.get("authType").and_then(Value::as_str).map(String::from);
-    let overrides = body.get("connectionOverrides").cloned().unwrap_or(Value::Null);
+    let auth_type = body
+        .get("authType")
+        .and_then(Value::as_str)
+        .map(String::from);
+    let overrides = body
+        .get("connectionOverrides")
+        .cloned()
+        .unwrap_or(Value::Null);
     let created_by = match auth_seen(inner, req) {
         AuthSeen::Valid { client_id } => client_id,
         _ => "unknown".into(),
     };
-    let stored = inner.overrides.entry(key).or_insert_with(|| StoredOverride {
-        project_id: project.into(),
-        environment_name: environment.clone(),
-        connection_name: connection.clone(),
-        auth_type: None,
-        connection_overrides: Value::Null,
-        created_by,
-        created_date: Timestamp::now().to_string(),
-        writes: 0,
-    });
+    let stored = inner
+        .overrides
+        .entry(key)
+        .or_insert_with(|| StoredOverride {
+            project_id: project.into(),
+            environment_name: environment.clone(),
+            connection_name: connection.clone(),
+            auth_type: None,
+            connection_overrides: Value::Null,
+            created_by,
+            created_date: Timestamp::now().to_string(),
+            writes: 0,
+        });
     stored.auth_type = auth_type;
     stored.connection_overrides = overrides;
     stored.writes += 1;
     let answer = override_json(stored, &parent);
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     if status == StatusCode::NO_CONTENT {
-        return Response::builder().status(status).body(http::full("")).expect("a valid response");
+        return Response::builder()
+            .status(status)
+            .body(http::full(""))
+            .expect("a valid response");
     }
     http::json(status, &answer)
 }
 
 fn list(inner: &Inner, project: &str, req: &Req) -> Response<Body> {
     let Some(environment) = req.param("environmentName").filter(|e| !e.is_empty()) else {
-        return problem(&inner.config, StatusCode::BAD_REQUEST, "Bad Request", "environmentName is required", &["environmentName must not be blank".into()]);
+        return problem(
+            &inner.config,
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "environmentName is required",
+            &["environmentName must not be blank".into()],
+        );
     };
-    if inner.config.require_known_parents && !inner.environments.contains(&(project.into(), environment.clone())) {
-        return problem(&inner.config, StatusCode::NOT_FOUND, "Not Found", &format!("Environment {environment} not found"), &[]);
+    if inner.config.require_known_parents
+        && !inner
+            .environments
+            .contains(&(project.into(), environment.clone()))
+    {
+        return problem(
+            &inner.config,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("Environment {environment} not found"),
+            &[],
+        );
     }
     let items: Vec<Value> = inner
         .overrides
@@ -986,7 +1173,10 @@ fn list(inner: &Inner, project: &str, req: &Req) -> Response<Body> {
                 .and_then(|s| s.parse::<usize>().ok())
                 .unwrap_or(inner.config.page_size)
                 .clamp(1, 100);
-            let page = req.param("page").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0);
+            let page = req
+                .param("page")
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(0);
             let total = items.len();
             let results: Vec<Value> = items.into_iter().skip(page * size).take(size).collect();
             json!({"page": page, "size": size, "total": total, "results": results})
@@ -997,7 +1187,13 @@ fn list(inner: &Inner, project: &str, req: &Req) -> Response<Body> {
 
 fn delete(inner: &mut Inner, project: &str, req: &Req) -> Response<Body> {
     let Some(environment) = req.param("environmentName").filter(|e| !e.is_empty()) else {
-        return problem(&inner.config, StatusCode::BAD_REQUEST, "Bad Request", "environmentName is required", &[]);
+        return problem(
+            &inner.config,
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "environmentName is required",
+            &[],
+        );
     };
     // connectionNames is a comma-separated list: split the raw value on literal commas and
     // decode each part, so an encoded comma (%2C) stays inside a name.
@@ -1018,7 +1214,13 @@ fn delete(inner: &mut Inner, project: &str, req: &Req) -> Response<Body> {
         })
         .collect();
     if names.is_empty() {
-        return problem(&inner.config, StatusCode::BAD_REQUEST, "Bad Request", "connectionNames is required", &[]);
+        return problem(
+            &inner.config,
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "connectionNames is required",
+            &[],
+        );
     }
     let mut removed = 0;
     for name in &names {
@@ -1031,16 +1233,29 @@ fn delete(inner: &mut Inner, project: &str, req: &Req) -> Response<Body> {
         }
     }
     if removed == 0 {
-        let status = StatusCode::from_u16(inner.config.delete_missing_status).unwrap_or(StatusCode::NOT_FOUND);
+        let status = StatusCode::from_u16(inner.config.delete_missing_status)
+            .unwrap_or(StatusCode::NOT_FOUND);
         if !status.is_success() {
-            return problem(&inner.config, status, "Not Found", "No override found for the given connection names", &[]);
+            return problem(
+                &inner.config,
+                status,
+                "Not Found",
+                "No override found for the given connection names",
+                &[],
+            );
         }
     }
     let status = StatusCode::from_u16(inner.config.delete_status).unwrap_or(StatusCode::NO_CONTENT);
     if status == StatusCode::NO_CONTENT {
-        Response::builder().status(status).body(http::full("")).expect("a valid response")
+        Response::builder()
+            .status(status)
+            .body(http::full(""))
+            .expect("a valid response")
     } else {
-        http::json(status, &json!({"message": "Environment connection overrides successfully deleted"}))
+        http::json(
+            status,
+            &json!({"message": "Environment connection overrides successfully deleted"}),
+        )
     }
 }
 
@@ -1056,30 +1271,54 @@ fn control_endpoint(state: &State, path: &str, req: &Req) -> Response<Body> {
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     let mut inner = state.inner.lock().expect("simulator lock");
     let response = match (&req.method, path) {
-        (&Method::GET, "calls") => http::json(StatusCode::OK, &serde_json::to_value(&inner.calls).expect("calls serialize")),
+        (&Method::GET, "calls") => http::json(
+            StatusCode::OK,
+            &serde_json::to_value(&inner.calls).expect("calls serialize"),
+        ),
         (&Method::DELETE, "calls") => {
             inner.calls.clear();
             ok()
         }
         (&Method::GET, "overrides") => {
             let all: Vec<&StoredOverride> = inner.overrides.values().collect();
-            http::json(StatusCode::OK, &serde_json::to_value(all).expect("overrides serialize"))
+            http::json(
+                StatusCode::OK,
+                &serde_json::to_value(all).expect("overrides serialize"),
+            )
         }
         (&Method::PUT, "overrides") => {
-            let field = |name: &str| body.get(name).and_then(Value::as_str).unwrap_or("").to_string();
-            let key = (field("projectId"), field("environmentName"), field("connectionName"));
-            let entry = inner.overrides.entry(key.clone()).or_insert_with(|| StoredOverride {
-                project_id: key.0.clone(),
-                environment_name: key.1.clone(),
-                connection_name: key.2.clone(),
-                auth_type: None,
-                connection_overrides: Value::Null,
-                created_by: "ui-user".into(),
-                created_date: Timestamp::now().to_string(),
-                writes: 0,
-            });
-            entry.auth_type = body.get("authType").and_then(Value::as_str).map(String::from);
-            entry.connection_overrides = body.get("connectionOverrides").cloned().unwrap_or(Value::Null);
+            let field = |name: &str| {
+                body.get(name)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let key = (
+                field("projectId"),
+                field("environmentName"),
+                field("connectionName"),
+            );
+            let entry = inner
+                .overrides
+                .entry(key.clone())
+                .or_insert_with(|| StoredOverride {
+                    project_id: key.0.clone(),
+                    environment_name: key.1.clone(),
+                    connection_name: key.2.clone(),
+                    auth_type: None,
+                    connection_overrides: Value::Null,
+                    created_by: "ui-user".into(),
+                    created_date: Timestamp::now().to_string(),
+                    writes: 0,
+                });
+            entry.auth_type = body
+                .get("authType")
+                .and_then(Value::as_str)
+                .map(String::from);
+            entry.connection_overrides = body
+                .get("connectionOverrides")
+                .cloned()
+                .unwrap_or(Value::Null);
             entry.writes += 1;
             ok()
         }
@@ -1117,7 +1356,10 @@ fn control_endpoint(state: &State, path: &str, req: &Req) -> Response<Body> {
                 Err(e) => bad(format!("not a configuration: {e}")),
             }
         }
-        (&Method::GET, "config") => http::json(StatusCode::OK, &serde_json::to_value(&inner.config).expect("config serializes")),
+        (&Method::GET, "config") => http::json(
+            StatusCode::OK,
+            &serde_json::to_value(&inner.config).expect("config serializes"),
+        ),
         (&Method::POST, "clients") => {
             let id = body.get("clientId").and_then(Value::as_str);
             let secret = body.get("clientSecret").and_then(Value::as_str);
@@ -1133,7 +1375,10 @@ fn control_endpoint(state: &State, path: &str, req: &Req) -> Response<Body> {
             inner.tokens.clear();
             ok()
         }
-        _ => http::json(StatusCode::NOT_FOUND, &json!({"error": "no such control endpoint"})),
+        _ => http::json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "no such control endpoint"}),
+        ),
     };
     drop(inner);
     state.changed.notify_waiters();

@@ -55,13 +55,20 @@ impl Req {
     /// The decoded query parameters (`+` and `%xx` decoded), in order.
     pub fn query_pairs(&self) -> Vec<(String, String)> {
         self.query()
-            .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .map(|q| {
+                url::form_urlencoded::parse(q.as_bytes())
+                    .into_owned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// The first decoded value of a query parameter.
     pub fn param(&self, name: &str) -> Option<String> {
-        self.query_pairs().into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+        self.query_pairs()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
     }
 }
 
@@ -76,7 +83,9 @@ where
     S: Stream<Item = Bytes> + Send + Sync + 'static,
 {
     use futures::StreamExt;
-    BodyExt::boxed(StreamBody::new(stream.map(|b| Ok::<_, Infallible>(Frame::data(b)))))
+    BodyExt::boxed(StreamBody::new(
+        stream.map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    ))
 }
 
 /// A JSON response.
@@ -85,7 +94,11 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 }
 
 /// A JSON response with a given media type.
-pub fn json_typed(status: StatusCode, value: &serde_json::Value, content_type: &str) -> Response<Body> {
+pub fn json_typed(
+    status: StatusCode,
+    value: &serde_json::Value,
+    content_type: &str,
+) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -131,7 +144,9 @@ where
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
 {
-    let addr = listener.local_addr().expect("a bound listener has an address");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
     let (stop, mut stopped) = watch::channel(false);
     let handler = Arc::new(handler);
     let task = tokio::spawn(async move {

@@ -3,3 +3,4 @@
 
 pub mod dpc;
 pub mod http;
+pub mod kube;
