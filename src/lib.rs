@@ -10,4 +10,7 @@ pub mod dpc;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+pub mod controller;
+pub mod reconcile;
 pub mod sim;
+pub mod telemetry;

@@ -1,4 +1,7 @@
 //! The `DpcAccount` resource: where and as whom to call DPC.
+// clippy reads the repeated `type_` keys of the derive's printcolumn(...) entries as
+// duplicated attributes; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};

@@ -1,4 +1,7 @@
 //! The `ConnectionOverride` resource: one environment connection override in DPC.
+// clippy reads the repeated `type_` keys of the derive's printcolumn(...) entries as
+// duplicated attributes; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

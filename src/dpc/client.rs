@@ -309,6 +309,12 @@ impl AccountHandle {
         &self.state.key
     }
 
+    /// A digest of the account's endpoint and credentials (not reversible): it changes when
+    /// either does.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&self.state.fingerprint[..8])
+    }
+
     /// Makes sure a valid token is cached (fetching one if needed).
     pub async fn ensure_token(&self) -> Result<(), DpcError> {
         self.token().await.map(|_| ())
@@ -651,7 +657,7 @@ impl AccountHandle {
     }
 
     fn api_error(&self, operation: Operation, answer: Answer) -> DpcError {
-        let problem = Problem::parse(&answer.body);
+        let problem = Problem::parse(&answer.body).map(Box::new);
         let body_excerpt = match problem {
             Some(_) => None,
             None => excerpt(&answer.body),
@@ -695,7 +701,7 @@ fn status_outcome(status: u16) -> &'static str {
         409 => "409",
         422 => "422",
         429 => "429",
-        400..=499 => "4xx",
+        402 | 405..=408 | 410..=421 | 423..=428 | 430..=499 => "4xx",
         500..=599 => "5xx",
         _ => "other",
     }

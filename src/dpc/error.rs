@@ -80,7 +80,7 @@ pub enum DpcError {
     Api {
         operation: Operation,
         status: u16,
-        problem: Option<Problem>,
+        problem: Option<Box<Problem>>,
         body_excerpt: Option<String>,
         retry_after: Option<Duration>,
     },
@@ -109,7 +109,7 @@ pub enum DpcError {
     Misconfigured(String),
 }
 
-fn summary_suffix(problem: &Option<Problem>, excerpt: &Option<String>) -> String {
+fn summary_suffix(problem: &Option<Box<Problem>>, excerpt: &Option<String>) -> String {
     match (problem, excerpt) {
         (Some(p), _) if !p.summary().is_empty() => format!(": {}", p.summary()),
         (_, Some(e)) if !e.is_empty() => format!(": {e}"),
@@ -272,12 +272,12 @@ mod tests {
         let e = DpcError::Api {
             operation: Operation::Create,
             status: 400,
-            problem: Some(Problem {
+            problem: Some(Box::new(Problem {
                 title: Some("Bad Request".into()),
                 detail: Some("nope".into()),
                 violations: vec!["a must be set".into()],
                 ..Problem::default()
-            }),
+            })),
             body_excerpt: None,
             retry_after: None,
         };

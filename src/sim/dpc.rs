@@ -295,6 +295,7 @@ struct Inner {
     faults: VecDeque<Fault>,
     clients: HashMap<String, String>,
     tokens: HashMap<String, TokenInfo>,
+    issued: Vec<String>,
     connections: HashMap<(String, String), ParentConnection>,
     environments: HashSet<(String, String)>,
     windows: HashMap<String, (Instant, u32)>,
@@ -331,6 +332,7 @@ impl DpcSim {
                 faults: VecDeque::new(),
                 clients: HashMap::new(),
                 tokens: HashMap::new(),
+                issued: Vec::new(),
                 connections: HashMap::new(),
                 environments: HashSet::new(),
                 windows: HashMap::new(),
@@ -382,6 +384,11 @@ impl DpcSim {
         self.lock()
             .clients
             .insert(client_id.into(), client_secret.into());
+    }
+
+    /// Every token issued so far (valid or not), so tests can check none of them leaked.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.lock().issued.clone()
     }
 
     /// Invalidates every issued token (the next call with one gets 401).
@@ -747,7 +754,7 @@ fn pick_fault(inner: &mut Inner, op: SimOp) -> Plan {
     if let Some(random) = inner.config.random_faults {
         let roll: f64 = inner.rng.random();
         let kind = if op == SimOp::Token {
-            (roll < random.p_token_5xx).then(|| FaultKind::Status {
+            (roll < random.p_token_5xx).then_some(FaultKind::Status {
                 status: 503,
                 retry_after: None,
                 body: None,
@@ -900,6 +907,7 @@ fn token(inner: &mut Inner, req: &Req) -> Response<Body> {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized");
     }
     let token: String = format!("simtok-{:032x}", inner.rng.random::<u128>());
+    inner.issued.push(token.clone());
     let lifetime = inner.config.token_lifetime_secs;
     inner.tokens.insert(
         token.clone(),

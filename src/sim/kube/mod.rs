@@ -57,6 +57,8 @@ struct State {
     watch_epoch: watch::Sender<u64>,
     /// Requests served, by `verb resource`.
     requests: Mutex<BTreeMap<String, u64>>,
+    /// Notified on every request.
+    served: tokio::sync::Notify,
 }
 
 /// A running emulator.
@@ -83,6 +85,7 @@ impl KubeEmulator {
             config,
             watch_epoch,
             requests: Mutex::new(BTreeMap::new()),
+            served: tokio::sync::Notify::new(),
         });
         let handler_state = state.clone();
         let server = http::bind_and_serve(addr, move |req| {
@@ -133,6 +136,26 @@ impl KubeEmulator {
     /// `patch connectionoverrides/status`).
     pub fn request_counts(&self) -> BTreeMap<String, u64> {
         self.state.requests.lock().expect("requests lock").clone()
+    }
+
+    /// Waits until `done` holds for the request counts (checked after every request), or
+    /// fails after `timeout` with the counts seen.
+    pub async fn wait_for_requests(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> Result<BTreeMap<String, u64>, BTreeMap<String, u64>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.state.served.notified();
+            let counts = self.request_counts();
+            if done(&counts) {
+                return Ok(counts);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(self.request_counts());
+            }
+        }
     }
 
     /// The current resourceVersion.
@@ -243,6 +266,7 @@ fn count(state: &State, verb: &str, target: &Target) {
         .expect("requests lock")
         .entry(format!("{verb} {resource}"))
         .or_default() += 1;
+    state.served.notify_waiters();
 }
 
 async fn handle(state: Arc<State>, req: Req) -> Response<Body> {
@@ -366,6 +390,20 @@ fn parse_body(req: &Req) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("the body is neither JSON nor YAML: {e}")))
 }
 
+/// Whether the client asked for metadata only (`as=PartialObjectMetadata[List]`).
+fn wants_metadata(req: &Req) -> bool {
+    req.header("accept")
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
+}
+
+fn partial(object: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": object.get("metadata").cloned().unwrap_or(json!({}))
+    })
+}
+
 fn wants_table(req: &Req) -> bool {
     req.header("accept").is_some_and(|a| a.contains("as=Table"))
 }
@@ -438,6 +476,13 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             if let Some(token) = token {
                 metadata["continue"] = json!(token);
             }
+            if wants_metadata(&req) {
+                let items: Vec<Value> = items.iter().map(partial).collect();
+                return Ok(http::json(
+                    StatusCode::OK,
+                    &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": metadata, "items": items}),
+                ));
+            }
             Ok(http::json(
                 StatusCode::OK,
                 &json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": metadata, "items": items}),
@@ -501,6 +546,9 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
                     StatusCode::OK,
                     &discovery::table(&rt, &[object], &include, rv, None),
                 ));
+            }
+            if wants_metadata(&req) {
+                return Ok(http::json(StatusCode::OK, &partial(&object)));
             }
             Ok(http::json(StatusCode::OK, &object))
         }
@@ -601,6 +649,7 @@ fn bookmark(rt: &ResourceType, rv: u64, initial_end: bool) -> Bytes {
 }
 
 struct WatchFilter {
+    metadata_only: bool,
     namespace: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
@@ -632,7 +681,15 @@ impl WatchFilter {
             (ChangeKind::Modified, Some(true), false) => ChangeKind::Deleted,
             _ => return None,
         };
-        Some(event_line(kind.as_str(), &change.object))
+        Some(self.line(kind.as_str(), &change.object))
+    }
+
+    fn line(&self, kind: &str, object: &Value) -> Bytes {
+        if self.metadata_only {
+            event_line(kind, &partial(object))
+        } else {
+            event_line(kind, object)
+        }
     }
 }
 
@@ -645,6 +702,7 @@ fn start_watch(
     fields: FieldSelector,
 ) -> Response<Body> {
     let filter = WatchFilter {
+        metadata_only: wants_metadata(req),
         namespace,
         labels,
         fields,
@@ -670,7 +728,7 @@ fn start_watch(
         if requested_rv.is_empty() || requested_rv == "0" || send_initial {
             let ns = filter.namespace.as_deref();
             let (items, _) = store.list(&rt, ns, &filter.labels, &filter.fields, None, None);
-            initial.extend(items.iter().map(|i| event_line("ADDED", i)));
+            initial.extend(items.iter().map(|i| filter.line("ADDED", i)));
             if send_initial {
                 initial.push(bookmark(&rt, current_rv, true));
             }

@@ -198,20 +198,17 @@ pub fn remove_at(value: &mut Value, path: &[Seg], schema: Option<&Value>) {
 /// Merges an apply configuration into `current`: objects field by field, list-maps item by
 /// item (by key), anything else replaced.
 pub fn merge(current: &mut Value, applied: &Value, schema: Option<&Value>) {
-    match (current.as_object_mut(), applied) {
-        (Some(cur), Value::Object(app)) => {
-            for (k, v) in app {
-                let sub = child_schema(schema, k);
-                match cur.get_mut(k) {
-                    Some(existing) if !existing.is_null() => merge(existing, v, sub),
-                    _ => {
-                        cur.insert(k.clone(), v.clone());
-                    }
+    if let (Some(cur), Value::Object(app)) = (current.as_object_mut(), applied) {
+        for (k, v) in app {
+            let sub = child_schema(schema, k);
+            match cur.get_mut(k) {
+                Some(existing) if !existing.is_null() => merge(existing, v, sub),
+                _ => {
+                    cur.insert(k.clone(), v.clone());
                 }
             }
-            return;
         }
-        _ => {}
+        return;
     }
     if let (Some(keys), Some(cur_items), Value::Array(app_items)) =
         (list_map_keys(schema), current.as_array_mut(), applied)

@@ -1,0 +1,467 @@
+//! The controller: the shared [`Context`], the watches that trigger reconciles (the
+//! ConnectionOverrides themselves, metadata-only watches of Secrets and ConfigMaps through a
+//! reverse index, and DpcAccounts), per-object backoff, and the error policy.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates};
+use kube::{Api, Client, Resource, ResourceExt};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{ConnectionOverride, DpcAccount};
+use crate::dpc::{ClientSettings, DpcClient};
+use crate::reconcile::{self, resolve::Reference};
+
+/// The operator's settings.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// How many objects are reconciled at once.
+    pub concurrency: u16,
+    /// Allow plain-http DPC endpoints (tests and the sandbox only).
+    pub allow_insecure_http: bool,
+    /// How often an object that is Ready is looked at again.
+    pub resync_interval: Duration,
+    /// First delay after a transient failure; it doubles up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Timeout of one DPC request.
+    pub dpc_request_timeout: Duration,
+    /// The name that reports Events.
+    pub reporter: String,
+    /// This instance (pod name), in Events.
+    pub instance: Option<String>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            concurrency: 8,
+            allow_insecure_http: false,
+            resync_interval: Duration::from_secs(600),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            dpc_request_timeout: Duration::from_secs(30),
+            reporter: "dpc-operator".into(),
+            instance: None,
+        }
+    }
+}
+
+/// `(namespace, name)` of an object.
+pub type ObjKey = (String, String);
+
+/// Which objects refer to which Secrets, ConfigMaps and accounts, so a change of one of those
+/// re-reconciles exactly the objects that use it.
+#[derive(Default)]
+pub struct RefIndex {
+    inner: Mutex<IndexInner>,
+}
+
+#[derive(Default)]
+struct IndexInner {
+    forward: HashMap<ObjKey, Vec<Reference>>,
+    reverse: HashMap<Reference, HashSet<ObjKey>>,
+}
+
+impl RefIndex {
+    /// Records what `object` refers to now.
+    pub fn set(&self, object: &ObjKey, refs: Vec<Reference>) {
+        let mut inner = self.inner.lock().expect("index lock");
+        if inner.forward.get(object) == Some(&refs) {
+            return;
+        }
+        if let Some(old) = inner.forward.remove(object) {
+            for r in old {
+                if let Some(users) = inner.reverse.get_mut(&r) {
+                    users.remove(object);
+                    if users.is_empty() {
+                        inner.reverse.remove(&r);
+                    }
+                }
+            }
+        }
+        for r in &refs {
+            inner
+                .reverse
+                .entry(r.clone())
+                .or_default()
+                .insert(object.clone());
+        }
+        inner.forward.insert(object.clone(), refs);
+    }
+
+    /// Forgets `object`.
+    pub fn remove(&self, object: &ObjKey) {
+        self.set(object, Vec::new());
+        self.inner
+            .lock()
+            .expect("index lock")
+            .forward
+            .remove(object);
+    }
+
+    /// The objects that refer to `reference`.
+    pub fn users(&self, reference: &Reference) -> Vec<ObjKey> {
+        let inner = self.inner.lock().expect("index lock");
+        inner
+            .reverse
+            .get(reference)
+            .map(|users| users.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Per-object exponential backoff with jitter, reset on success.
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempts: Mutex<HashMap<ObjKey, u32>>,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The delay before the next attempt: base × 2^failures, capped, ±20 % jitter.
+    pub fn next(&self, key: &ObjKey) -> Duration {
+        let mut attempts = self.attempts.lock().expect("backoff lock");
+        let n = attempts.entry(key.clone()).or_default();
+        let exp = self.base.saturating_mul(1u32 << (*n).min(20));
+        *n += 1;
+        let capped = exp.min(self.max);
+        capped.mul_f64(rand::rng().random_range(0.8..1.2))
+    }
+
+    /// Forgets the failures of `key`.
+    pub fn reset(&self, key: &ObjKey) {
+        self.attempts.lock().expect("backoff lock").remove(key);
+    }
+
+    /// How many failures in a row `key` has had.
+    pub fn failures(&self, key: &ObjKey) -> u32 {
+        self.attempts
+            .lock()
+            .expect("backoff lock")
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Terminal failures by object: the request that failed and how it was reported. The same
+/// request is not sent again until the spec, a referenced value or the account changes.
+#[derive(Default)]
+pub struct TerminalFailures {
+    inner: Mutex<HashMap<ObjKey, (String, crate::api::conditions::Reason, String)>>,
+}
+
+impl TerminalFailures {
+    pub fn record(
+        &self,
+        key: &ObjKey,
+        gate: String,
+        reason: crate::api::conditions::Reason,
+        message: String,
+    ) {
+        self.inner
+            .lock()
+            .expect("failures lock")
+            .insert(key.clone(), (gate, reason, message));
+    }
+
+    /// The recorded failure, if it was for this same request.
+    pub fn matching(
+        &self,
+        key: &ObjKey,
+        gate: &str,
+    ) -> Option<(crate::api::conditions::Reason, String)> {
+        let inner = self.inner.lock().expect("failures lock");
+        inner
+            .get(key)
+            .filter(|(g, _, _)| g == gate)
+            .map(|(_, reason, message)| (*reason, message.clone()))
+    }
+
+    pub fn clear(&self, key: &ObjKey) {
+        self.inner.lock().expect("failures lock").remove(key);
+    }
+}
+
+/// Everything a reconcile needs, built once by [`Context::new`] for the binary and the tests.
+pub struct Context {
+    pub client: Client,
+    pub dpc: DpcClient,
+    pub recorder: Recorder,
+    pub config: OperatorConfig,
+    /// ConnectionOverrides by what they refer to.
+    pub index: RefIndex,
+    /// DpcAccounts by their credentials Secret.
+    pub account_index: RefIndex,
+    pub backoff: Backoff,
+    pub failures: TerminalFailures,
+}
+
+impl Context {
+    /// The one way to build a context.
+    pub fn new(client: Client, config: OperatorConfig) -> Arc<Self> {
+        let dpc = DpcClient::new(ClientSettings {
+            allow_insecure_http: config.allow_insecure_http,
+            request_timeout: config.dpc_request_timeout,
+            ..ClientSettings::default()
+        });
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: config.reporter.clone(),
+                instance: config.instance.clone(),
+            },
+        );
+        Arc::new(Self {
+            backoff: Backoff::new(config.backoff_base, config.backoff_max),
+            client,
+            dpc,
+            recorder,
+            config,
+            index: RefIndex::default(),
+            account_index: RefIndex::default(),
+            failures: TerminalFailures::default(),
+        })
+    }
+
+    /// The resync delay, jittered by ±10 % so objects created together spread out.
+    pub fn resync(&self) -> Action {
+        Action::requeue(
+            self.config
+                .resync_interval
+                .mul_f64(rand::rng().random_range(0.9..1.1)),
+        )
+    }
+}
+
+/// Checks that the CRDs are installed; the error says how to install them.
+pub async fn check_crds(client: &Client) -> Result<(), String> {
+    let params = kube::api::ListParams::default().limit(1);
+    for (kind, result) in [
+        (
+            "ConnectionOverride",
+            Api::<ConnectionOverride>::all(client.clone())
+                .list_metadata(&params)
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "DpcAccount",
+            Api::<DpcAccount>::all(client.clone())
+                .list_metadata(&params)
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        match result {
+            Ok(()) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                return Err(format!(
+                    "the {kind} CustomResourceDefinition (dpc-operator.io/v1alpha1) is not installed in this cluster; install the CRDs with `kubectl apply -f crds/crds.yaml` from the dpc-operator repository (or `cargo run --bin crdgen | kubectl apply -f -`), then start the operator again"
+                ));
+            }
+            Err(e) => return Err(format!("could not check for the {kind} CRD: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn hash_of<T: Hash>(value: &T) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What makes a ConnectionOverride worth reconciling again: its generation (spec), deletion,
+/// and the operator's annotations. Status writes (our own) change none of these.
+fn trigger_hash(obj: &DeserializeGuard<ConnectionOverride>) -> Option<u64> {
+    let meta = obj.meta();
+    let annotations: Vec<(&String, &String)> = meta
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with("dpc-operator.io/"))
+        .collect();
+    let parse_ok = obj.0.is_ok();
+    Some(hash_of(&(
+        meta.generation,
+        meta.deletion_timestamp.is_some(),
+        annotations,
+        parse_ok,
+        meta.uid.as_deref(),
+    )))
+}
+
+type GuardRef = ObjectRef<DeserializeGuard<ConnectionOverride>>;
+
+fn to_refs(users: Vec<ObjKey>) -> Vec<GuardRef> {
+    users
+        .into_iter()
+        .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
+        .collect()
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the ConnectionOverride and DpcAccount controllers until `shutdown` is cancelled;
+/// in-flight reconciles finish before it returns.
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let scopes: Vec<Option<String>> = if ctx.config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        ctx.config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut tasks = Vec::new();
+    for scope in scopes {
+        tasks.push(run_overrides(ctx.clone(), scope.clone(), shutdown.clone()).boxed());
+        tasks.push(run_accounts(ctx.clone(), scope, shutdown.clone()).boxed());
+    }
+    futures::future::join_all(tasks).await;
+    info!("controllers stopped");
+}
+
+async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let ns = scope.as_deref();
+    let api: Api<DeserializeGuard<ConnectionOverride>> = scoped(&client, ns);
+    let (reader, writer) = reflector::store();
+    let main = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(trigger_hash, Default::default());
+
+    let secrets = watcher::watcher(
+        scoped::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let config_maps = watcher::watcher(
+        scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let accounts = watcher::watcher(
+        scoped::<DpcAccount>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
+    .predicate_filter(predicates::generation, Default::default());
+
+    let (i1, i2, i3) = (ctx.clone(), ctx.clone(), ctx.clone());
+    let stop = shutdown.clone();
+    Controller::for_stream(main, reader)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
+        .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
+            to_refs(i1.index.users(&Reference::Secret {
+                namespace: s.namespace().unwrap_or_default(),
+                name: s.name_any(),
+            }))
+        })
+        .watches_stream(config_maps, move |c: PartialObjectMeta<ConfigMap>| {
+            to_refs(i2.index.users(&Reference::ConfigMap {
+                namespace: c.namespace().unwrap_or_default(),
+                name: c.name_any(),
+            }))
+        })
+        .watches_stream(accounts, move |a: DpcAccount| {
+            to_refs(i3.index.users(&Reference::Account {
+                namespace: a.namespace().unwrap_or_default(),
+                name: a.name_any(),
+            }))
+        })
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                match e {
+                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                    other => warn!(error = %other, "ConnectionOverride controller"),
+                }
+            }
+        })
+        .await;
+}
+
+async fn run_accounts(ctx: Arc<Context>, scope: Option<String>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let ns = scope.as_deref();
+    let api: Api<DpcAccount> = scoped(&client, ns);
+    let (reader, writer) = reflector::store();
+    let main = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let secrets = watcher::watcher(
+        scoped::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let index_ctx = ctx.clone();
+    let stop = shutdown.clone();
+    Controller::for_stream(main, reader)
+        .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
+            index_ctx
+                .account_index
+                .users(&Reference::Secret {
+                    namespace: s.namespace().unwrap_or_default(),
+                    name: s.name_any(),
+                })
+                .into_iter()
+                .map(|(ns, name)| ObjectRef::<DpcAccount>::new(&name).within(&ns))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(
+            reconcile::account::reconcile,
+            reconcile::account::error_policy,
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                match e {
+                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                    other => warn!(error = %other, "DpcAccount controller"),
+                }
+            }
+        })
+        .await;
+}

@@ -1,0 +1,178 @@
+//! Decide and act: which write (if any) brings DPC to the desired state, and the write
+//! itself. Idempotent by construction: "already exists" on create means adopt (PUT), "not
+//! found" on update means create again (POST), so a crash between a write and the status
+//! write is harmless on the next pass.
+
+use crate::dpc::{AccountHandle, DpcError, ErrorClass, Operation, RemoteOverride};
+
+use super::build::Desired;
+
+/// What to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing was ever accepted for this object: POST (PUT on 409).
+    Create,
+    /// The desired body differs from the one last accepted: PUT (POST on 404).
+    Update,
+    /// DPC already holds this body.
+    Nothing,
+}
+
+/// The plan for a desired hash, given the hash DPC last accepted.
+pub fn plan(applied_hash: Option<&str>, desired_hash: &str) -> Plan {
+    match applied_hash {
+        None => Plan::Create,
+        Some(applied) if applied == desired_hash => Plan::Nothing,
+        Some(_) => Plan::Update,
+    }
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// POST created it.
+    Created,
+    /// POST answered 409 and PUT took over the existing override.
+    Adopted,
+    /// PUT updated it.
+    Updated,
+    /// PUT answered 404 (deleted behind our back) and POST created it again.
+    Recreated,
+}
+
+impl Applied {
+    /// The Event reason.
+    pub fn event_reason(self) -> &'static str {
+        match self {
+            Applied::Created => "Created",
+            Applied::Adopted => "Adopted",
+            Applied::Updated => "Updated",
+            Applied::Recreated => "Recreated",
+        }
+    }
+
+    /// A sentence for the condition message and the Event.
+    pub fn describe(self, connection: &str, environment: &str) -> String {
+        match self {
+            Applied::Created => format!(
+                "created the override of connection {connection} in environment {environment}"
+            ),
+            Applied::Adopted => format!(
+                "adopted the existing override of connection {connection} in environment {environment} and updated it"
+            ),
+            Applied::Updated => format!(
+                "updated the override of connection {connection} in environment {environment}"
+            ),
+            Applied::Recreated => format!(
+                "recreated the override of connection {connection} in environment {environment}, which had been deleted in DPC"
+            ),
+        }
+    }
+}
+
+/// A write that failed, with the operation that failed.
+#[derive(Debug)]
+pub struct ActError {
+    pub error: DpcError,
+    /// The call that failed last.
+    pub during: Operation,
+}
+
+/// Performs a write plan. Create and update fall back to each other at most twice, so an
+/// override that is created and deleted behind our back in a loop cannot spin us.
+pub async fn act(
+    dpc: &AccountHandle,
+    project_id: &str,
+    desired: &Desired,
+    plan: Plan,
+) -> Result<Option<(Applied, Option<RemoteOverride>)>, ActError> {
+    let mut next = match plan {
+        Plan::Nothing => return Ok(None),
+        Plan::Create => Operation::Create,
+        Plan::Update => Operation::Update,
+    };
+    let mut fell_back = false;
+    for _ in 0..3 {
+        let result = match next {
+            Operation::Create => dpc.create(project_id, &desired.request).await,
+            _ => dpc.update(project_id, &desired.request).await,
+        };
+        match (next, result) {
+            (Operation::Create, Ok(answer)) => {
+                let applied = if plan == Plan::Update {
+                    Applied::Recreated
+                } else {
+                    Applied::Created
+                };
+                return Ok(Some((applied, answer.remote)));
+            }
+            (_, Ok(answer)) => {
+                let applied = if plan == Plan::Create {
+                    Applied::Adopted
+                } else {
+                    Applied::Updated
+                };
+                return Ok(Some((applied, answer.remote)));
+            }
+            (Operation::Create, Err(e)) if e.class() == ErrorClass::Conflict => {
+                next = Operation::Update;
+                fell_back = true;
+            }
+            (Operation::Update, Err(e)) if e.class() == ErrorClass::NotFound => {
+                if fell_back && plan == Plan::Create {
+                    // POST said it exists, PUT says it does not: it is changing under us.
+                    // Retry as a transient failure rather than report a missing parent.
+                    return Err(ActError {
+                        error: DpcError::Decode {
+                            operation: Operation::Update,
+                            reason: "DPC answered 409 to create and then 404 to update; retrying"
+                                .into(),
+                        },
+                        during: Operation::Update,
+                    });
+                }
+                next = Operation::Create;
+                fell_back = true;
+            }
+            (during, Err(error)) => return Err(ActError { error, during }),
+        }
+    }
+    Err(ActError {
+        error: DpcError::Decode {
+            operation: next,
+            reason:
+                "the override kept appearing and disappearing between create and update; retrying"
+                    .into(),
+        },
+        during: next,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_follows_the_applied_hash() {
+        assert_eq!(plan(None, "sha256:a"), Plan::Create);
+        assert_eq!(plan(Some("sha256:a"), "sha256:a"), Plan::Nothing);
+        assert_eq!(plan(Some("sha256:a"), "sha256:b"), Plan::Update);
+    }
+
+    #[test]
+    fn every_write_has_an_event_reason_and_a_sentence() {
+        for applied in [
+            Applied::Created,
+            Applied::Adopted,
+            Applied::Updated,
+            Applied::Recreated,
+        ] {
+            assert!(!applied.event_reason().is_empty());
+            let sentence = applied.describe("Salesforce", "PROD");
+            assert!(
+                sentence.contains("Salesforce") && sentence.contains("PROD"),
+                "{sentence}"
+            );
+        }
+    }
+}

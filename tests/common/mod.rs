@@ -1,0 +1,521 @@
+//! The harness of the controller tests: a Kubernetes API emulator and a DPC simulator over
+//! real HTTP on loopback, the CRDs installed, a DpcAccount pointed at the simulator, and the
+//! real controller running in-process — assembled by the same `Context::new` as the binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use dpc_operator::api::{
+    AccountRef, AuthType, ConnectionOverride, ConnectionOverrideSpec, ConnectionOverridesSpec,
+    CredentialsSecretRef, DeletionPolicy, DpcAccount, DpcAccountSpec, KeySelector, PropertyFrom,
+    SecretsLocation, conditions,
+};
+use dpc_operator::controller::{self, Context, OperatorConfig};
+use dpc_operator::sim::dpc::{DpcSim, SimConfig};
+use dpc_operator::sim::kube::KubeEmulator;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const NS: &str = "team-a";
+pub const PROJECT: &str = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
+pub const ACCOUNT: &str = "dpc";
+pub const CREDS: &str = "dpc-creds";
+pub const CLIENT_ID: &str = "client-7f3a9";
+pub const CLIENT_SECRET: &str = "cs-9d8e7f6a5b4c3d2e1f";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Every log line of this test process, for the secret-leak checks.
+pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "debug,dpc_operator=trace",
+            ))
+            .json()
+            .with_current_span(true)
+            .with_writer(move || Capture(writer.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buffer
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Operator settings for tests: short backoff, insecure http allowed (the simulator).
+pub fn test_config() -> OperatorConfig {
+    OperatorConfig {
+        allow_insecure_http: true,
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(5),
+        dpc_request_timeout: Duration::from_secs(2),
+        concurrency: 16,
+        ..OperatorConfig::default()
+    }
+}
+
+pub struct Harness {
+    pub emu: KubeEmulator,
+    pub sim: DpcSim,
+    pub client: Client,
+    pub ctx: Arc<Context>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with(test_config(), SimConfig::default()).await
+    }
+
+    pub async fn start_with(config: OperatorConfig, sim_config: SimConfig) -> Self {
+        captured_logs();
+        let emu = KubeEmulator::start().await.unwrap();
+        let sim = DpcSim::start(sim_config).await.unwrap();
+        sim.add_client(CLIENT_ID, CLIENT_SECRET);
+        let client = emu.client();
+        install_crds(&client).await;
+        create_namespace(&client, NS).await;
+        let h = Self {
+            ctx: Context::new(client.clone(), config),
+            emu,
+            sim,
+            client,
+            shutdown: CancellationToken::new(),
+            task: None,
+        };
+        h.put_secret(
+            CREDS,
+            &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)],
+        )
+        .await;
+        h.put_account(ACCOUNT, CREDS).await;
+        h
+    }
+
+    /// Starts the controller (tests may prepare objects first).
+    pub fn run(mut self) -> Self {
+        let ctx = self.ctx.clone();
+        let token = self.shutdown.clone();
+        self.task = Some(tokio::spawn(controller::run(ctx, token)));
+        self
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the controller stops")
+                .unwrap();
+        }
+    }
+
+    pub fn covs(&self) -> Api<ConnectionOverride> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    pub async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
+        put_secret_in(&self.client, NS, name, data).await;
+    }
+
+    pub async fn put_config_map(&self, name: &str, data: &[(&str, &str)]) {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), NS);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        api.patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&cm),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Changes a label of a Secret: a metadata change that carries no new value.
+    pub async fn touch_secret(&self, name: &str, label: &str) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let patch = serde_json::json!({"metadata": {"labels": {"touched": label}}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    pub async fn delete_secret(&self, name: &str) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+
+    pub async fn put_account(&self, name: &str, creds: &str) {
+        let api: Api<DpcAccount> = Api::namespaced(self.client.clone(), NS);
+        let mut account = DpcAccount::new(
+            name,
+            DpcAccountSpec {
+                region: None,
+                api_url: Some(self.sim.api_url()),
+                token_url: Some(self.sim.token_url()),
+                audience: None,
+                credentials_secret_ref: CredentialsSecretRef {
+                    name: creds.into(),
+                    client_id_key: "client_id".into(),
+                    client_secret_key: "client_secret".into(),
+                },
+                account_id: None,
+            },
+        );
+        account.metadata.namespace = Some(NS.into());
+        api.patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&account),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Creates or updates a ConnectionOverride by apply.
+    pub async fn apply(&self, cov: &Cov) -> ConnectionOverride {
+        let mut object = ConnectionOverride::new(&cov.name, cov.spec.clone());
+        object.metadata.namespace = Some(NS.into());
+        object.metadata.annotations =
+            (!cov.annotations.is_empty()).then(|| cov.annotations.clone());
+        self.covs()
+            .patch(
+                &cov.name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the object satisfies `done`; fails with its last state.
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(&ConnectionOverride) -> bool,
+    ) -> ConnectionOverride {
+        let condition = move |obj: Option<&ConnectionOverride>| obj.is_some_and(&done);
+        match tokio::time::timeout(WAIT, await_condition(self.covs(), name, condition)).await {
+            Ok(Ok(Some(obj))) => obj,
+            other => {
+                let current = self.covs().get_opt(name).await.unwrap();
+                panic!(
+                    "{name} did not become {what} within {WAIT:?} ({other:?}); status: {:#?}",
+                    current.map(|c| c.status)
+                );
+            }
+        }
+    }
+
+    /// Waits for Ready=True for the current generation.
+    pub async fn wait_ready(&self, name: &str) -> ConnectionOverride {
+        self.wait_for(name, "Ready", is_ready).await
+    }
+
+    /// Waits for Ready=False with `reason`.
+    pub async fn wait_reason(&self, name: &str, reason: &'static str) -> ConnectionOverride {
+        self.wait_for(name, reason, move |o| {
+            ready_reason(o).as_deref() == Some(reason)
+        })
+        .await
+    }
+
+    /// Waits until the object is gone.
+    pub async fn wait_gone(&self, name: &str) {
+        let condition = |obj: Option<&ConnectionOverride>| obj.is_none();
+        tokio::time::timeout(WAIT, await_condition(self.covs(), name, condition))
+            .await
+            .unwrap_or_else(|_| panic!("{name} was not deleted within {WAIT:?}"))
+            .unwrap();
+    }
+
+    /// Events about `name`, as (type, reason, note).
+    pub async fn events(&self, name: &str) -> Vec<(String, String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), NS);
+        let mut events: Vec<_> = api
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect();
+        events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+        events
+            .into_iter()
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until an Event with `reason` exists for `name` (watching Events).
+    pub async fn wait_event(&self, name: &str, reason: &str) -> (String, String, String) {
+        use futures::StreamExt;
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), NS);
+        let stream = kube::runtime::watcher(api, Default::default());
+        let stream = kube::runtime::WatchStreamExt::applied_objects(stream);
+        let mut stream = std::pin::pin!(stream);
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(e)) = stream.next().await {
+                if e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.reason.as_deref() == Some(reason)
+                {
+                    return (
+                        e.type_.unwrap_or_default(),
+                        e.reason.unwrap_or_default(),
+                        e.note.unwrap_or_default(),
+                    );
+                }
+            }
+            panic!("the Event watch ended");
+        })
+        .await;
+        match found {
+            Ok(event) => event,
+            Err(_) => panic!(
+                "no {reason} Event for {name}: {:?}",
+                self.events(name).await
+            ),
+        }
+    }
+
+    /// Requests the emulator served for `verb resource`.
+    pub fn requests(&self, key: &str) -> u64 {
+        self.emu.request_counts().get(key).copied().unwrap_or(0)
+    }
+
+    /// Waits until the emulator has served at least `n` requests of `key`.
+    pub async fn wait_requests(&self, key: &str, n: u64) {
+        let key = key.to_string();
+        self.emu
+            .wait_for_requests(WAIT, |c| c.get(&key).copied().unwrap_or(0) >= n)
+            .await
+            .unwrap_or_else(|c| panic!("fewer than {n} {key} requests: {c:?}"));
+    }
+}
+
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in dpc_operator::api::crds() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+}
+
+pub async fn create_namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+}
+
+pub async fn put_secret_in(client: &Client, namespace: &str, name: &str, data: &[(&str, &str)]) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        string_data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    match api.get_opt(name).await.unwrap() {
+        Some(_) => {
+            let patch = serde_json::json!({"stringData": secret.string_data});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+        None => {
+            api.create(&PostParams::default(), &secret).await.unwrap();
+        }
+    }
+}
+
+pub fn ready_reason(obj: &ConnectionOverride) -> Option<String> {
+    let status = obj.status.as_ref()?;
+    conditions::find(&status.conditions, conditions::READY).map(|c| c.reason.clone())
+}
+
+pub fn ready_condition(
+    obj: &ConnectionOverride,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let status = obj.status.as_ref().expect("a status");
+    conditions::find(&status.conditions, conditions::READY)
+        .expect("a Ready condition")
+        .clone()
+}
+
+/// Ready=True and Synced=True for the object's current generation.
+pub fn is_ready(obj: &ConnectionOverride) -> bool {
+    let Some(status) = obj.status.as_ref() else {
+        return false;
+    };
+    status.observed_generation == obj.metadata.generation
+        && conditions::is_true(&status.conditions, conditions::READY)
+        && conditions::is_true(&status.conditions, conditions::SYNCED)
+}
+
+/// A ConnectionOverride fixture.
+#[derive(Clone)]
+pub struct Cov {
+    pub name: String,
+    pub spec: ConnectionOverrideSpec,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Cov {
+    /// An override of connection `connection` in PROD with one literal property.
+    pub fn new(name: &str, connection: &str) -> Self {
+        Self {
+            name: name.into(),
+            spec: ConnectionOverrideSpec {
+                account_ref: AccountRef {
+                    name: ACCOUNT.into(),
+                },
+                project_id: PROJECT.into(),
+                environment_name: "PROD".into(),
+                connection_name: connection.into(),
+                auth_type: None,
+                connection_overrides: ConnectionOverridesSpec {
+                    secrets_location: Some(SecretsLocation {
+                        type_: "AWS_SECRET_MANAGER".into(),
+                        region: Some("eu-west-1".into()),
+                        extra: BTreeMap::new(),
+                    }),
+                    connection_properties: [(
+                        "secretName".to_string(),
+                        format!("prod/{connection}"),
+                    )]
+                    .into(),
+                    connection_properties_from: Vec::new(),
+                },
+                deletion_policy: None,
+            },
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    pub fn property(mut self, name: &str, value: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties
+            .insert(name.into(), value.into());
+        self
+    }
+
+    pub fn without_property(mut self, name: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties
+            .remove(name);
+        self
+    }
+
+    pub fn property_from_secret(mut self, property: &str, secret: &str, key: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties_from
+            .push(PropertyFrom {
+                property: property.into(),
+                secret_key_ref: Some(KeySelector {
+                    name: secret.into(),
+                    key: key.into(),
+                }),
+                config_map_key_ref: None,
+            });
+        self
+    }
+
+    pub fn property_from_config_map(mut self, property: &str, map: &str, key: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties_from
+            .push(PropertyFrom {
+                property: property.into(),
+                secret_key_ref: None,
+                config_map_key_ref: Some(KeySelector {
+                    name: map.into(),
+                    key: key.into(),
+                }),
+            });
+        self
+    }
+
+    pub fn auth_type(mut self, auth_type: AuthType) -> Self {
+        self.spec.auth_type = Some(auth_type);
+        self
+    }
+
+    pub fn account(mut self, account: &str) -> Self {
+        self.spec.account_ref.name = account.into();
+        self
+    }
+
+    pub fn environment(mut self, environment: &str) -> Self {
+        self.spec.environment_name = environment.into();
+        self
+    }
+
+    pub fn orphan(mut self) -> Self {
+        self.spec.deletion_policy = Some(DeletionPolicy::Orphan);
+        self
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.into(), value.into());
+        self
+    }
+}
