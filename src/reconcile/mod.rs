@@ -239,32 +239,39 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
         .annotations()
         .get(FORCE_ORPHAN_ANNOTATION)
         .is_some_and(|v| v == "true");
-    if forced {
+    let target = format!(
+        "the override of connection {} in environment {}",
+        spec.connection_name, spec.environment_name
+    );
+    let release = if forced {
+        Some((
+            true,
+            "ForceOrphaned",
+            format!("released without deleting {target} in DPC ({FORCE_ORPHAN_ANNOTATION}=true)"),
+        ))
+    } else if spec.deletion_policy() == DeletionPolicy::Orphan {
+        Some((
+            false,
+            "Orphaned",
+            format!("left {target} in DPC (deletionPolicy Orphan)"),
+        ))
+    } else {
+        None
+    };
+    if let Some((warning, reason, note)) = release {
         remove_finalizer(obj, ctx).await?;
-        publish(ctx, &reference, EventSpec {
-            warning: true,
-            reason: "ForceOrphaned".into(),
-            note: format!(
-                "released without deleting the override of connection {} in environment {} in DPC ({FORCE_ORPHAN_ANNOTATION}=true)",
-                spec.connection_name, spec.environment_name
-            ),
-            action: "Delete".into(),
-        })
-        .await;
-        forget(key, ctx);
-        return Ok(Action::await_change());
-    }
-    if spec.deletion_policy() == DeletionPolicy::Orphan {
-        remove_finalizer(obj, ctx).await?;
-        publish(ctx, &reference, EventSpec {
-            warning: false,
-            reason: "Orphaned".into(),
-            note: format!(
-                "left the override of connection {} in environment {} in DPC (deletionPolicy Orphan)",
-                spec.connection_name, spec.environment_name
-            ),
-            action: "Delete".into(),
-        })
+        let action = "Delete".into();
+        let reason = reason.into();
+        publish(
+            ctx,
+            &reference,
+            EventSpec {
+                warning,
+                reason,
+                note,
+                action,
+            },
+        )
         .await;
         forget(key, ctx);
         return Ok(Action::await_change());
