@@ -12,5 +12,6 @@ pub fn install_crypto_provider() {
 }
 pub mod controller;
 pub mod reconcile;
+pub mod sandbox;
 pub mod sim;
 pub mod telemetry;

@@ -1,13 +1,18 @@
 //! dpc-operator: parse flags, start telemetry, run the controller (or the sandbox, or a test
 //! double). Everything else lives in the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use dpc_operator::controller::{self, Context, OperatorConfig};
+use dpc_operator::sandbox::SandboxOptions;
+use dpc_operator::sim::dpc::{DpcSim, SimConfig};
+use dpc_operator::sim::kube::{EmulatorConfig, KubeEmulator};
 use dpc_operator::telemetry::{self, LogFormat, parse_duration};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -29,6 +34,56 @@ enum Command {
     /// Run the operator against the cluster of the usual kubeconfig or the in-cluster
     /// configuration (the default command).
     Run(RunArgs),
+    /// Run the whole operator without a cluster or a DPC account: a Kubernetes API emulator,
+    /// a DPC simulator and the controller in one process, with the examples applied.
+    Sandbox(SandboxArgs),
+    /// Run one of the test doubles on its own.
+    #[command(subcommand)]
+    Sim(SimCommand),
+}
+
+#[derive(Args)]
+struct SandboxArgs {
+    /// Exit 0 once every example is Ready, or 1 with the reasons after --timeout.
+    #[arg(long)]
+    once: bool,
+    /// How long --once waits.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Address of the Kubernetes API emulator (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    kube_addr: SocketAddr,
+    /// Address of the DPC simulator (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    dpc_addr: SocketAddr,
+    /// Where to write the kubeconfig (default: a file in the temp directory).
+    #[arg(long)]
+    kubeconfig_out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SimCommand {
+    /// The Kubernetes API emulator.
+    Kube {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Write a kubeconfig for it here.
+        #[arg(long)]
+        kubeconfig_out: Option<PathBuf>,
+        /// Install the dpc-operator CRDs at start.
+        #[arg(long)]
+        install_crds: bool,
+    },
+    /// The DPC simulator; its /_sim/ endpoints control it.
+    Dpc {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Accept this client id (with --client-secret) at the token endpoint.
+        #[arg(long, requires = "client_secret")]
+        client_id: Option<String>,
+        #[arg(long, env = "DPC_SIM_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: Option<String>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -96,7 +151,87 @@ async fn main() -> ExitCode {
     match cli.command {
         None => run(cli.run).await,
         Some(Command::Run(args)) => run(args).await,
+        Some(Command::Sandbox(args)) => sandbox(args).await,
+        Some(Command::Sim(which)) => sim(which).await,
     }
+}
+
+async fn sandbox(args: SandboxArgs) -> ExitCode {
+    // The sandbox prints its own account of what happens; operator logs only for problems.
+    telemetry::init_with_default(LogFormat::Text, "warn");
+    let options = SandboxOptions {
+        once: args.once,
+        timeout: args.timeout,
+        kube_addr: args.kube_addr,
+        dpc_addr: args.dpc_addr,
+        kubeconfig_out: args.kubeconfig_out,
+    };
+    match dpc_operator::sandbox::run(options, shutdown_on_signals()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("sandbox failed: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn sim(which: SimCommand) -> ExitCode {
+    telemetry::init(LogFormat::Text);
+    let stop = shutdown_on_signals();
+    match which {
+        SimCommand::Kube {
+            listen,
+            kubeconfig_out,
+            install_crds,
+        } => {
+            let emu = match KubeEmulator::start_with(listen, EmulatorConfig::default()).await {
+                Ok(emu) => emu,
+                Err(e) => {
+                    eprintln!("cannot listen on {listen}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if install_crds {
+                let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(emu.client());
+                for crd in dpc_operator::api::crds() {
+                    if let Err(e) = crds.create(&Default::default(), &crd).await {
+                        eprintln!("installing the CRDs: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            if let Some(path) = kubeconfig_out
+                && let Err(e) = std::fs::write(&path, emu.kubeconfig())
+            {
+                eprintln!("writing {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+            println!("{}", emu.url());
+            stop.cancelled().await;
+            emu.stop().await;
+        }
+        SimCommand::Dpc {
+            listen,
+            client_id,
+            client_secret,
+        } => {
+            let sim = match DpcSim::start_on(listen, SimConfig::default()).await {
+                Ok(sim) => sim,
+                Err(e) => {
+                    eprintln!("cannot listen on {listen}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let (Some(id), Some(secret)) = (client_id, client_secret) {
+                sim.add_client(&id, &secret);
+            }
+            println!("{}", sim.base_url());
+            stop.cancelled().await;
+            sim.stop().await;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, String> {

@@ -459,7 +459,10 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
                 None => None,
             };
             let store = state.store.lock().expect("store lock");
-            let (items, next) = store.list(&rt, ns, &labels, &fields, limit, after);
+            let (mut items, next) = store.list(&rt, ns, &labels, &fields, limit, after);
+            if rt.group.is_empty() && rt.plural == "events" {
+                items.extend(mirrored_events(&store, ns, &labels, &fields));
+            }
             let rv = store.resource_version();
             drop(store);
             let token = next.as_ref().map(encode_continue);
@@ -616,6 +619,60 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
         )),
     })();
     result.unwrap_or_else(|e| status_response(&e))
+}
+
+/// `events.k8s.io/v1` Events as the core `v1` API shows them (one store in a real API
+/// server): `regarding` becomes `involvedObject`, `note` becomes `message`, and so on.
+fn mirrored_events(
+    store: &Store,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Vec<Value> {
+    let Some(rt) = store.resolve("events.k8s.io", "v1", "events") else {
+        return Vec::new();
+    };
+    let (items, _) = store.list(&rt, ns, labels, &FieldSelector::default(), None, None);
+    items
+        .into_iter()
+        .map(|e| {
+            let time = e
+                .get("eventTime")
+                .and_then(Value::as_str)
+                .map(|t| format!("{}Z", &t[..t.len().min(19)]))
+                .map(Value::String)
+                .unwrap_or(Value::Null);
+            let last = e
+                .pointer("/series/lastObservedTime")
+                .and_then(Value::as_str)
+                .map(|t| Value::String(format!("{}Z", &t[..t.len().min(19)])))
+                .unwrap_or_else(|| time.clone());
+            let count = e
+                .pointer("/series/count")
+                .cloned()
+                .or_else(|| e.get("deprecatedCount").cloned())
+                .unwrap_or(json!(1));
+            json!({
+                "kind": "Event",
+                "apiVersion": "v1",
+                "metadata": e.get("metadata").cloned().unwrap_or(json!({})),
+                "involvedObject": e.get("regarding").cloned().unwrap_or(json!({})),
+                "related": e.get("related").cloned().unwrap_or(Value::Null),
+                "reason": e.get("reason").cloned().unwrap_or(Value::Null),
+                "message": e.get("note").cloned().unwrap_or(Value::Null),
+                "type": e.get("type").cloned().unwrap_or(Value::Null),
+                "action": e.get("action").cloned().unwrap_or(Value::Null),
+                "source": {"component": e.get("reportingController").cloned().unwrap_or(Value::Null)},
+                "reportingComponent": e.get("reportingController").cloned().unwrap_or(Value::Null),
+                "reportingInstance": e.get("reportingInstance").cloned().unwrap_or(Value::Null),
+                "eventTime": e.get("eventTime").cloned().unwrap_or(Value::Null),
+                "firstTimestamp": time,
+                "lastTimestamp": last,
+                "count": count,
+            })
+        })
+        .filter(|e| fields.matches(e))
+        .collect()
 }
 
 fn check_subresource(rt: &ResourceType, sub: Option<&str>) -> Result<(), ApiError> {

@@ -102,13 +102,14 @@ impl LabelSelector {
     }
 }
 
-/// A parsed field selector over `metadata.name` and `metadata.namespace`.
+/// A parsed field selector. The API server accepts only the fields a type indexes
+/// (`metadata.name`, `metadata.namespace`, and for Events `involvedObject.*`, `reason`,
+/// `type`, …); the emulator accepts any dotted path of string, number or boolean values.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
-    /// Parses the `fieldSelector` query syntax; other fields are refused as the API server
-    /// refuses fields a type does not index.
+    /// Parses the `fieldSelector` query syntax.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut terms = Vec::new();
         for part in text.split(',') {
@@ -126,7 +127,7 @@ impl FieldSelector {
                 return Err(format!("invalid field selector term {part:?}"));
             };
             let field = field.trim();
-            if field != "metadata.name" && field != "metadata.namespace" {
+            if field.is_empty() || field.split('.').any(str::is_empty) {
                 return Err(format!("field label not supported: {field}"));
             }
             terms.push((field.to_string(), equal, value.trim().to_string()));
@@ -137,15 +138,14 @@ impl FieldSelector {
     /// Whether the object satisfies every term.
     pub fn matches(&self, object: &Value) -> bool {
         self.0.iter().all(|(field, equal, value)| {
-            let pointer = match field.as_str() {
-                "metadata.name" => "/metadata/name",
-                _ => "/metadata/namespace",
+            let pointer = format!("/{}", field.replace('.', "/"));
+            let actual = match object.pointer(&pointer) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                Some(Value::Bool(b)) => b.to_string(),
+                _ => String::new(),
             };
-            let actual = object
-                .pointer(pointer)
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            (actual == value) == *equal
+            (actual == *value) == *equal
         })
     }
 }
@@ -187,6 +187,13 @@ mod tests {
         assert!(ok("metadata.name==a,metadata.namespace=ns1"));
         assert!(!ok("metadata.name=b"));
         assert!(ok("metadata.namespace!=other"));
-        assert!(FieldSelector::parse("spec.x=1").is_err());
+        assert!(FieldSelector::parse("spec..x=1").is_err());
+        let event = json!({"involvedObject": {"name": "a", "uid": "u1"}, "count": 2});
+        assert!(
+            FieldSelector::parse("involvedObject.name=a,involvedObject.uid=u1")
+                .unwrap()
+                .matches(&event)
+        );
+        assert!(FieldSelector::parse("count=2").unwrap().matches(&event));
     }
 }
