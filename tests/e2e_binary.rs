@@ -1,0 +1,314 @@
+//! End to end through the built binary: `dpc-operator run` as a separate process against the
+//! Kubernetes API emulator and the DPC simulator (both in this test process), checked
+//! through the emulator and the simulator's call log — including SIGKILL at the worst moment
+//! and SIGTERM with work in flight.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use dpc_operator::sim::dpc::{Call, Fault, FaultKind, SimOp};
+use kube::api::DeleteParams;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+/// A running operator process and everything it printed.
+struct Operator {
+    child: Child,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+fn kubeconfig_file(h: &Harness) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "dpc-e2e-{}-{}",
+        std::process::id(),
+        h.emu.addr().port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, h.emu.kubeconfig()).unwrap();
+    path
+}
+
+impl Operator {
+    fn start(kubeconfig: &PathBuf, extra: &[&str]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dpc-operator"));
+        command
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "--log-format",
+                "json",
+                "--backoff-base",
+                "200ms",
+                "--backoff-max",
+                "2s",
+                "--dpc-timeout",
+                "5s",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("the operator binary starts");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for mut stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let sink = output.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        Self { child, output }
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    async fn kill(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the operator did not exit within {within:?}"))
+            .unwrap()
+    }
+}
+
+fn writes(calls: &[Call]) -> Vec<(SimOp, Option<u16>)> {
+    calls
+        .iter()
+        .filter(|c| c.is_write())
+        .map(|c| (c.op, c.status))
+        .collect()
+}
+
+/// Waits until a call of `op` has arrived (whether or not it was answered).
+async fn wait_call(h: &Harness, op: SimOp, n: usize) -> Call {
+    let calls = h
+        .sim
+        .wait_for_calls(WAIT, |calls| {
+            calls.iter().filter(|c| c.op == op).count() >= n
+        })
+        .await
+        .unwrap_or_else(|calls| panic!("fewer than {n} {op:?} calls: {:?}", writes(&calls)));
+    calls.into_iter().filter(|c| c.op == op).nth(n - 1).unwrap()
+}
+
+fn assert_no_secrets(output: &str, h: &Harness, extra: &[&str]) {
+    assert!(
+        output.contains("dpc-operator starting"),
+        "the operator's logs were captured"
+    );
+    let mut secrets: Vec<String> = vec![CLIENT_SECRET.into(), CLIENT_ID.into()];
+    secrets.extend(h.sim.issued_tokens());
+    secrets.extend(extra.iter().map(|s| s.to_string()));
+    for secret in &secrets {
+        assert!(
+            !output.contains(secret.as_str()),
+            "a secret value appears in the operator's output"
+        );
+    }
+}
+
+#[tokio::test]
+async fn create_rotate_and_delete_through_the_binary() {
+    let h = Harness::start().await;
+    h.put_secret("refs", &[("key", "value-one-6c1d")]).await;
+    let mut operator = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+
+    h.apply(&Cov::new("sf", "Salesforce").property_from_secret("secretKey", "refs", "key"))
+        .await;
+    let ready = h.wait_ready("sf").await;
+    assert_eq!(writes(&h.sim.calls()), [(SimOp::Create, Some(201))]);
+
+    // Rotation: only the Secret changes; one PUT within a second.
+    h.sim.clear_calls();
+    let changed_at = h.sim.now_ms();
+    h.put_secret("refs", &[("key", "value-two-9f2e")]).await;
+    let put = wait_call(&h, SimOp::Update, 1).await;
+    assert!(
+        put.at_ms - changed_at < 1000,
+        "the PUT came {} ms after the change",
+        put.at_ms - changed_at
+    );
+    assert_eq!(
+        put.body.as_ref().unwrap()["connectionOverrides"]["connectionProperties"]["secretKey"],
+        "value-two-9f2e"
+    );
+    let after = h
+        .wait_for("sf", "synced with the new value", |o| {
+            o.status.as_ref().and_then(|s| s.applied_hash.clone())
+                != ready.status.as_ref().and_then(|s| s.applied_hash.clone())
+        })
+        .await;
+    assert_eq!(
+        after.metadata.generation, ready.metadata.generation,
+        "the ConnectionOverride itself did not change"
+    );
+    assert_eq!(after.spec, ready.spec);
+    assert_eq!(writes(&h.sim.calls()), [(SimOp::Update, Some(200))]);
+
+    // Deletion: one DELETE, then the object is gone.
+    h.sim.clear_calls();
+    h.covs()
+        .delete("sf", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_gone("sf").await;
+    assert_eq!(writes(&h.sim.calls()), [(SimOp::Delete, Some(204))]);
+    assert!(h.sim.overrides().is_empty());
+
+    operator.kill().await;
+    assert_no_secrets(
+        &operator.output(),
+        &h,
+        &["value-one-6c1d", "value-two-9f2e"],
+    );
+}
+
+#[tokio::test]
+async fn sigkill_between_the_dpc_write_and_the_status_write_converges() {
+    let h = Harness::start().await;
+    let kubeconfig = kubeconfig_file(&h);
+    // DPC applies the POST but answers late: the operator is killed before it can write status.
+    h.sim
+        .push_fault(Fault::on(SimOp::Create, FaultKind::Delay { ms: 4000 }));
+    let mut operator = Operator::start(&kubeconfig, &["--allow-insecure-http"]);
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    wait_call(&h, SimOp::Create, 1).await;
+    assert!(
+        h.sim.get_override(PROJECT, "PROD", "Salesforce").is_some(),
+        "DPC holds it already"
+    );
+    operator.kill().await;
+    let orphaned = h.covs().get("sf").await.unwrap();
+    assert!(
+        orphaned.status.and_then(|s| s.applied_hash).is_none(),
+        "no status was written"
+    );
+
+    h.sim.clear_calls();
+    let mut operator = Operator::start(&kubeconfig, &["--allow-insecure-http"]);
+    h.wait_ready("sf").await;
+    assert_eq!(
+        writes(&h.sim.calls()),
+        [(SimOp::Create, Some(409)), (SimOp::Update, Some(200))]
+    );
+    assert_eq!(h.sim.overrides().len(), 1, "no second remote object");
+
+    // The same for a deletion: DPC deletes, the operator dies before releasing the object.
+    h.sim
+        .push_fault(Fault::on(SimOp::Delete, FaultKind::Delay { ms: 4000 }));
+    h.covs()
+        .delete("sf", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_call(&h, SimOp::Delete, 1).await;
+    operator.kill().await;
+    assert!(h.sim.overrides().is_empty());
+    let held = h.covs().get("sf").await.unwrap();
+    assert!(
+        held.metadata.deletion_timestamp.is_some()
+            && held.metadata.finalizers.is_some_and(|f| !f.is_empty())
+    );
+
+    h.sim.clear_calls();
+    let mut operator = Operator::start(&kubeconfig, &["--allow-insecure-http"]);
+    h.wait_gone("sf").await;
+    assert_eq!(
+        writes(&h.sim.calls()),
+        [(SimOp::Delete, Some(404))],
+        "the deletion was not lost"
+    );
+    operator.kill().await;
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_work_finish_and_exits_zero() {
+    let h = Harness::start().await;
+    h.sim
+        .push_fault(Fault::on(SimOp::Create, FaultKind::Delay { ms: 1500 }));
+    let mut operator = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    wait_call(&h, SimOp::Create, 1).await;
+
+    operator.terminate();
+    let status = operator.wait_exit(Duration::from_secs(8)).await;
+    assert!(
+        status.success(),
+        "exit status {status:?}; output:\n{}",
+        operator.output()
+    );
+    let obj = h.covs().get("sf").await.unwrap();
+    assert!(
+        is_ready(&obj),
+        "the in-flight reconcile finished and wrote status: {:?}",
+        obj.status
+    );
+    assert!(operator.output().contains("SIGTERM received"));
+}
+
+#[tokio::test]
+async fn without_the_crds_the_binary_says_how_to_install_them() {
+    let emu = dpc_operator::sim::kube::KubeEmulator::start()
+        .await
+        .unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "dpc-e2e-nocrd-{}-{}",
+        std::process::id(),
+        emu.addr().port()
+    ));
+    std::fs::write(&path, emu.kubeconfig()).unwrap();
+    let mut operator = Operator::start(&path, &[]);
+    let status = operator.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(3));
+    let output = operator.output();
+    assert!(output.contains("CustomResourceDefinition"), "{output}");
+    assert!(
+        output.contains("kubectl apply -f crds/crds.yaml"),
+        "{output}"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_dpc_urls_are_refused_without_the_flag() {
+    let h = Harness::start().await;
+    let mut operator = Operator::start(&kubeconfig_file(&h), &[]);
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    let obj = h.wait_reason("sf", "AccountNotReady").await;
+    let message = ready_condition(&obj).message;
+    assert!(
+        message.contains("plain http") && message.contains("--allow-insecure-http"),
+        "{message}"
+    );
+    assert!(h.sim.calls().is_empty());
+    operator.kill().await;
+}
