@@ -477,3 +477,42 @@ async fn plain_http_is_refused_without_the_flag() {
     assert!(err.to_string().contains("--allow-insecure-http"));
     assert!(sim.calls().is_empty());
 }
+
+#[tokio::test]
+async fn the_simulators_rate_limit_answers_429_with_retry_after() {
+    let config = SimConfig {
+        rate_limit: Some(dpc_operator::sim::dpc::RateLimit {
+            limit: 3,
+            window_ms: 60_000,
+            retry_after_secs: Some(7),
+        }),
+        ..SimConfig::default()
+    };
+    let (sim, dpc) = setup(config).await;
+    dpc.list(PROJECT, "PROD").await.unwrap();
+    dpc.list(PROJECT, "PROD").await.unwrap();
+    let err = dpc.list(PROJECT, "PROD").await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::RateLimited);
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+    let statuses: Vec<Option<u16>> = sim.calls().iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [Some(200), Some(200), Some(200), Some(429)], "token, list, list, list");
+}
+
+#[tokio::test]
+async fn a_token_is_fetched_again_shortly_before_it_expires() {
+    let config = SimConfig {
+        token_lifetime_secs: 1,
+        ..SimConfig::default()
+    };
+    let (sim, dpc) = setup(config).await;
+    dpc.list(PROJECT, "PROD").await.unwrap();
+    // A one-second token is refreshed after four fifths of its life; this waits past that.
+    tokio::time::sleep(Duration::from_millis(850)).await;
+    dpc.list(PROJECT, "PROD").await.unwrap();
+    let ops: Vec<(SimOp, Option<u16>)> = sim.calls().iter().map(|c| (c.op, c.status)).collect();
+    assert_eq!(
+        ops,
+        [(SimOp::Token, Some(200)), (SimOp::List, Some(200)), (SimOp::Token, Some(200)), (SimOp::List, Some(200))],
+        "the second list used a new token without a 401 first"
+    );
+}

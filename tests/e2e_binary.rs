@@ -312,3 +312,65 @@ async fn plain_http_dpc_urls_are_refused_without_the_flag() {
     assert!(h.sim.calls().is_empty());
     operator.kill().await;
 }
+
+/// Starts `dpc-operator sim …` and returns the process and the first line it prints (its URL).
+async fn start_double(args: &[&str]) -> (Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dpc-operator"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let url = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    (child, url)
+}
+
+#[tokio::test]
+async fn the_test_doubles_run_as_processes() {
+    // The DPC simulator, driven through its control endpoints.
+    let (mut dpc, url) = start_double(&["sim", "dpc", "--listen", "127.0.0.1:0", "--client-id", "id-1", "--client-secret", "secret-1"]).await;
+    let http = reqwest::Client::new();
+    let fault = serde_json::json!({"op": "list", "kind": {"type": "status", "status": 503}});
+    let answer = http.post(format!("{url}/_sim/faults")).json(&fault).send().await.unwrap();
+    assert!(answer.status().is_success());
+    let token: serde_json::Value = http
+        .post(format!("{url}/oauth/dpc/token"))
+        .form(&[("grant_type", "client_credentials"), ("client_id", "id-1"), ("client_secret", "secret-1"), ("audience", "x")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = token["access_token"].as_str().unwrap();
+    let list = |expect: u16| {
+        let request = http
+            .get(format!("{url}/dpc/v1/projects/{PROJECT}/connections/environment-overrides?environmentName=PROD"))
+            .bearer_auth(bearer);
+        async move { assert_eq!(request.send().await.unwrap().status().as_u16(), expect) }
+    };
+    list(503).await;
+    list(200).await;
+    let calls: Vec<serde_json::Value> = http.get(format!("{url}/_sim/calls")).send().await.unwrap().json().await.unwrap();
+    let seen: Vec<(&str, u64)> = calls.iter().map(|c| (c["op"].as_str().unwrap(), c["status"].as_u64().unwrap())).collect();
+    assert_eq!(seen, [("token", 200), ("list", 503), ("list", 200)]);
+    dpc.kill().await.unwrap();
+
+    // The Kubernetes API emulator, with the CRDs installed and a kubeconfig for kubectl.
+    let dir = std::env::temp_dir().join(format!("dpc-e2e-emu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    let (mut emu, _) = start_double(&["sim", "kube", "--listen", "127.0.0.1:0", "--install-crds", "--kubeconfig-out", kubeconfig.to_str().unwrap()]).await;
+    let output = Command::new("kubectl")
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["get", "crd", "-o", "name"])
+        .output()
+        .await
+        .unwrap();
+    let crds = String::from_utf8_lossy(&output.stdout);
+    assert!(crds.contains("customresourcedefinition.apiextensions.k8s.io/connectionoverrides.dpc-operator.io"), "{crds}");
+    emu.kill().await.unwrap();
+}
