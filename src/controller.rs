@@ -4,11 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use futures::channel::mpsc::UnboundedSender;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -20,8 +22,11 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{ConnectionOverride, DpcAccount};
+use crate::api::{ClusterDpcAccount, ConnectionOverride, DpcAccount};
+use crate::claims::Claims;
 use crate::dpc::{ClientSettings, DpcClient};
+use crate::drift::DriftChecker;
+use crate::reconcile::account::AccountObject;
 use crate::reconcile::{self, resolve::Reference};
 
 /// The operator's settings.
@@ -33,8 +38,19 @@ pub struct OperatorConfig {
     pub concurrency: u16,
     /// Allow plain-http DPC endpoints (tests and the sandbox only).
     pub allow_insecure_http: bool,
-    /// How often an object that is Ready is looked at again.
+    /// How often a Ready object is reconciled again locally (no DPC call: drift detection
+    /// reads DPC on its own schedule).
     pub resync_interval: Duration,
+    /// The sync interval of objects that set none.
+    pub default_sync_interval: Duration,
+    /// The shortest sync interval honoured (the CRD also refuses less than 30s).
+    pub min_sync_interval: Duration,
+    /// A list answer younger than this serves immediate reads of other objects too.
+    pub drift_share_window: Duration,
+    /// Only ConnectionOverrides with these labels (a label selector), for sharding.
+    pub label_selector: Option<String>,
+    /// A request whose rate-limit slot is further than this is requeued for its slot.
+    pub max_admission_wait: Duration,
     /// First delay after a transient failure; it doubles up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -52,7 +68,12 @@ impl Default for OperatorConfig {
             namespaces: Vec::new(),
             concurrency: 8,
             allow_insecure_http: false,
-            resync_interval: Duration::from_secs(600),
+            resync_interval: Duration::from_secs(3600),
+            default_sync_interval: Duration::from_secs(600),
+            min_sync_interval: Duration::from_secs(30),
+            drift_share_window: Duration::from_secs(2),
+            label_selector: None,
+            max_admission_wait: Duration::from_secs(5),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             dpc_request_timeout: Duration::from_secs(30),
@@ -219,6 +240,14 @@ pub struct Context {
     pub account_index: RefIndex,
     pub backoff: Backoff,
     pub failures: TerminalFailures,
+    /// Which object manages which remote override.
+    pub claims: Claims,
+    /// Reads DPC back on each object's sync interval.
+    pub drift: Arc<DriftChecker>,
+    triggers: Mutex<Vec<(Option<String>, UnboundedSender<GuardRef>)>>,
+    pending_scopes: AtomicUsize,
+    synced: AtomicBool,
+    synced_changed: tokio::sync::Notify,
 }
 
 impl Context {
@@ -227,6 +256,7 @@ impl Context {
         let dpc = DpcClient::new(ClientSettings {
             allow_insecure_http: config.allow_insecure_http,
             request_timeout: config.dpc_request_timeout,
+            max_admission_wait: config.max_admission_wait,
             ..ClientSettings::default()
         });
         let recorder = Recorder::new(
@@ -236,6 +266,7 @@ impl Context {
                 instance: config.instance.clone(),
             },
         );
+        let config_share_window = config.drift_share_window;
         Arc::new(Self {
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
             client,
@@ -245,7 +276,98 @@ impl Context {
             index: RefIndex::default(),
             account_index: RefIndex::default(),
             failures: TerminalFailures::default(),
+            claims: Claims::default(),
+            drift: Arc::new(DriftChecker::new(config_share_window)),
+            triggers: Mutex::new(Vec::new()),
+            pending_scopes: AtomicUsize::new(0),
+            synced: AtomicBool::new(false),
+            synced_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Whether every watch of ConnectionOverrides has delivered its first list.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Waits until [`Context::is_synced`].
+    pub async fn wait_synced(&self) {
+        loop {
+            let changed = self.synced_changed.notified();
+            if self.is_synced() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn expect_scopes(&self, n: usize) {
+        self.pending_scopes.store(n, Ordering::Release);
+        self.synced.store(n == 0, Ordering::Release);
+    }
+
+    fn scope_synced(&self) {
+        if self.pending_scopes.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.synced.store(true, Ordering::Release);
+            self.synced_changed.notify_waiters();
+        }
+    }
+
+    /// Asks for a reconcile of an object now.
+    pub fn trigger(&self, key: &ObjKey) {
+        let triggers = self.triggers.lock().expect("triggers lock");
+        for (scope, sender) in triggers.iter() {
+            if scope.as_deref().is_none_or(|ns| ns == key.0) {
+                let _ = sender.unbounded_send(ObjectRef::new(&key.1).within(&key.0));
+            }
+        }
+    }
+
+    /// Keeps the claims index in step with the watch of one scope.
+    fn observe_event(
+        &self,
+        scope: Option<&str>,
+        event: &watcher::Event<DeserializeGuard<ConnectionOverride>>,
+        relist: &Mutex<Option<HashSet<ObjKey>>>,
+        first_sync: &AtomicBool,
+    ) {
+        let key_of = |obj: &DeserializeGuard<ConnectionOverride>| {
+            let meta = obj.meta();
+            (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            )
+        };
+        let mut triggers = Vec::new();
+        match event {
+            watcher::Event::Init => *relist.lock().expect("relist lock") = Some(HashSet::new()),
+            watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
+                if let Some(seen) = relist.lock().expect("relist lock").as_mut() {
+                    seen.insert(key_of(obj));
+                }
+                if let Ok(cov) = &obj.0 {
+                    triggers = self.claims.observe(cov);
+                }
+            }
+            watcher::Event::Delete(obj) => triggers = self.claims.remove(&key_of(obj)),
+            watcher::Event::InitDone => {
+                // Objects that vanished while the watch was down no longer claim anything.
+                if let Some(seen) = relist.lock().expect("relist lock").take() {
+                    for key in self.claims.keys() {
+                        let in_scope = scope.is_none_or(|ns| ns == key.0);
+                        if in_scope && !seen.contains(&key) {
+                            triggers.extend(self.claims.remove(&key));
+                        }
+                    }
+                }
+                if !first_sync.swap(true, Ordering::AcqRel) {
+                    self.scope_synced();
+                }
+            }
+        }
+        for key in triggers {
+            self.trigger(&key);
+        }
     }
 
     /// The resync delay, jittered by ±10 % so objects created together spread out.
@@ -336,30 +458,65 @@ where
     }
 }
 
-/// Runs the ConnectionOverride and DpcAccount controllers until `shutdown` is cancelled;
-/// in-flight reconciles finish before it returns.
+/// Runs the controllers (ConnectionOverrides, DpcAccounts, ClusterDpcAccounts) and the drift
+/// checker until `shutdown` is cancelled; in-flight reconciles finish before it returns.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let scopes: Vec<Option<String>> = if ctx.config.namespaces.is_empty() {
         vec![None]
     } else {
         ctx.config.namespaces.iter().cloned().map(Some).collect()
     };
+    ctx.expect_scopes(scopes.len());
     let mut tasks = Vec::new();
+    let trigger_ctx = ctx.clone();
+    let trigger: crate::drift::Trigger = Arc::new(move |key: &ObjKey| trigger_ctx.trigger(key));
+    tasks.push(ctx.drift.clone().run(trigger, shutdown.clone()).boxed());
     for scope in scopes {
         tasks.push(run_overrides(ctx.clone(), scope.clone(), shutdown.clone()).boxed());
-        tasks.push(run_accounts(ctx.clone(), scope, shutdown.clone()).boxed());
+        tasks.push(run_accounts::<DpcAccount>(ctx.clone(), scope, shutdown.clone()).boxed());
     }
+    tasks.push(run_accounts::<ClusterDpcAccount>(ctx.clone(), None, shutdown.clone()).boxed());
     futures::future::join_all(tasks).await;
     info!("controllers stopped");
+}
+
+/// What a controller's stream yields for each reconcile.
+type RunResult<K, E> =
+    Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<E, watcher::Error>>;
+
+fn log_result<K: Resource, E: std::fmt::Display>(
+    kind: &'static str,
+) -> impl Fn(RunResult<K, E>) -> futures::future::Ready<()> {
+    move |result| {
+        if let Err(e) = result {
+            match e {
+                kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                other => warn!(error = %other, "{kind} controller"),
+            }
+        }
+        futures::future::ready(())
+    }
 }
 
 async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
     let ns = scope.as_deref();
     let api: Api<DeserializeGuard<ConnectionOverride>> = scoped(&client, ns);
+    let mut config = watcher::Config::default();
+    if let Some(selector) = &ctx.config.label_selector {
+        config = config.labels(selector);
+    }
     let (reader, writer) = reflector::store();
-    let main = watcher::watcher(api, watcher::Config::default())
+    let hook = ctx.clone();
+    let hook_scope = scope.clone();
+    let relist = Mutex::new(None);
+    let first_sync = AtomicBool::new(false);
+    let main = watcher::watcher(api, config)
         .default_backoff()
+        .map_ok(move |event| {
+            hook.observe_event(hook_scope.as_deref(), &event, &relist, &first_sync);
+            event
+        })
         .reflect(writer)
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
@@ -383,46 +540,88 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     .default_backoff()
     .touched_objects()
     .predicate_filter(predicates::generation, Default::default());
+    let cluster_accounts = watcher::watcher(
+        Api::<ClusterDpcAccount>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let namespace_config = match ns {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    let namespaces = watcher::watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        namespace_config,
+    )
+    .default_backoff()
+    .touched_objects()
+    .predicate_filter(predicates::labels, Default::default());
 
-    let (i1, i2, i3) = (ctx.clone(), ctx.clone(), ctx.clone());
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    ctx.triggers
+        .lock()
+        .expect("triggers lock")
+        .push((scope.clone(), tx));
+    let users = |ctx: &Arc<Context>, reference: Reference| to_refs(ctx.index.users(&reference));
+    let (i1, i2, i3, i4, i5) = (
+        ctx.clone(),
+        ctx.clone(),
+        ctx.clone(),
+        ctx.clone(),
+        ctx.clone(),
+    );
     let stop = shutdown.clone();
     Controller::for_stream(main, reader)
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
+        .reconcile_on(rx)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
-            to_refs(i1.index.users(&Reference::Secret {
-                namespace: s.namespace().unwrap_or_default(),
-                name: s.name_any(),
-            }))
+            users(
+                &i1,
+                Reference::Secret {
+                    namespace: s.namespace().unwrap_or_default(),
+                    name: s.name_any(),
+                },
+            )
         })
         .watches_stream(config_maps, move |c: PartialObjectMeta<ConfigMap>| {
-            to_refs(i2.index.users(&Reference::ConfigMap {
-                namespace: c.namespace().unwrap_or_default(),
-                name: c.name_any(),
-            }))
+            users(
+                &i2,
+                Reference::ConfigMap {
+                    namespace: c.namespace().unwrap_or_default(),
+                    name: c.name_any(),
+                },
+            )
         })
         .watches_stream(accounts, move |a: DpcAccount| {
-            to_refs(i3.index.users(&Reference::Account {
-                namespace: a.namespace().unwrap_or_default(),
-                name: a.name_any(),
-            }))
+            users(
+                &i3,
+                Reference::Account {
+                    namespace: a.namespace().unwrap_or_default(),
+                    name: a.name_any(),
+                },
+            )
+        })
+        .watches_stream(cluster_accounts, move |a: ClusterDpcAccount| {
+            users(&i4, Reference::ClusterAccount { name: a.name_any() })
+        })
+        .watches_stream(namespaces, move |n: PartialObjectMeta<Namespace>| {
+            users(&i5, Reference::Namespace { name: n.name_any() })
         })
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                match e {
-                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                    other => warn!(error = %other, "ConnectionOverride controller"),
-                }
-            }
-        })
+        .for_each(log_result("ConnectionOverride"))
         .await;
 }
 
-async fn run_accounts(ctx: Arc<Context>, scope: Option<String>, shutdown: CancellationToken) {
+async fn run_accounts<K: AccountObject>(
+    ctx: Arc<Context>,
+    scope: Option<String>,
+    shutdown: CancellationToken,
+) {
     let client = ctx.client.clone();
-    let ns = scope.as_deref();
-    let api: Api<DpcAccount> = scoped(&client, ns);
+    let api = K::watch_api(client.clone(), scope.as_deref());
     let (reader, writer) = reflector::store();
     let main = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
@@ -430,12 +629,13 @@ async fn run_accounts(ctx: Arc<Context>, scope: Option<String>, shutdown: Cancel
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
     let secrets = watcher::watcher(
-        scoped::<PartialObjectMeta<Secret>>(&client, ns),
+        scoped::<PartialObjectMeta<Secret>>(&client, scope.as_deref()),
         watcher::Config::default(),
     )
     .default_backoff()
     .touched_objects();
     let index_ctx = ctx.clone();
+    let cluster = K::KIND == "ClusterDpcAccount";
     let stop = shutdown.clone();
     Controller::for_stream(main, reader)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
@@ -446,22 +646,19 @@ async fn run_accounts(ctx: Arc<Context>, scope: Option<String>, shutdown: Cancel
                     name: s.name_any(),
                 })
                 .into_iter()
-                .map(|(ns, name)| ObjectRef::<DpcAccount>::new(&name).within(&ns))
+                .filter(|(ns, _)| ns.is_empty() == cluster)
+                .map(|(ns, name)| {
+                    let r = ObjectRef::<K>::new(&name);
+                    if cluster { r } else { r.within(&ns) }
+                })
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(
-            reconcile::account::reconcile,
-            reconcile::account::error_policy,
+            reconcile::account::reconcile::<K>,
+            reconcile::account::error_policy::<K>,
             ctx,
         )
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                match e {
-                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                    other => warn!(error = %other, "DpcAccount controller"),
-                }
-            }
-        })
+        .for_each(log_result(K::KIND))
         .await;
 }

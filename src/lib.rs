@@ -10,7 +10,10 @@ pub mod dpc;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+pub mod claims;
 pub mod controller;
+pub mod drift;
+pub mod duration;
 pub mod reconcile;
 pub mod sandbox;
 pub mod sim;

@@ -105,9 +105,18 @@ struct RunArgs {
     /// Allow plain-http DPC endpoints in DpcAccounts (tests and sandboxes only).
     #[arg(long, env = "DPC_OPERATOR_ALLOW_INSECURE_HTTP")]
     allow_insecure_http: bool,
-    /// How often a Ready object is looked at again.
-    #[arg(long, env = "DPC_OPERATOR_RESYNC_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    /// Only ConnectionOverrides matching this label selector (to shard objects over several
+    /// installs), e.g. shard=a.
+    #[arg(long, env = "DPC_OPERATOR_SELECTOR")]
+    selector: Option<String>,
+    /// How often a Ready object is reconciled again locally (no DPC call; drift detection
+    /// follows each object's spec.syncInterval).
+    #[arg(long, env = "DPC_OPERATOR_RESYNC_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     resync_interval: Duration,
+    /// The shortest spec.syncInterval honoured (the CRD refuses less than 30s; lower it only
+    /// for tests).
+    #[arg(long, env = "DPC_OPERATOR_MIN_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration, hide = true)]
+    min_sync_interval: Duration,
     /// First retry delay after a transient DPC failure (doubles up to --backoff-max).
     #[arg(long, env = "DPC_OPERATOR_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration)]
     backoff_base: Duration,
@@ -134,6 +143,8 @@ impl RunArgs {
             concurrency: self.concurrency.max(1),
             allow_insecure_http: self.allow_insecure_http,
             resync_interval: self.resync_interval,
+            min_sync_interval: self.min_sync_interval,
+            label_selector: self.selector.clone().filter(|s| !s.is_empty()),
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
             dpc_request_timeout: self.dpc_timeout,

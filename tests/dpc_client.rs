@@ -8,7 +8,12 @@ use dpc_operator::api::{CredentialsSecretRef, DpcAccountSpec};
 use dpc_operator::dpc::error::TransportKind;
 use dpc_operator::dpc::{
     AccountHandle, AccountKey, ClientSettings, Credentials, DpcClient, DpcError, Endpoint,
-    ErrorClass, OverrideRequest, OverrideValues, SecretString,
+    ErrorClass, OverrideRequest, OverrideValues, Rate, SecretString,
+};
+
+const FAST: Rate = Rate {
+    requests_per_minute: 60_000,
+    burst: 100,
 };
 use dpc_operator::sim::dpc::{AuthSeen, DpcSim, Fault, FaultKind, ListShape, SimConfig, SimOp};
 use serde_json::json;
@@ -23,6 +28,7 @@ fn settings() -> ClientSettings {
         request_timeout: Duration::from_millis(800),
         connect_timeout: Duration::from_millis(500),
         default_retry_after: Duration::from_secs(1),
+        max_admission_wait: Duration::from_secs(5),
     }
 }
 
@@ -34,10 +40,13 @@ fn endpoint(sim: &DpcSim, account_id: Option<&str>) -> Endpoint {
         audience: None,
         credentials_secret_ref: CredentialsSecretRef {
             name: "unused".into(),
+            namespace: None,
             client_id_key: "client_id".into(),
             client_secret_key: "client_secret".into(),
         },
         account_id: account_id.map(String::from),
+        requests_per_minute: None,
+        request_burst: None,
     };
     Endpoint::for_account(&spec, true).unwrap()
 }
@@ -56,6 +65,7 @@ async fn setup(config: SimConfig) -> (DpcSim, AccountHandle) {
             client_id: SecretString::new(CLIENT_ID),
             client_secret: SecretString::new(CLIENT_SECRET),
         },
+        FAST,
     );
     (sim, handle)
 }
@@ -182,6 +192,7 @@ async fn wrong_client_secret_is_credentials_rejected_and_not_echoed() {
             client_id: SecretString::new(CLIENT_ID),
             client_secret: SecretString::new(CLIENT_SECRET),
         },
+        FAST,
     );
     let err = dpc.ensure_token().await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::CredentialsRejected);
@@ -432,6 +443,7 @@ async fn changed_credentials_drop_the_cached_token() {
             key.clone(),
             endpoint(&sim, None),
             creds("one", "secret-one"),
+            FAST,
         )
         .ensure_token()
         .await
@@ -441,12 +453,13 @@ async fn changed_credentials_drop_the_cached_token() {
             key.clone(),
             endpoint(&sim, None),
             creds("one", "secret-one"),
+            FAST,
         )
         .ensure_token()
         .await
         .unwrap();
     assert_eq!(sim.calls_of(SimOp::Token).len(), 1);
-    let rotated = client.account(key, endpoint(&sim, None), creds("two", "secret-two"));
+    let rotated = client.account(key, endpoint(&sim, None), creds("two", "secret-two"), FAST);
     rotated.list(PROJECT, "PROD").await.unwrap();
     assert_eq!(sim.calls_of(SimOp::Token).len(), 2);
     assert_eq!(
@@ -471,6 +484,7 @@ async fn plain_http_is_refused_without_the_flag() {
             client_id: SecretString::new("x"),
             client_secret: SecretString::new("y"),
         },
+        FAST,
     );
     let err = dpc.list(PROJECT, "PROD").await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Misconfigured);
@@ -495,7 +509,11 @@ async fn the_simulators_rate_limit_answers_429_with_retry_after() {
     assert_eq!(err.class(), ErrorClass::RateLimited);
     assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
     let statuses: Vec<Option<u16>> = sim.calls().iter().map(|c| c.status).collect();
-    assert_eq!(statuses, [Some(200), Some(200), Some(200), Some(429)], "token, list, list, list");
+    assert_eq!(
+        statuses,
+        [Some(200), Some(200), Some(200), Some(429)],
+        "token, list, list, list"
+    );
 }
 
 #[tokio::test]
@@ -512,7 +530,12 @@ async fn a_token_is_fetched_again_shortly_before_it_expires() {
     let ops: Vec<(SimOp, Option<u16>)> = sim.calls().iter().map(|c| (c.op, c.status)).collect();
     assert_eq!(
         ops,
-        [(SimOp::Token, Some(200)), (SimOp::List, Some(200)), (SimOp::Token, Some(200)), (SimOp::List, Some(200))],
+        [
+            (SimOp::Token, Some(200)),
+            (SimOp::List, Some(200)),
+            (SimOp::Token, Some(200)),
+            (SimOp::List, Some(200))
+        ],
         "the second list used a new token without a 401 first"
     );
 }

@@ -324,21 +324,45 @@ async fn start_double(args: &[&str]) -> (Child, String) {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let url = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    let url = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     (child, url)
 }
 
 #[tokio::test]
 async fn the_test_doubles_run_as_processes() {
     // The DPC simulator, driven through its control endpoints.
-    let (mut dpc, url) = start_double(&["sim", "dpc", "--listen", "127.0.0.1:0", "--client-id", "id-1", "--client-secret", "secret-1"]).await;
+    let (mut dpc, url) = start_double(&[
+        "sim",
+        "dpc",
+        "--listen",
+        "127.0.0.1:0",
+        "--client-id",
+        "id-1",
+        "--client-secret",
+        "secret-1",
+    ])
+    .await;
     let http = reqwest::Client::new();
     let fault = serde_json::json!({"op": "list", "kind": {"type": "status", "status": 503}});
-    let answer = http.post(format!("{url}/_sim/faults")).json(&fault).send().await.unwrap();
+    let answer = http
+        .post(format!("{url}/_sim/faults"))
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
     assert!(answer.status().is_success());
     let token: serde_json::Value = http
         .post(format!("{url}/oauth/dpc/token"))
-        .form(&[("grant_type", "client_credentials"), ("client_id", "id-1"), ("client_secret", "secret-1"), ("audience", "x")])
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "id-1"),
+            ("client_secret", "secret-1"),
+            ("audience", "x"),
+        ])
         .send()
         .await
         .unwrap()
@@ -354,8 +378,18 @@ async fn the_test_doubles_run_as_processes() {
     };
     list(503).await;
     list(200).await;
-    let calls: Vec<serde_json::Value> = http.get(format!("{url}/_sim/calls")).send().await.unwrap().json().await.unwrap();
-    let seen: Vec<(&str, u64)> = calls.iter().map(|c| (c["op"].as_str().unwrap(), c["status"].as_u64().unwrap())).collect();
+    let calls: Vec<serde_json::Value> = http
+        .get(format!("{url}/_sim/calls"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let seen: Vec<(&str, u64)> = calls
+        .iter()
+        .map(|c| (c["op"].as_str().unwrap(), c["status"].as_u64().unwrap()))
+        .collect();
     assert_eq!(seen, [("token", 200), ("list", 503), ("list", 200)]);
     dpc.kill().await.unwrap();
 
@@ -363,7 +397,16 @@ async fn the_test_doubles_run_as_processes() {
     let dir = std::env::temp_dir().join(format!("dpc-e2e-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
-    let (mut emu, _) = start_double(&["sim", "kube", "--listen", "127.0.0.1:0", "--install-crds", "--kubeconfig-out", kubeconfig.to_str().unwrap()]).await;
+    let (mut emu, _) = start_double(&[
+        "sim",
+        "kube",
+        "--listen",
+        "127.0.0.1:0",
+        "--install-crds",
+        "--kubeconfig-out",
+        kubeconfig.to_str().unwrap(),
+    ])
+    .await;
     let output = Command::new("kubectl")
         .env("KUBECONFIG", &kubeconfig)
         .args(["get", "crd", "-o", "name"])
@@ -371,6 +414,11 @@ async fn the_test_doubles_run_as_processes() {
         .await
         .unwrap();
     let crds = String::from_utf8_lossy(&output.stdout);
-    assert!(crds.contains("customresourcedefinition.apiextensions.k8s.io/connectionoverrides.dpc-operator.io"), "{crds}");
+    assert!(
+        crds.contains(
+            "customresourcedefinition.apiextensions.k8s.io/connectionoverrides.dpc-operator.io"
+        ),
+        "{crds}"
+    );
     emu.kill().await.unwrap();
 }

@@ -69,6 +69,38 @@ pub struct DpcAccountSpec {
     /// The DPC account id, sent as the account-id header when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_id: Option<String>,
+
+    /// The most requests per minute the operator sends to DPC for this account, shared by
+    /// all its ConnectionOverrides. Default 60 (the lower of the documented limits); DPC's
+    /// current documented limit is 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<u32>,
+
+    /// How many requests may go out at once before the per-minute rate applies. Default 5
+    /// (the documented burst).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub request_burst: Option<u32>,
+}
+
+/// The default request rate of an account, per minute.
+pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 60;
+/// The default burst of an account.
+pub const DEFAULT_REQUEST_BURST: u32 = 5;
+
+impl DpcAccountSpec {
+    /// The request rate with its default applied.
+    pub fn requests_per_minute(&self) -> u32 {
+        self.requests_per_minute
+            .unwrap_or(DEFAULT_REQUESTS_PER_MINUTE)
+            .max(1)
+    }
+
+    /// The burst with its default applied.
+    pub fn request_burst(&self) -> u32 {
+        self.request_burst.unwrap_or(DEFAULT_REQUEST_BURST).max(1)
+    }
 }
 
 /// The DPC regions.
@@ -96,6 +128,10 @@ pub struct CredentialsSecretRef {
     /// Name of the Secret.
     #[schemars(length(min = 1))]
     pub name: String,
+    /// The Secret's namespace. Required for a ClusterDpcAccount; for a DpcAccount it must be
+    /// the account's own namespace when set (other namespaces are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// The key holding the client id. Default: client_id.
     #[serde(default = "default_client_id_key")]
     #[schemars(length(min = 1))]
@@ -125,4 +161,59 @@ pub struct DpcAccountStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// An account shared by several namespaces: where and as whom to call DPC, like a
+/// DpcAccount, plus which namespaces may use it. Its credentials Secret names its namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "dpc-operator.io",
+    version = "v1alpha1",
+    kind = "ClusterDpcAccount",
+    shortname = "cdpcacct",
+    category = "dpc",
+    status = "DpcAccountStatus",
+    derive = "PartialEq",
+    doc = "ClusterDpcAccount is a DpcAccount shared by several namespaces: ConnectionOverrides refer to it with accountRef.kind ClusterDpcAccount, from the namespaces its allowedNamespaces list.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.credentialsSecretRef.namespace)").message("credentialsSecretRef.namespace is required for a ClusterDpcAccount"))]
+pub struct ClusterDpcAccountSpec {
+    /// Where and as whom to call DPC: the same fields as a DpcAccount.
+    #[serde(flatten)]
+    pub account: DpcAccountSpec,
+
+    /// The namespaces whose ConnectionOverrides may use this account: listed by name, or
+    /// matched by labels. When both are empty no namespace may use it.
+    #[serde(default)]
+    pub allowed_namespaces: AllowedNamespaces,
+}
+
+/// Which namespaces may use a ClusterDpcAccount.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedNamespaces {
+    /// Namespaces allowed by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Namespaces allowed by their labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }

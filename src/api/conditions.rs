@@ -6,6 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub const READY: &str = "Ready";
 /// Condition type: the last reconciliation succeeded.
 pub const SYNCED: &str = "Synced";
+/// Condition type: the override in DPC was found to differ from the spec.
+pub const DRIFTED: &str = "Drifted";
 
 /// Why an object is or is not Ready. One value per failure class, so users can alert on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,6 +40,14 @@ pub enum Reason {
     ApiUnavailable,
     /// Reconciliation is paused.
     Paused,
+    /// Another ConnectionOverride manages the same remote override.
+    Conflict,
+    /// The ClusterDpcAccount does not allow this namespace.
+    AccountNotAllowed,
+    /// DPC holds something other than the spec (driftPolicy Report, or ObserveOnly).
+    Drifted,
+    /// The Drifted reason once DPC matches the spec again.
+    InSync,
     /// The Synced reason after a pass that reached its goal.
     ReconcileSuccess,
     /// The Synced reason after a pass that failed.
@@ -66,6 +76,10 @@ impl Reason {
             Reason::RateLimited => "RateLimited",
             Reason::ApiUnavailable => "ApiUnavailable",
             Reason::Paused => "Paused",
+            Reason::Conflict => "Conflict",
+            Reason::AccountNotAllowed => "AccountNotAllowed",
+            Reason::Drifted => "Drifted",
+            Reason::InSync => "InSync",
             Reason::ReconcileSuccess => "ReconcileSuccess",
             Reason::ReconcileError => "ReconcileError",
             Reason::ReconcilePaused => "ReconcilePaused",
@@ -85,6 +99,8 @@ impl Reason {
                 | Reason::CredentialsRejected
                 | Reason::ParentNotFound
                 | Reason::ApiRejected
+                | Reason::Conflict
+                | Reason::AccountNotAllowed
         )
     }
 }

@@ -98,15 +98,72 @@ pub struct ConnectionOverrideSpec {
     /// dpc-operator.io/force-orphan: "true" releases a deletion that cannot reach DPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_policy: Option<DeletionPolicy>,
+
+    /// How often the override is read back from DPC to detect changes made outside
+    /// Kubernetes, as a duration such as 10m or 1h30m. Default 10m; at least 30s. Reads are
+    /// shared: one list call per account, project and environment serves every object in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('30s')").message("syncInterval must be at least 30s"))]
+    pub sync_interval: Option<String>,
+
+    /// What to do when the override in DPC no longer matches: Correct (the default) writes the
+    /// desired state back; Report only sets the Drifted condition, naming the fields that differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_policy: Option<DriftPolicy>,
+
+    /// Manage (the default) creates, updates and deletes the override. ObserveOnly never
+    /// writes to DPC: Ready then says whether DPC holds what the spec describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_policy: Option<ManagementPolicy>,
+
+    /// With deletionPolicy Delete: how long a deletion may keep failing to reach DPC before the
+    /// object is released anyway (the remote override is then left in place, and a Warning
+    /// Event says so). A duration such as 15m; unset means wait until DPC answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub deletion_timeout: Option<String>,
 }
 
-/// A reference to the DpcAccount to use.
+/// A reference to the account to use.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AccountRef {
-    /// Name of a DpcAccount in the same namespace as this object.
+    /// Name of a DpcAccount in the same namespace as this object, or of a ClusterDpcAccount.
     #[schemars(length(min = 1))]
     pub name: String,
+    /// DpcAccount (the default) or ClusterDpcAccount. A ClusterDpcAccount may be used only
+    /// from the namespaces it allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<AccountKind>,
+    /// Must be this object's own namespace when set: references to DpcAccounts in other
+    /// namespaces are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+// The kinds of account a ConnectionOverride can use (documented on the field).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum AccountKind {
+    #[default]
+    DpcAccount,
+    ClusterDpcAccount,
+}
+
+// Whether drift is written back or only reported (documented on the field).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DriftPolicy {
+    #[default]
+    Correct,
+    Report,
+}
+
+// Whether the operator writes to DPC (documented on the field).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ManagementPolicy {
+    #[default]
+    Manage,
+    ObserveOnly,
 }
 
 /// The authentication types DPC documents for connections.
@@ -245,6 +302,10 @@ pub struct KeySelector {
     /// The key inside it.
     #[schemars(length(min = 1))]
     pub key: String,
+    /// Must be this object's own namespace when set: references to Secrets and ConfigMaps
+    /// in other namespaces are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// Observed state, written by dpc-operator.
@@ -272,6 +333,10 @@ pub struct ConnectionOverrideStatus {
     /// What DPC reported about the override in its last answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteStatus>,
+
+    /// The value of the dpc-operator.io/reconcile-requested-at annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
 }
 
 /// Fields DPC reports about the override and its parent connection.
@@ -299,5 +364,20 @@ impl ConnectionOverrideSpec {
     /// The deletion policy with its default applied.
     pub fn deletion_policy(&self) -> DeletionPolicy {
         self.deletion_policy.unwrap_or_default()
+    }
+
+    /// The drift policy with its default applied.
+    pub fn drift_policy(&self) -> DriftPolicy {
+        self.drift_policy.unwrap_or_default()
+    }
+
+    /// The management policy with its default applied.
+    pub fn management_policy(&self) -> ManagementPolicy {
+        self.management_policy.unwrap_or_default()
+    }
+
+    /// The account kind with its default applied.
+    pub fn account_kind(&self) -> AccountKind {
+        self.account_ref.kind.unwrap_or_default()
     }
 }

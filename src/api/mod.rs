@@ -4,11 +4,14 @@ pub mod account;
 pub mod conditions;
 pub mod connection_override;
 
-pub use account::{CredentialsSecretRef, DpcAccount, DpcAccountSpec, DpcAccountStatus, Region};
+pub use account::{
+    AllowedNamespaces, ClusterDpcAccount, ClusterDpcAccountSpec, CredentialsSecretRef, DpcAccount,
+    DpcAccountSpec, DpcAccountStatus, Region,
+};
 pub use connection_override::{
-    AccountRef, AuthType, ConnectionOverride, ConnectionOverrideSpec, ConnectionOverrideStatus,
-    ConnectionOverridesSpec, DeletionPolicy, KeySelector, PropertyFrom, RemoteStatus,
-    SecretsLocation,
+    AccountKind, AccountRef, AuthType, ConnectionOverride, ConnectionOverrideSpec,
+    ConnectionOverrideStatus, ConnectionOverridesSpec, DeletionPolicy, DriftPolicy, KeySelector,
+    ManagementPolicy, PropertyFrom, RemoteStatus, SecretsLocation,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -22,10 +25,18 @@ pub const FIELD_MANAGER: &str = "dpc-operator";
 pub const FINALIZER: &str = "dpc-operator.io/cleanup";
 /// Annotation: `"true"` releases a deletion without calling DPC.
 pub const FORCE_ORPHAN_ANNOTATION: &str = "dpc-operator.io/force-orphan";
+/// Annotation: `"true"` stops every DPC call for the object.
+pub const PAUSED_ANNOTATION: &str = "dpc-operator.io/paused";
+/// Annotation: a new value asks for a reconcile (with a read of DPC) now.
+pub const RECONCILE_REQUESTED_ANNOTATION: &str = "dpc-operator.io/reconcile-requested-at";
 
 /// Every CustomResourceDefinition the operator needs, in install order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![DpcAccount::crd(), ConnectionOverride::crd()]
+    vec![
+        DpcAccount::crd(),
+        ClusterDpcAccount::crd(),
+        ConnectionOverride::crd(),
+    ]
 }
 
 /// The CRDs as a multi-document YAML stream, as `crdgen` prints them and `crds/` holds them.

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use super::error::{DpcError, Operation, transport_kind};
+use super::limiter::{Admission, RateLimiter, Requester};
 use super::secret::SecretString;
 use super::types::{OverrideRequest, Problem, RemoteOverride, parse_list, parse_write_answer};
 use crate::api::DpcAccountSpec;
@@ -46,6 +47,9 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// How long to hold an account after a 429 that carries no usable `Retry-After`.
     pub default_retry_after: Duration,
+    /// A request whose rate-limit slot is further away than this is not waited for: its
+    /// object is told when to come back.
+    pub max_admission_wait: Duration,
 }
 
 impl Default for ClientSettings {
@@ -55,6 +59,7 @@ impl Default for ClientSettings {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             default_retry_after: Duration::from_secs(5),
+            max_admission_wait: Duration::from_secs(5),
         }
     }
 }
@@ -136,6 +141,15 @@ impl fmt::Display for AccountKey {
 /// failure) and duration. Implemented by the metrics registry.
 pub trait CallObserver: Send + Sync {
     fn observe(&self, operation: Operation, outcome: &'static str, elapsed: Duration);
+    /// Time a request waited for the account's rate limit.
+    fn waited(&self, _elapsed: Duration) {}
+}
+
+/// The request rate of an account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub requests_per_minute: u32,
+    pub burst: u32,
 }
 
 /// The DPC client. Cheap to clone; all clones share connections, tokens and gates.
@@ -162,10 +176,10 @@ struct AccountState {
 }
 
 /// Per-account state that outlives a change of endpoint or credentials.
-#[derive(Default)]
 struct AccountLimits {
     /// No call before this instant (set from a 429's `Retry-After`).
     blocked_until: Mutex<Option<Instant>>,
+    limiter: Mutex<RateLimiter>,
 }
 
 struct CachedToken {
@@ -223,19 +237,26 @@ impl DpcClient {
     }
 
     /// The handle for an account with this endpoint and these credentials. A change of either
-    /// drops the cached token; the `Retry-After` gate of the account is kept.
+    /// drops the cached token; the `Retry-After` gate and the rate limit of the account are
+    /// kept (a changed rate applies from now on).
     pub fn account(
         &self,
         key: AccountKey,
         endpoint: Endpoint,
         credentials: Credentials,
+        rate: Rate,
     ) -> AccountHandle {
         let fingerprint = fingerprint(&endpoint, &credentials);
         let mut accounts = self.inner.accounts.lock().expect("account map lock");
         let state = match accounts.get(&key) {
             Some(existing) if existing.fingerprint == fingerprint => existing.clone(),
             existing => {
-                let limits = existing.map(|s| s.limits.clone()).unwrap_or_default();
+                let limits = existing.map(|s| s.limits.clone()).unwrap_or_else(|| {
+                    Arc::new(AccountLimits {
+                        blocked_until: Mutex::new(None),
+                        limiter: Mutex::new(RateLimiter::new(rate.requests_per_minute, rate.burst)),
+                    })
+                });
                 let state = Arc::new(AccountState {
                     key: key.clone(),
                     endpoint,
@@ -248,9 +269,16 @@ impl DpcClient {
                 state
             }
         };
+        {
+            let mut limiter = state.limits.limiter.lock().expect("limiter lock");
+            if limiter.requests_per_minute() != rate.requests_per_minute.max(1) {
+                limiter.set_rate(rate.requests_per_minute, rate.burst);
+            }
+        }
         AccountHandle {
             client: self.clone(),
             state,
+            requester: None,
         }
     }
 
@@ -285,6 +313,8 @@ fn fingerprint(endpoint: &Endpoint, credentials: &Credentials) -> [u8; 32] {
 pub struct AccountHandle {
     client: DpcClient,
     state: Arc<AccountState>,
+    /// The object these calls are for: far rate-limit slots become its tickets.
+    requester: Requester,
 }
 
 impl fmt::Debug for AccountHandle {
@@ -307,6 +337,25 @@ impl AccountHandle {
     /// The account this handle calls for.
     pub fn key(&self) -> &AccountKey {
         &self.state.key
+    }
+
+    /// The same handle, calling on behalf of the object `(namespace, name)`.
+    pub fn for_object(&self, namespace: &str, name: &str) -> AccountHandle {
+        AccountHandle {
+            requester: Some((namespace.to_string(), name.to_string())),
+            ..self.clone()
+        }
+    }
+
+    /// Drops the rate-limit ticket of an object that went away.
+    pub fn forget_object(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        self.state
+            .limits
+            .limiter
+            .lock()
+            .expect("limiter lock")
+            .forget(&key);
     }
 
     /// A digest of the account's endpoint and credentials (not reversible): it changes when
@@ -472,7 +521,6 @@ impl AccountHandle {
     }
 
     async fn fetch_token(&self) -> Result<CachedToken, DpcError> {
-        self.check_gate(Operation::Token)?;
         let endpoint = &self.state.endpoint;
         ensure_scheme(
             &endpoint.token_url,
@@ -529,8 +577,38 @@ impl AccountHandle {
             Some(until) if Instant::now() < until => Err(DpcError::Throttled {
                 operation,
                 remaining: until - Instant::now(),
+                queued: false,
             }),
             _ => Ok(()),
+        }
+    }
+
+    /// Waits for this request's rate-limit slot, or says when to come back for it.
+    async fn admit(&self, operation: Operation) -> Result<(), DpcError> {
+        let now = Instant::now();
+        let max_wait = self.client.settings().max_admission_wait;
+        let admission = self
+            .state
+            .limits
+            .limiter
+            .lock()
+            .expect("limiter lock")
+            .reserve(&self.requester, now, max_wait);
+        match admission {
+            Admission::SendAt(at) => {
+                if at > now {
+                    tokio::time::sleep_until(at).await;
+                    if let Some(observer) = &self.client.inner.observer {
+                        observer.waited(at - now);
+                    }
+                }
+                Ok(())
+            }
+            Admission::ComeBackAt(at) => Err(DpcError::Throttled {
+                operation,
+                remaining: at - now,
+                queued: true,
+            }),
         }
     }
 
@@ -540,6 +618,12 @@ impl AccountHandle {
         if blocked.is_none_or(|current| current < until) {
             *blocked = Some(until);
         }
+        self.state
+            .limits
+            .limiter
+            .lock()
+            .expect("limiter lock")
+            .hold_until(until);
     }
 
     /// When the account may call again, if it is held by a 429.
@@ -556,7 +640,6 @@ impl AccountHandle {
         body: Option<&OverrideRequest>,
     ) -> Result<Answer, DpcError> {
         ensure_scheme(&url, self.client.settings().allow_insecure_http)?;
-        self.check_gate(operation)?;
         let (token_id, token) = self.token().await?;
         let answer = self
             .send_with(operation, &method, &url, body, &token)
@@ -585,7 +668,6 @@ impl AccountHandle {
         body: Option<&OverrideRequest>,
         token: &SecretString,
     ) -> Result<Answer, DpcError> {
-        self.check_gate(operation)?;
         let mut request = self
             .client
             .inner
@@ -607,11 +689,16 @@ impl AccountHandle {
         self.execute(operation, request).await
     }
 
+    /// Every HTTP request goes through here: the `Retry-After` gate, the rate limit, the
+    /// call, its observation, and a new gate on 429.
     async fn execute(
         &self,
         operation: Operation,
         request: reqwest::RequestBuilder,
     ) -> Result<Answer, DpcError> {
+        self.check_gate(operation)?;
+        self.admit(operation).await?;
+        self.check_gate(operation)?;
         let started = std::time::Instant::now();
         let result = async {
             let response = request.send().await?;
@@ -756,10 +843,13 @@ mod tests {
             audience: None,
             credentials_secret_ref: CredentialsSecretRef {
                 name: "creds".into(),
+                namespace: None,
                 client_id_key: "client_id".into(),
                 client_secret_key: "client_secret".into(),
             },
             account_id: None,
+            requests_per_minute: None,
+            request_burst: None,
         }
     }
 

@@ -65,6 +65,8 @@ pub enum ErrorClass {
     Conflict,
     /// 429, or a call held back because the account is waiting out a `Retry-After`.
     RateLimited,
+    /// Waiting for a slot of the account's own request rate; the slot is reserved.
+    Queued,
     /// 5xx, 408, timeouts, resets, unreadable answers: retry with backoff.
     Transient,
     /// The account's configuration is unusable (for example a plain-http URL).
@@ -98,15 +100,27 @@ pub enum DpcError {
         operation: Operation,
         reason: String,
     },
-    /// The call was not made: the account is waiting out a 429's `Retry-After`.
-    #[error("{operation} held back: DPC asked this account to wait {} s more", .remaining.as_secs_f64().ceil())]
+    /// The call was not made: the account is waiting out a 429's `Retry-After` (`queued`
+    /// false), or the account's own request rate has no slot before `remaining` (`queued`
+    /// true; the slot is kept for this object).
+    #[error("{}", throttled_text(*.operation, *.remaining, *.queued))]
     Throttled {
         operation: Operation,
         remaining: Duration,
+        queued: bool,
     },
     /// The account's endpoint configuration is refused.
     #[error("{0}")]
     Misconfigured(String),
+}
+
+fn throttled_text(operation: Operation, remaining: Duration, queued: bool) -> String {
+    let secs = remaining.as_secs_f64().ceil();
+    if queued {
+        format!("{operation} waits for the account's request rate: its turn comes in {secs} s")
+    } else {
+        format!("{operation} held back: DPC asked this account to wait {secs} s more")
+    }
 }
 
 fn summary_suffix(problem: &Option<Box<Problem>>, excerpt: &Option<String>) -> String {
@@ -153,6 +167,7 @@ impl DpcError {
                 operation, status, ..
             } => classify_status(*operation, *status),
             DpcError::Transport { .. } | DpcError::Decode { .. } => ErrorClass::Transient,
+            DpcError::Throttled { queued: true, .. } => ErrorClass::Queued,
             DpcError::Throttled { .. } => ErrorClass::RateLimited,
             DpcError::Misconfigured(_) => ErrorClass::Misconfigured,
         }
@@ -162,7 +177,7 @@ impl DpcError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.class(),
-            ErrorClass::Transient | ErrorClass::RateLimited
+            ErrorClass::Transient | ErrorClass::RateLimited | ErrorClass::Queued
         )
     }
 
@@ -174,6 +189,7 @@ impl DpcError {
             ErrorClass::NotFound => "not_found",
             ErrorClass::Conflict => "conflict",
             ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Queued => "queued",
             ErrorClass::Transient => "unavailable",
             ErrorClass::Misconfigured => "misconfigured",
         }
@@ -294,6 +310,7 @@ mod tests {
         let e = DpcError::Throttled {
             operation: Operation::Update,
             remaining: Duration::from_millis(1500),
+            queued: false,
         };
         assert_eq!(e.class(), ErrorClass::RateLimited);
         assert!(e.is_transient());

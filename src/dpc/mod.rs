@@ -5,12 +5,13 @@
 
 pub mod client;
 pub mod error;
+pub mod limiter;
 pub mod secret;
 pub mod types;
 
 pub use client::{
     AccountHandle, AccountKey, CallObserver, ClientSettings, Credentials, DpcClient, Endpoint,
-    WriteAnswer,
+    Rate, WriteAnswer,
 };
 pub use error::{DpcError, ErrorClass, Operation};
 pub use secret::SecretString;

@@ -1,68 +1,183 @@
-//! Reconcile of one DpcAccount: its credentials resolve and DPC issues a token with them.
-//! The `Ready` condition says so; the cached token then serves the account's
-//! ConnectionOverrides.
+//! Reconcile of one DpcAccount or ClusterDpcAccount: its credentials resolve and DPC issues a
+//! token with them. The `Ready` condition says so; the cached token then serves the
+//! account's ConnectionOverrides.
 
+use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{Instrument, info_span, warn};
 
 use crate::api::conditions::{self, READY, Reason};
-use crate::api::{DpcAccount, DpcAccountStatus, FIELD_MANAGER};
+use crate::api::{ClusterDpcAccount, DpcAccount, DpcAccountSpec, DpcAccountStatus, FIELD_MANAGER};
 use crate::controller::{Context, ObjKey};
-use crate::dpc::ErrorClass;
 use crate::dpc::secret::redact;
+use crate::dpc::{AccountKey, ErrorClass};
 
 use super::report::EventSpec;
-use super::{Error, publish, resolve};
+use super::resolve::{self, Reference, ResolveError};
+use super::{Error, publish};
 
-fn key_of(account: &DpcAccount) -> ObjKey {
-    (account.namespace().unwrap_or_default(), account.name_any())
+/// What the two account kinds have in common here.
+pub trait AccountObject:
+    Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    const KIND: &'static str;
+    fn account_spec(&self) -> &DpcAccountSpec;
+    fn account_status(&self) -> Option<&DpcAccountStatus>;
+    /// The namespace of the credentials Secret, or why there is none.
+    fn credentials_namespace(&self) -> Result<String, String>;
+    fn account_key(&self) -> AccountKey;
+    fn api(client: kube::Client, namespace: Option<&str>) -> Api<Self>;
+    /// The Api to watch in a scope (one namespace, or all).
+    fn watch_api(client: kube::Client, scope: Option<&str>) -> Api<Self>;
+}
+
+impl AccountObject for DpcAccount {
+    const KIND: &'static str = "DpcAccount";
+    fn account_spec(&self) -> &DpcAccountSpec {
+        &self.spec
+    }
+    fn account_status(&self) -> Option<&DpcAccountStatus> {
+        self.status.as_ref()
+    }
+    fn credentials_namespace(&self) -> Result<String, String> {
+        let own = self.namespace().unwrap_or_default();
+        match self.spec.credentials_secret_ref.namespace.as_deref() {
+            Some(other) if other != own => Err(format!(
+                "its credentialsSecretRef names namespace {other}; a DpcAccount reads Secrets of its own namespace only (use a ClusterDpcAccount to share credentials)"
+            )),
+            _ => Ok(own),
+        }
+    }
+    fn account_key(&self) -> AccountKey {
+        AccountKey {
+            namespace: self.namespace(),
+            name: self.name_any(),
+        }
+    }
+    fn api(client: kube::Client, namespace: Option<&str>) -> Api<Self> {
+        Api::namespaced(client, namespace.unwrap_or_default())
+    }
+    fn watch_api(client: kube::Client, scope: Option<&str>) -> Api<Self> {
+        match scope {
+            Some(ns) => Api::namespaced(client, ns),
+            None => Api::all(client),
+        }
+    }
+}
+
+impl AccountObject for ClusterDpcAccount {
+    const KIND: &'static str = "ClusterDpcAccount";
+    fn account_spec(&self) -> &DpcAccountSpec {
+        &self.spec.account
+    }
+    fn account_status(&self) -> Option<&DpcAccountStatus> {
+        self.status.as_ref()
+    }
+    fn credentials_namespace(&self) -> Result<String, String> {
+        self.spec
+            .account
+            .credentials_secret_ref
+            .namespace
+            .clone()
+            .ok_or_else(|| {
+                "credentialsSecretRef.namespace is required for a ClusterDpcAccount".into()
+            })
+    }
+    fn account_key(&self) -> AccountKey {
+        AccountKey {
+            namespace: None,
+            name: self.name_any(),
+        }
+    }
+    fn api(client: kube::Client, _: Option<&str>) -> Api<Self> {
+        Api::all(client)
+    }
+    fn watch_api(client: kube::Client, _: Option<&str>) -> Api<Self> {
+        Api::all(client)
+    }
+}
+
+fn index_key(key: &AccountKey) -> ObjKey {
+    (key.namespace.clone().unwrap_or_default(), key.name.clone())
 }
 
 /// Backoff keys of accounts are kept apart from those of ConnectionOverrides.
-fn backoff_key(key: &ObjKey) -> ObjKey {
-    (format!("dpcaccount:{}", key.0), key.1.clone())
+fn backoff_key(kind: &str, key: &AccountKey) -> ObjKey {
+    (
+        format!("{kind}:{}", key.namespace.as_deref().unwrap_or("")),
+        key.name.clone(),
+    )
 }
 
 /// The error policy: retry with the account's backoff.
-pub fn error_policy(account: Arc<DpcAccount>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = key_of(&account);
-    let delay = ctx.backoff.next(&backoff_key(&key));
-    warn!(namespace = %key.0, name = %key.1, error = %error, retry_in_ms = delay.as_millis() as u64, "DpcAccount reconcile failed");
+pub fn error_policy<K: AccountObject>(account: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = account.account_key();
+    let delay = ctx.backoff.next(&backoff_key(K::KIND, &key));
+    warn!(kind = K::KIND, account = %key, error = %error, retry_in_ms = delay.as_millis() as u64, "account reconcile failed");
     Action::requeue(delay)
 }
 
-/// Reconciles one DpcAccount.
-pub async fn reconcile(account: Arc<DpcAccount>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let key = key_of(&account);
-    let span = info_span!("reconcile_account", namespace = %key.0, name = %key.1);
+/// Reconciles one account.
+pub async fn reconcile<K: AccountObject>(
+    account: Arc<K>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    ctx.wait_synced().await;
+    let key = account.account_key();
+    let span = info_span!("reconcile_account", kind = K::KIND, account = %key);
     async {
-        let (resolved, secret_ref) =
-            resolve::resolve_account(&ctx.client, &key.0, &key.1, ctx.config.allow_insecure_http)
-                .await;
-        ctx.account_index
-            .set(&key, secret_ref.into_iter().collect());
+        let spec = account.account_spec();
+        let credentials_namespace = account.credentials_namespace();
+        if let Ok(ns) = &credentials_namespace {
+            let secret = Reference::Secret {
+                namespace: ns.clone(),
+                name: spec.credentials_secret_ref.name.clone(),
+            };
+            ctx.account_index.set(&index_key(&key), vec![secret]);
+        }
+        let resolved = match credentials_namespace {
+            Ok(ns) => {
+                resolve::account_from_spec(
+                    &ctx.client,
+                    key.clone(),
+                    K::KIND,
+                    spec,
+                    &ns,
+                    ctx.config.allow_insecure_http,
+                )
+                .await
+            }
+            Err(reason) => Err(ResolveError::AccountInvalid {
+                kind: K::KIND,
+                name: key.to_string(),
+                reason,
+            }),
+        };
         let (ready, reason, message, action) = match resolved {
             Err(e) => match e.reason() {
                 Some(reason) => (false, reason, e.to_string(), Action::await_change()),
                 None => return Err(Error::Resolve(e.to_string())),
             },
-            Ok((_, resolved)) => {
-                let creds = &resolved.credentials;
+            Ok(resolved) => {
                 let dpc = ctx.dpc.account(
                     resolved.key.clone(),
                     resolved.endpoint.clone(),
-                    creds.clone(),
+                    resolved.credentials.clone(),
+                    resolved.rate,
                 );
                 match dpc.ensure_token().await {
                     Ok(()) => {
-                        ctx.backoff.reset(&backoff_key(&key));
+                        ctx.backoff.reset(&backoff_key(K::KIND, &key));
                         let host = resolved
                             .endpoint
                             .token_url
@@ -77,8 +192,7 @@ pub async fn reconcile(account: Arc<DpcAccount>, ctx: Arc<Context>) -> Result<Ac
                         )
                     }
                     Err(e) => {
-                        let message =
-                            redact(&e.to_string(), [&creds.client_id, &creds.client_secret]);
+                        let message = redact(&e.to_string(), resolved.secrets());
                         match e.class() {
                             ErrorClass::CredentialsRejected => (
                                 false,
@@ -92,25 +206,28 @@ pub async fn reconcile(account: Arc<DpcAccount>, ctx: Arc<Context>) -> Result<Ac
                                 message,
                                 Action::await_change(),
                             ),
-                            ErrorClass::RateLimited => {
-                                let wait =
-                                    e.retry_after().unwrap_or(std::time::Duration::from_secs(1));
+                            ErrorClass::RateLimited | ErrorClass::Queued => {
+                                let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
                                 (false, Reason::RateLimited, message, Action::requeue(wait))
                             }
-                            _ => (
-                                false,
-                                Reason::ApiUnavailable,
-                                message,
-                                Action::requeue(ctx.backoff.next(&backoff_key(&key))),
-                            ),
+                            _ => {
+                                let delay = ctx.backoff.next(&backoff_key(K::KIND, &key));
+                                (
+                                    false,
+                                    Reason::ApiUnavailable,
+                                    message,
+                                    Action::requeue(delay),
+                                )
+                            }
                         }
                     }
                 }
             }
         };
-        let old = account.status.clone().unwrap_or_default();
+        let old = account.account_status().cloned().unwrap_or_default();
+        let generation = account.meta().generation;
         let mut status = DpcAccountStatus {
-            observed_generation: account.metadata.generation,
+            observed_generation: generation,
             ..old.clone()
         };
         let now = Time(Timestamp::now());
@@ -120,18 +237,18 @@ pub async fn reconcile(account: Arc<DpcAccount>, ctx: Arc<Context>) -> Result<Ac
             ready,
             reason,
             message.clone(),
-            account.metadata.generation,
+            generation,
             &now,
         );
         if status != old {
-            let api: Api<DpcAccount> = Api::namespaced(ctx.client.clone(), &key.0);
+            let api = K::api(ctx.client.clone(), key.namespace.as_deref());
             let patch = json!({
-                "apiVersion": DpcAccount::api_version(&()),
-                "kind": DpcAccount::kind(&()),
+                "apiVersion": K::api_version(&()),
+                "kind": K::kind(&()),
                 "status": status,
             });
             api.patch_status(
-                &key.1,
+                &key.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
             )

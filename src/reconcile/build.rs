@@ -38,6 +38,14 @@ pub enum BuildError {
     NoProperties,
     #[error("connectionOverrides.secretsLocation.type must not be empty")]
     LocationType,
+    #[error("{field} names namespace {namespace}: references to other namespaces are refused")]
+    OtherNamespace { field: String, namespace: String },
+    #[error("spec.{field} {value:?} is not a duration: {reason}")]
+    Duration {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 fn is_project_id(id: &str) -> bool {
@@ -51,8 +59,53 @@ fn is_project_id(id: &str) -> bool {
         })
 }
 
-/// Checks the spec on its own (no resolved values needed).
-pub fn validate(spec: &ConnectionOverrideSpec) -> Result<(), BuildError> {
+/// Checks the spec of an object in `namespace` (no resolved values needed).
+pub fn validate(namespace: &str, spec: &ConnectionOverrideSpec) -> Result<(), BuildError> {
+    let other = |field: String, ns: &Option<String>| match ns.as_deref() {
+        Some(ns) if ns != namespace => Err(BuildError::OtherNamespace {
+            field,
+            namespace: ns.to_string(),
+        }),
+        _ => Ok(()),
+    };
+    if spec.account_kind() == crate::api::AccountKind::DpcAccount {
+        other(
+            "spec.accountRef.namespace".into(),
+            &spec.account_ref.namespace,
+        )?;
+    }
+    for (i, from) in spec
+        .connection_overrides
+        .connection_properties_from
+        .iter()
+        .enumerate()
+    {
+        for (kind, selector) in [
+            ("secretKeyRef", &from.secret_key_ref),
+            ("configMapKeyRef", &from.config_map_key_ref),
+        ] {
+            if let Some(selector) = selector {
+                other(
+                    format!(
+                        "spec.connectionOverrides.connectionPropertiesFrom[{i}].{kind}.namespace"
+                    ),
+                    &selector.namespace,
+                )?;
+            }
+        }
+    }
+    for (field, value) in [
+        ("syncInterval", &spec.sync_interval),
+        ("deletionTimeout", &spec.deletion_timeout),
+    ] {
+        if let Some(value) = value {
+            crate::duration::parse_duration(value).map_err(|reason| BuildError::Duration {
+                field,
+                value: value.clone(),
+                reason,
+            })?;
+        }
+    }
     if !is_project_id(&spec.project_id) {
         return Err(BuildError::ProjectId(spec.project_id.clone()));
     }
@@ -100,10 +153,11 @@ pub fn validate(spec: &ConnectionOverrideSpec) -> Result<(), BuildError> {
 
 /// The request for `spec` with the values of `connectionPropertiesFrom` filled in.
 pub fn build(
+    namespace: &str,
     spec: &ConnectionOverrideSpec,
     values: &BTreeMap<String, String>,
 ) -> Result<Desired, BuildError> {
-    validate(spec)?;
+    validate(namespace, spec)?;
     let overrides = &spec.connection_overrides;
     let mut properties = overrides.connection_properties.clone();
     for from in &overrides.connection_properties_from {
@@ -147,6 +201,8 @@ mod tests {
         ConnectionOverrideSpec {
             account_ref: AccountRef {
                 name: "acct".into(),
+                kind: None,
+                namespace: None,
             },
             project_id: "3c90c3cc-0d44-4b50-8888-8dd25736052a".into(),
             environment_name: "PROD".into(),
@@ -164,11 +220,16 @@ mod tests {
                     secret_key_ref: Some(KeySelector {
                         name: "refs".into(),
                         key: "k".into(),
+                        namespace: None,
                     }),
                     config_map_key_ref: None,
                 }],
             },
             deletion_policy: None,
+            sync_interval: Some("10m".into()),
+            drift_policy: None,
+            management_policy: None,
+            deletion_timeout: None,
         }
     }
 
@@ -178,7 +239,7 @@ mod tests {
 
     #[test]
     fn request_merges_literal_and_resolved_properties_and_keeps_unknown_location_fields() {
-        let desired = build(&spec(), &values("oauth-key")).unwrap();
+        let desired = build("ns", &spec(), &values("oauth-key")).unwrap();
         let body: Value = serde_json::from_str(&desired.request.canonical_json()).unwrap();
         assert_eq!(
             body,
@@ -196,15 +257,15 @@ mod tests {
 
     #[test]
     fn hash_changes_with_a_resolved_value_only() {
-        let a = build(&spec(), &values("one")).unwrap();
-        let b = build(&spec(), &values("one")).unwrap();
-        let c = build(&spec(), &values("two")).unwrap();
+        let a = build("ns", &spec(), &values("one")).unwrap();
+        let b = build("ns", &spec(), &values("one")).unwrap();
+        let c = build("ns", &spec(), &values("two")).unwrap();
         assert_eq!(a.hash, b.hash);
         assert_ne!(a.hash, c.hash);
         let mut orphan = spec();
         orphan.deletion_policy = Some(crate::api::DeletionPolicy::Orphan);
         assert_eq!(
-            build(&orphan, &values("one")).unwrap().hash,
+            build("ns", &orphan, &values("one")).unwrap().hash,
             a.hash,
             "deletionPolicy is not sent"
         );
@@ -215,7 +276,7 @@ mod tests {
         let mut s = spec();
         s.project_id = "3C90C3CC-0D44-4B50-8888-8DD25736052A".into();
         assert_eq!(
-            build(&s, &values("x")).unwrap_err(),
+            build("ns", &s, &values("x")).unwrap_err(),
             BuildError::ProjectId(s.project_id.clone())
         );
 
@@ -223,7 +284,7 @@ mod tests {
         s.connection_overrides
             .connection_properties
             .insert("secretKey".into(), "lit".into());
-        let err = build(&s, &values("x")).unwrap_err();
+        let err = build("ns", &s, &values("x")).unwrap_err();
         assert_eq!(err, BuildError::Duplicate("secretKey".into()));
         assert!(
             err.to_string()
@@ -235,9 +296,10 @@ mod tests {
             Some(KeySelector {
                 name: "cm".into(),
                 key: "k".into(),
+                namespace: None,
             });
         assert_eq!(
-            build(&s, &values("x")).unwrap_err(),
+            build("ns", &s, &values("x")).unwrap_err(),
             BuildError::SourceCount("secretKey".into())
         );
 
@@ -245,14 +307,14 @@ mod tests {
         s.connection_overrides.connection_properties.clear();
         s.connection_overrides.connection_properties_from.clear();
         assert_eq!(
-            build(&s, &values("x")).unwrap_err(),
+            build("ns", &s, &values("x")).unwrap_err(),
             BuildError::NoProperties
         );
 
         let mut s = spec();
         s.environment_name.clear();
         assert_eq!(
-            build(&s, &values("x")).unwrap_err(),
+            build("ns", &s, &values("x")).unwrap_err(),
             BuildError::Empty("environmentName")
         );
 
@@ -264,18 +326,61 @@ mod tests {
             .type_
             .clear();
         assert_eq!(
-            build(&s, &values("x")).unwrap_err(),
+            build("ns", &s, &values("x")).unwrap_err(),
             BuildError::LocationType
         );
+    }
+
+    #[test]
+    fn references_to_other_namespaces_and_bad_durations_are_refused() {
+        let mut s = spec();
+        s.connection_overrides.connection_properties_from[0]
+            .secret_key_ref
+            .as_mut()
+            .unwrap()
+            .namespace = Some("ns".into());
+        assert!(
+            build("ns", &s, &values("x")).is_ok(),
+            "its own namespace may be named"
+        );
+        s.connection_overrides.connection_properties_from[0]
+            .secret_key_ref
+            .as_mut()
+            .unwrap()
+            .namespace = Some("other".into());
+        let err = build("ns", &s, &values("x")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.connectionOverrides.connectionPropertiesFrom[0].secretKeyRef.namespace names namespace other: references to other namespaces are refused"
+        );
+        let mut s = spec();
+        s.account_ref.namespace = Some("other".into());
+        assert!(matches!(
+            build("ns", &s, &values("x")),
+            Err(BuildError::OtherNamespace { .. })
+        ));
+        let mut s = spec();
+        s.sync_interval = Some("ten minutes".into());
+        assert!(matches!(
+            build("ns", &s, &values("x")),
+            Err(BuildError::Duration {
+                field: "syncInterval",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn auth_type_is_omitted_when_unset() {
         let mut s = spec();
         s.auth_type = None;
-        let body: Value =
-            serde_json::from_str(&build(&s, &values("x")).unwrap().request.canonical_json())
-                .unwrap();
+        let body: Value = serde_json::from_str(
+            &build("ns", &s, &values("x"))
+                .unwrap()
+                .request
+                .canonical_json(),
+        )
+        .unwrap();
         assert!(body.get("authType").is_none());
     }
 }

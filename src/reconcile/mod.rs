@@ -27,14 +27,17 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::api::conditions::{self, READY, Reason, SYNCED};
 use crate::api::{
-    ConnectionOverride, ConnectionOverrideStatus, DeletionPolicy, FIELD_MANAGER, FINALIZER,
-    FORCE_ORPHAN_ANNOTATION,
+    ConnectionOverride, ConnectionOverrideStatus, DeletionPolicy, DriftPolicy, FIELD_MANAGER,
+    FINALIZER, FORCE_ORPHAN_ANNOTATION, ManagementPolicy, PAUSED_ANNOTATION,
+    RECONCILE_REQUESTED_ANNOTATION,
 };
+use crate::claims::RemoteKey;
 use crate::controller::{Context, ObjKey};
 use crate::dpc::secret::redact;
-use crate::dpc::{DpcError, ErrorClass};
+use crate::dpc::{DpcError, ErrorClass, Operation};
+use crate::drift::{self, Finding, GroupKey, Member};
 
-use act::ActError;
+use act::{ActError, Plan};
 use report::{EventSpec, Outcome};
 
 /// A failure that the error policy retries with backoff.
@@ -77,6 +80,8 @@ pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Acti
 
 /// Reconciles one ConnectionOverride.
 pub async fn reconcile(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Act only once every watch has listed what exists (conflicts need the whole picture).
+    ctx.wait_synced().await;
     let meta = guard.meta();
     let key = key_of(meta);
     let span = info_span!("reconcile", namespace = %key.0, name = %key.1, generation = meta.generation.unwrap_or(0));
@@ -96,24 +101,63 @@ fn jittered(base: Duration) -> Duration {
     base + Duration::from_secs_f64(base.as_secs_f64().min(4.0) * extra)
 }
 
+fn annotation<'a>(obj: &'a ConnectionOverride, name: &str) -> Option<&'a str> {
+    obj.metadata
+        .annotations
+        .as_ref()?
+        .get(name)
+        .map(String::as_str)
+}
+
+/// The object's sync interval: its own (at least the configured minimum) or the default.
+fn sync_interval(spec: &crate::api::ConnectionOverrideSpec, ctx: &Context) -> Duration {
+    spec.sync_interval
+        .as_deref()
+        .and_then(|s| crate::duration::parse_duration(s).ok())
+        .unwrap_or(ctx.config.default_sync_interval)
+        .max(ctx.config.min_sync_interval)
+}
+
 async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<Action, Error> {
     let spec = &obj.spec;
     let old = obj.status.clone().unwrap_or_default();
-    if let Err(e) = build::validate(spec) {
+    let requested = annotation(obj, RECONCILE_REQUESTED_ANNOTATION).map(String::from);
+    let handled = requested.clone();
+    if annotation(obj, PAUSED_ANNOTATION) == Some("true") {
+        ctx.drift.unregister(key);
         ctx.index.set(key, resolve::spec_references(&key.0, spec));
-        finish(
-            obj,
-            ctx,
-            &old,
-            Outcome::Failed {
-                reason: Reason::InvalidSpec,
-                message: e.to_string(),
-            },
-        )
-        .await?;
+        finish(obj, ctx, &old, Outcome::Paused, handled).await?;
         return Ok(Action::await_change());
     }
-    ensure_finalizer(obj, ctx).await?;
+    if let Err(e) = build::validate(&key.0, spec) {
+        ctx.drift.unregister(key);
+        ctx.index.set(key, resolve::spec_references(&key.0, spec));
+        let outcome = Outcome::Failed {
+            reason: Reason::InvalidSpec,
+            message: e.to_string(),
+        };
+        finish(obj, ctx, &old, outcome, handled).await?;
+        return Ok(Action::await_change());
+    }
+    let remote_key = RemoteKey::of(obj);
+    if let Some(owner) = ctx.claims.other_owner(&remote_key, key) {
+        ctx.drift.unregister(key);
+        ctx.index.set(key, resolve::spec_references(&key.0, spec));
+        let message = format!(
+            "ConnectionOverride {}/{} already manages the override of {remote_key}; this object never writes it and waits until that one is gone",
+            owner.0, owner.1
+        );
+        let outcome = Outcome::Failed {
+            reason: Reason::Conflict,
+            message,
+        };
+        finish(obj, ctx, &old, outcome, handled).await?;
+        return Ok(Action::await_change());
+    }
+    let observe_only = spec.management_policy() == ManagementPolicy::ObserveOnly;
+    if !observe_only {
+        ensure_finalizer(obj, ctx).await?;
+    }
 
     let (resolved, refs) =
         resolve::resolve(&ctx.client, &key.0, spec, ctx.config.allow_insecure_http).await;
@@ -123,51 +167,127 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         Err(e) => match e.reason() {
             Some(reason) => {
                 info!(reason = %reason, message = %e, "waiting for a referenced object");
-                finish(
-                    obj,
-                    ctx,
-                    &old,
-                    Outcome::Failed {
-                        reason,
-                        message: e.to_string(),
-                    },
-                )
-                .await?;
+                let outcome = Outcome::Failed {
+                    reason,
+                    message: e.to_string(),
+                };
+                finish(obj, ctx, &old, outcome, handled).await?;
                 return Ok(Action::await_change());
             }
             None => return Err(Error::Resolve(e.to_string())),
         },
     };
-    let desired = match build::build(spec, &resolved.plain_values()) {
+    let desired = match build::build(&key.0, spec, &resolved.plain_values()) {
         Ok(desired) => desired,
         Err(e) => {
-            finish(
-                obj,
-                ctx,
-                &old,
-                Outcome::Failed {
-                    reason: Reason::InvalidSpec,
-                    message: e.to_string(),
-                },
-            )
-            .await?;
+            let outcome = Outcome::Failed {
+                reason: Reason::InvalidSpec,
+                message: e.to_string(),
+            };
+            finish(obj, ctx, &old, outcome, handled).await?;
             return Ok(Action::await_change());
         }
     };
     let account = &resolved.account;
-    let dpc = ctx.dpc.account(
+    let shared = ctx.dpc.account(
         account.key.clone(),
         account.endpoint.clone(),
         account.credentials.clone(),
+        account.rate,
     );
+    let dpc = shared.for_object(&key.0, &key.1);
     // A request DPC refused is not sent again until it, or the account, changes.
-    let gate = format!("{}|{}", desired.hash, dpc.fingerprint());
+    let gate = format!("{}|{}|{observe_only}", desired.hash, dpc.fingerprint());
     if let Some((reason, message)) = ctx.failures.matching(key, &gate) {
-        finish(obj, ctx, &old, Outcome::Failed { reason, message }).await?;
+        finish(obj, ctx, &old, Outcome::Failed { reason, message }, handled).await?;
         return Ok(Action::await_change());
     }
+    let group = GroupKey {
+        account: account.key.clone(),
+        project: spec.project_id.clone(),
+        environment: spec.environment_name.clone(),
+    };
+    let member = Member {
+        connection: spec.connection_name.clone(),
+        desired: desired.request.clone(),
+        interval: sync_interval(spec, ctx),
+    };
 
-    let plan = act::plan(old.applied_hash.as_deref(), &desired.hash);
+    // Read DPC now when observing, or when a reconcile was requested; otherwise use what the
+    // last periodic check found, if it needs attention.
+    let read_now =
+        observe_only || (requested.is_some() && requested != old.last_handled_reconcile_at);
+    let finding = if read_now {
+        match ctx
+            .drift
+            .read_now(&group, &dpc, &spec.connection_name)
+            .await
+        {
+            Ok(remote) => {
+                let finding = drift::compare(&desired.request, remote.as_ref());
+                ctx.drift.note(key, &finding);
+                Some((finding, remote))
+            }
+            Err(error) => {
+                let failure = ActError {
+                    error,
+                    during: Operation::List,
+                };
+                return report_failure(obj, key, ctx, &old, failure, &resolved, gate, handled)
+                    .await;
+            }
+        }
+    } else {
+        ctx.drift.take_finding(key).map(|f| (f, None))
+    };
+
+    if observe_only {
+        let (finding, remote) = finding.expect("observing reads DPC");
+        ctx.drift.register(key, group, shared, member);
+        let outcome = match finding {
+            Finding::InSync => Outcome::Ready {
+                desired_hash: None,
+                applied: None,
+                remote: remote.as_ref().map(report::remote_status),
+                corrected: None,
+                observed: true,
+            },
+            drift => Outcome::Drifted {
+                finding: drift,
+                observed: true,
+            },
+        };
+        ctx.backoff.reset(key);
+        finish(obj, ctx, &old, outcome, handled).await?;
+        return Ok(ctx.resync());
+    }
+
+    let mut plan = act::plan(old.applied_hash.as_deref(), &desired.hash);
+    let mut corrected = None;
+    if let Some((finding, _)) = finding.filter(|(f, _)| f.is_drift())
+        && plan == Plan::Nothing
+    {
+        match spec.drift_policy() {
+            DriftPolicy::Correct => {
+                info!(drift = %finding.describe(), "correcting drift");
+                plan = if finding == Finding::Missing {
+                    Plan::Create
+                } else {
+                    Plan::Update
+                };
+                corrected = Some(finding);
+            }
+            DriftPolicy::Report => {
+                ctx.drift.register(key, group, shared, member);
+                let outcome = Outcome::Drifted {
+                    finding,
+                    observed: false,
+                };
+                finish(obj, ctx, &old, outcome, handled).await?;
+                return Ok(ctx.resync());
+            }
+        }
+    }
     match act::act(&dpc, &spec.project_id, &desired, plan).await {
         Ok(applied) => {
             ctx.backoff.reset(key);
@@ -180,31 +300,57 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
             };
             if let Some(applied) = applied {
                 info!(write = applied.event_reason(), "DPC accepted the override");
+                ctx.drift.note(key, &Finding::InSync);
             }
-            finish(
-                obj,
-                ctx,
-                &old,
-                Outcome::Ready {
-                    desired_hash: desired.hash,
-                    applied,
-                    remote,
-                },
-            )
-            .await?;
+            ctx.drift.register(key, group, shared, member);
+            let outcome = Outcome::Ready {
+                desired_hash: Some(desired.hash),
+                applied,
+                remote,
+                corrected,
+                observed: false,
+            };
+            finish(obj, ctx, &old, outcome, handled).await?;
             Ok(ctx.resync())
         }
-        Err(ActError { error, during }) => {
-            let message = redact(&error.to_string(), resolved.secrets());
-            let (reason, action) = failure_action(&error, key, ctx);
-            if reason.is_terminal() {
-                ctx.failures.record(key, gate, reason, message.clone());
-            }
-            warn!(reason = %reason, operation = %during, message = %message, "DPC call failed");
-            finish(obj, ctx, &old, Outcome::Failed { reason, message }).await?;
-            Ok(action)
+        Err(failure) => {
+            report_failure(obj, key, ctx, &old, failure, &resolved, gate, handled).await
         }
     }
+}
+
+/// Reports a failed DPC call and decides when to try again.
+#[allow(clippy::too_many_arguments)]
+async fn report_failure(
+    obj: &ConnectionOverride,
+    key: &ObjKey,
+    ctx: &Context,
+    old: &ConnectionOverrideStatus,
+    failure: ActError,
+    resolved: &resolve::Resolved,
+    gate: String,
+    handled: Option<String>,
+) -> Result<Action, Error> {
+    let ActError { error, during } = failure;
+    let message = redact(&error.to_string(), resolved.secrets());
+    if error.class() == ErrorClass::Queued {
+        // The account's request rate has a slot reserved for this object: come back then.
+        let reason = if old.applied_hash.is_none() {
+            Reason::Creating
+        } else {
+            Reason::Updating
+        };
+        let wait = error.retry_after().unwrap_or(Duration::from_secs(1));
+        finish(obj, ctx, old, Outcome::Waiting { reason, message }, handled).await?;
+        return Ok(Action::requeue(wait + Duration::from_millis(5)));
+    }
+    let (reason, action) = failure_action(&error, key, ctx);
+    if reason.is_terminal() {
+        ctx.failures.record(key, gate, reason, message.clone());
+    }
+    warn!(reason = %reason, operation = %during, message = %message, "DPC call failed");
+    finish(obj, ctx, old, Outcome::Failed { reason, message }, handled).await?;
+    Ok(action)
 }
 
 /// The Ready reason and the next step for a failed DPC call.
@@ -218,7 +364,7 @@ fn failure_action(error: &DpcError, key: &ObjKey, ctx: &Context) -> (Reason, Act
             Reason::ParentNotFound,
             Action::requeue(ctx.backoff.next(key)),
         ),
-        ErrorClass::RateLimited => {
+        ErrorClass::RateLimited | ErrorClass::Queued => {
             let wait = error.retry_after().unwrap_or(Duration::from_secs(1));
             (Reason::RateLimited, Action::requeue(jittered(wait)))
         }
@@ -229,36 +375,67 @@ fn failure_action(error: &DpcError, key: &ObjKey, ctx: &Context) -> (Reason, Act
     }
 }
 
+/// Why a deletion may release the object without deleting in DPC, if it may.
+fn release_without_delete(
+    obj: &ConnectionOverride,
+    key: &ObjKey,
+    ctx: &Context,
+) -> Option<(bool, &'static str, String)> {
+    let spec = &obj.spec;
+    let target = format!(
+        "the override of connection {} in environment {}",
+        spec.connection_name, spec.environment_name
+    );
+    if annotation(obj, FORCE_ORPHAN_ANNOTATION) == Some("true") {
+        return Some((
+            true,
+            "ForceOrphaned",
+            format!("released without deleting {target} in DPC ({FORCE_ORPHAN_ANNOTATION}=true)"),
+        ));
+    }
+    if spec.deletion_policy() == DeletionPolicy::Orphan {
+        return Some((
+            false,
+            "Orphaned",
+            format!("left {target} in DPC (deletionPolicy Orphan)"),
+        ));
+    }
+    if spec.management_policy() == ManagementPolicy::ObserveOnly {
+        return Some((
+            false,
+            "Released",
+            format!("left {target} in DPC (managementPolicy ObserveOnly never writes)"),
+        ));
+    }
+    if let Some(owner) = ctx.claims.other_owner(&RemoteKey::of(obj), key) {
+        return Some((
+            false,
+            "Released",
+            format!(
+                "left {target} in DPC: ConnectionOverride {}/{} manages it",
+                owner.0, owner.1
+            ),
+        ));
+    }
+    None
+}
+
+/// When a failing deletion gives up (spec.deletionTimeout after deletion began), if it does.
+fn deletion_deadline(obj: &ConnectionOverride) -> Option<Timestamp> {
+    let timeout = obj.spec.deletion_timeout.as_deref()?;
+    let timeout = crate::duration::parse_duration(timeout).ok()?;
+    let since = obj.metadata.deletion_timestamp.as_ref()?.0;
+    let timeout = k8s_openapi::jiff::SignedDuration::try_from(timeout).ok()?;
+    since.checked_add(timeout).ok()
+}
+
 async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<Action, Error> {
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
     let spec = &obj.spec;
     let reference = obj.object_ref(&());
-    let forced = obj
-        .annotations()
-        .get(FORCE_ORPHAN_ANNOTATION)
-        .is_some_and(|v| v == "true");
-    let target = format!(
-        "the override of connection {} in environment {}",
-        spec.connection_name, spec.environment_name
-    );
-    let release = if forced {
-        Some((
-            true,
-            "ForceOrphaned",
-            format!("released without deleting {target} in DPC ({FORCE_ORPHAN_ANNOTATION}=true)"),
-        ))
-    } else if spec.deletion_policy() == DeletionPolicy::Orphan {
-        Some((
-            false,
-            "Orphaned",
-            format!("left {target} in DPC (deletionPolicy Orphan)"),
-        ))
-    } else {
-        None
-    };
-    if let Some((warning, reason, note)) = release {
+    if let Some((warning, reason, note)) = release_without_delete(obj, key, ctx) {
         remove_finalizer(obj, ctx).await?;
         let action = "Delete".into();
         let reason = reason.into();
@@ -276,20 +453,46 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
         forget(key, ctx);
         return Ok(Action::await_change());
     }
-
     let old = obj.status.clone().unwrap_or_default();
-    let (account, secret_ref) = resolve::resolve_account(
+    let handled = old.last_handled_reconcile_at.clone();
+    let until_deadline = deletion_deadline(obj).map(|d| {
+        let left = d.duration_since(Timestamp::now());
+        Duration::try_from(left).unwrap_or(Duration::ZERO)
+    });
+    let capped = |delay: Duration| {
+        until_deadline.map_or(delay, |left| delay.min(left + Duration::from_millis(50)))
+    };
+
+    if annotation(obj, PAUSED_ANNOTATION) == Some("true") {
+        let released = give_up(
+            obj,
+            key,
+            ctx,
+            &old,
+            handled.clone(),
+            format!("deletion waits: reconciliation is paused ({PAUSED_ANNOTATION})"),
+        )
+        .await?;
+        return Ok(if released {
+            Action::await_change()
+        } else {
+            until_deadline.map_or(Action::await_change(), |_| {
+                Action::requeue(capped(Duration::from_secs(3600)))
+            })
+        });
+    }
+    let (account, account_refs) = resolve::resolve_account_ref(
         &ctx.client,
         &key.0,
-        &spec.account_ref.name,
+        &spec.account_ref,
         ctx.config.allow_insecure_http,
     )
     .await;
     let mut refs = resolve::spec_references(&key.0, spec);
-    refs.extend(secret_ref);
+    refs.extend(account_refs);
     ctx.index.set(key, refs);
     let account = match account {
-        Ok((_, account)) => account,
+        Ok(account) => account,
         Err(e) if e.reason().is_none() => return Err(Error::Resolve(e.to_string())),
         Err(e) if old.applied_hash.is_none() => {
             // Nothing was ever accepted by DPC for this object, and DPC cannot be reached to
@@ -300,27 +503,33 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
             return Ok(Action::await_change());
         }
         Err(e) => {
-            let message = format!(
-                "cannot delete the override in DPC: {e}; fix that, or set the annotation {FORCE_ORPHAN_ANNOTATION}: \"true\" to release the object without deleting the override"
-            );
-            finish(
+            let released = give_up(
                 obj,
+                key,
                 ctx,
                 &old,
-                Outcome::Failed {
-                    reason: Reason::Deleting,
-                    message,
-                },
+                handled.clone(),
+                format!("cannot delete the override in DPC: {e}"),
             )
             .await?;
-            return Ok(Action::await_change());
+            return Ok(if released {
+                Action::await_change()
+            } else {
+                until_deadline.map_or(Action::await_change(), |_| {
+                    Action::requeue(capped(Duration::from_secs(3600)))
+                })
+            });
         }
     };
-    let dpc = ctx.dpc.account(
-        account.key.clone(),
-        account.endpoint.clone(),
-        account.credentials.clone(),
-    );
+    let dpc = ctx
+        .dpc
+        .account(
+            account.key.clone(),
+            account.endpoint.clone(),
+            account.credentials.clone(),
+            account.rate,
+        )
+        .for_object(&key.0, &key.1);
     match dpc
         .delete(
             &spec.project_id,
@@ -350,40 +559,87 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
             Ok(Action::await_change())
         }
         Err(error) => {
-            let secrets = [
-                &account.credentials.client_id,
-                &account.credentials.client_secret,
-            ];
-            let detail = redact(&error.to_string(), secrets);
-            let action = match error.class() {
-                ErrorClass::RateLimited => Action::requeue(jittered(
-                    error.retry_after().unwrap_or(Duration::from_secs(1)),
-                )),
-                _ => Action::requeue(ctx.backoff.next(key)),
+            let detail = redact(&error.to_string(), account.secrets());
+            let delay = match error.class() {
+                ErrorClass::Queued => {
+                    error.retry_after().unwrap_or(Duration::from_secs(1)) + Duration::from_millis(5)
+                }
+                ErrorClass::RateLimited => {
+                    jittered(error.retry_after().unwrap_or(Duration::from_secs(1)))
+                }
+                _ => ctx.backoff.next(key),
             };
             warn!(message = %detail, "deleting the override in DPC failed");
-            let message = format!(
-                "deleting the override in DPC failed: {detail}; retrying. Set the annotation {FORCE_ORPHAN_ANNOTATION}: \"true\" to release the object without deleting the override"
-            );
-            finish(
+            let released = give_up(
                 obj,
+                key,
                 ctx,
                 &old,
-                Outcome::Failed {
-                    reason: Reason::Deleting,
-                    message,
-                },
+                handled.clone(),
+                format!("deleting the override in DPC failed: {detail}; retrying"),
             )
             .await?;
-            Ok(action)
+            Ok(if released {
+                Action::await_change()
+            } else {
+                Action::requeue(capped(delay))
+            })
         }
     }
+}
+
+/// A deletion that keeps failing: gives up after spec.deletionTimeout (releasing the object,
+/// with a Warning Event), or reports why it waits and how to release it. Returns whether the
+/// object was released.
+async fn give_up(
+    obj: &ConnectionOverride,
+    key: &ObjKey,
+    ctx: &Context,
+    old: &ConnectionOverrideStatus,
+    handled: Option<String>,
+    detail: String,
+) -> Result<bool, Error> {
+    let spec = &obj.spec;
+    if let Some(deadline) = deletion_deadline(obj)
+        && Timestamp::now() >= deadline
+    {
+        remove_finalizer(obj, ctx).await?;
+        let note = format!(
+            "could not delete the override of connection {} in environment {} within spec.deletionTimeout ({}): {detail}; released, the override is left in DPC",
+            spec.connection_name,
+            spec.environment_name,
+            spec.deletion_timeout.as_deref().unwrap_or_default()
+        );
+        publish(
+            ctx,
+            &obj.object_ref(&()),
+            EventSpec {
+                warning: true,
+                reason: "DeletionTimedOut".into(),
+                note,
+                action: "Delete".into(),
+            },
+        )
+        .await;
+        forget(key, ctx);
+        return Ok(true);
+    }
+    let message = format!(
+        "{detail}; set the annotation {FORCE_ORPHAN_ANNOTATION}: \"true\" to release the object without deleting the override"
+    );
+    let outcome = Outcome::Failed {
+        reason: Reason::Deleting,
+        message,
+    };
+    finish(obj, ctx, old, outcome, handled).await?;
+    Ok(false)
 }
 
 fn forget(key: &ObjKey, ctx: &Context) {
     ctx.index.remove(key);
     ctx.backoff.reset(key);
     ctx.failures.clear(key);
+    ctx.drift.unregister(key);
 }
 
 /// Writes the status a pass leads to (only when it differs from what is written), then
@@ -393,9 +649,13 @@ async fn finish(
     ctx: &Context,
     old: &ConnectionOverrideStatus,
     outcome: Outcome,
+    handled: Option<String>,
 ) -> Result<(), Error> {
     let now = Time(Timestamp::now());
-    let new = report::next_status(old, &obj.spec, obj.metadata.generation, &outcome, &now);
+    let mut new = report::next_status(old, &obj.spec, obj.metadata.generation, &outcome, &now);
+    if handled.is_some() {
+        new.last_handled_reconcile_at = handled;
+    }
     if new != *old {
         patch_status(ctx, &obj.metadata, &serde_json::to_value(&new)?).await?;
     }

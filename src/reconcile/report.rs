@@ -4,23 +4,39 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::conditions::{self, READY, Reason, SYNCED};
-use crate::api::{ConnectionOverrideSpec, ConnectionOverrideStatus, RemoteStatus};
+use crate::api::conditions::{self, DRIFTED, READY, Reason, SYNCED};
+use crate::api::{
+    ConnectionOverrideSpec, ConnectionOverrideStatus, PAUSED_ANNOTATION, RemoteStatus,
+};
 use crate::dpc::RemoteOverride;
+use crate::drift::Finding;
 
 use super::act::Applied;
 
 /// How a pass ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    /// DPC holds the desired override; `applied` says which write this pass made, if any.
+    /// DPC holds the desired override.
     Ready {
-        desired_hash: String,
+        /// The hash DPC now holds (`None` when observing only: nothing was applied).
+        desired_hash: Option<String>,
+        /// The write this pass made, if any.
         applied: Option<Applied>,
         remote: Option<RemoteStatus>,
+        /// The drift this pass's write corrected.
+        corrected: Option<Finding>,
+        /// managementPolicy ObserveOnly.
+        observed: bool,
     },
+    /// DPC holds something else, and the object does not write it back (driftPolicy Report,
+    /// or ObserveOnly).
+    Drifted { finding: Finding, observed: bool },
     /// The pass could not reach its goal.
     Failed { reason: Reason, message: String },
+    /// The write waits for the account's request rate.
+    Waiting { reason: Reason, message: String },
+    /// The object is paused.
+    Paused,
 }
 
 /// An Event to publish.
@@ -43,15 +59,24 @@ pub fn remote_status(remote: &RemoteOverride) -> RemoteStatus {
     }
 }
 
-fn ready_message(spec: &ConnectionOverrideSpec) -> String {
-    format!(
-        "DPC holds the desired override of connection {} in environment {}",
+fn ready_message(spec: &ConnectionOverrideSpec, observed: bool) -> String {
+    let what = format!(
+        "the desired override of connection {} in environment {}",
         spec.connection_name, spec.environment_name
-    )
+    );
+    if observed {
+        format!("observed (managementPolicy ObserveOnly): DPC holds {what}")
+    } else {
+        format!("DPC holds {what}")
+    }
 }
 
-/// The status after a pass. Fields a failure does not speak about (what DPC last accepted)
-/// are kept.
+fn paused_message() -> String {
+    format!("reconciliation is paused ({PAUSED_ANNOTATION}: \"true\"); nothing is sent to DPC")
+}
+
+/// The status after a pass. Fields a pass does not speak about (what DPC last accepted) are
+/// kept.
 pub fn next_status(
     old: &ConnectionOverrideStatus,
     spec: &ConnectionOverrideSpec,
@@ -61,57 +86,105 @@ pub fn next_status(
 ) -> ConnectionOverrideStatus {
     let mut status = old.clone();
     status.observed_generation = generation;
+    let set = |status: &mut ConnectionOverrideStatus,
+               type_: &str,
+               ok: bool,
+               reason: Reason,
+               message: String| {
+        conditions::set_condition(
+            &mut status.conditions,
+            type_,
+            ok,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    };
     match outcome {
         Outcome::Ready {
             desired_hash,
             applied,
             remote,
+            observed,
+            ..
         } => {
-            status.applied_hash = Some(desired_hash.clone());
+            if let Some(hash) = desired_hash {
+                status.applied_hash = Some(hash.clone());
+            }
             if applied.is_some() {
                 status.last_sync_time = Some(now.clone());
             }
             if remote.is_some() {
                 status.remote = remote.clone();
             }
-            conditions::set_condition(
-                &mut status.conditions,
+            set(
+                &mut status,
                 READY,
                 true,
                 Reason::Available,
-                ready_message(spec),
-                generation,
-                now,
+                ready_message(spec, *observed),
             );
-            conditions::set_condition(
-                &mut status.conditions,
+            set(
+                &mut status,
                 SYNCED,
                 true,
                 Reason::ReconcileSuccess,
-                "",
-                generation,
-                now,
+                String::new(),
             );
+            if conditions::find(&status.conditions, DRIFTED).is_some() {
+                set(
+                    &mut status,
+                    DRIFTED,
+                    false,
+                    Reason::InSync,
+                    "DPC matches the spec".into(),
+                );
+            }
+        }
+        Outcome::Drifted { finding, observed } => {
+            let message = if *observed {
+                format!(
+                    "{} (managementPolicy ObserveOnly: not written)",
+                    finding.describe()
+                )
+            } else {
+                format!("{} (driftPolicy Report: not corrected)", finding.describe())
+            };
+            set(&mut status, READY, false, Reason::Drifted, message.clone());
+            set(
+                &mut status,
+                SYNCED,
+                true,
+                Reason::ReconcileSuccess,
+                String::new(),
+            );
+            set(&mut status, DRIFTED, true, Reason::Drifted, message);
         }
         Outcome::Failed { reason, message } => {
-            conditions::set_condition(
-                &mut status.conditions,
-                READY,
-                false,
-                *reason,
-                message.clone(),
-                generation,
-                now,
-            );
-            conditions::set_condition(
-                &mut status.conditions,
+            set(&mut status, READY, false, *reason, message.clone());
+            set(
+                &mut status,
                 SYNCED,
                 false,
                 Reason::ReconcileError,
                 message.clone(),
-                generation,
-                now,
             );
+        }
+        Outcome::Waiting { reason, message } => {
+            set(&mut status, READY, false, *reason, message.clone());
+        }
+        Outcome::Paused => {
+            set(
+                &mut status,
+                SYNCED,
+                false,
+                Reason::ReconcilePaused,
+                paused_message(),
+            );
+            if conditions::find(&status.conditions, READY).is_none() {
+                set(&mut status, READY, false, Reason::Paused, paused_message());
+            }
         }
     }
     status
@@ -124,38 +197,74 @@ pub fn event_for(
     outcome: &Outcome,
 ) -> Option<EventSpec> {
     let old_ready = conditions::find(&old.conditions, READY);
+    let event = |warning: bool, reason: &str, note: String, action: &str| EventSpec {
+        warning,
+        reason: reason.into(),
+        note,
+        action: action.into(),
+    };
     match outcome {
         Outcome::Ready {
             applied: Some(applied),
+            corrected,
             ..
-        } => Some(EventSpec {
-            warning: false,
-            reason: applied.event_reason().into(),
-            note: applied.describe(&spec.connection_name, &spec.environment_name),
-            action: match applied {
-                Applied::Created | Applied::Recreated => "Create".into(),
-                Applied::Adopted | Applied::Updated => "Update".into(),
-            },
-        }),
-        Outcome::Ready { applied: None, .. } => match old_ready {
+        } => {
+            let action = match applied {
+                Applied::Created | Applied::Recreated => "Create",
+                Applied::Adopted | Applied::Updated => "Update",
+            };
+            let note = applied.describe(&spec.connection_name, &spec.environment_name);
+            Some(match corrected {
+                Some(finding) => event(
+                    false,
+                    "DriftCorrected",
+                    format!("{}; {note}", finding.describe()),
+                    action,
+                ),
+                None => event(false, applied.event_reason(), note, action),
+            })
+        }
+        Outcome::Ready {
+            applied: None,
+            observed,
+            ..
+        } => match old_ready {
             Some(c) if c.status == "True" => None,
-            _ => Some(EventSpec {
-                warning: false,
-                reason: Reason::Available.as_str().into(),
-                note: ready_message(spec),
-                action: "Reconcile".into(),
-            }),
+            _ => Some(event(
+                false,
+                if *observed {
+                    "Observed"
+                } else {
+                    Reason::Available.as_str()
+                },
+                ready_message(spec, *observed),
+                "Reconcile",
+            )),
         },
+        Outcome::Drifted { finding, .. } => {
+            let unchanged = old_ready.is_some_and(|c| {
+                c.reason == Reason::Drifted.as_str() && c.message.starts_with(&finding.describe())
+            });
+            (!unchanged).then(|| {
+                event(
+                    true,
+                    Reason::Drifted.as_str(),
+                    finding.describe(),
+                    "Observe",
+                )
+            })
+        }
         Outcome::Failed { reason, message } => {
             let unchanged = old_ready.is_some_and(|c| {
                 c.status == "False" && c.reason == reason.as_str() && c.message == *message
             });
-            (!unchanged).then(|| EventSpec {
-                warning: true,
-                reason: reason.as_str().into(),
-                note: message.clone(),
-                action: "Reconcile".into(),
-            })
+            (!unchanged).then(|| event(true, reason.as_str(), message.clone(), "Reconcile"))
+        }
+        Outcome::Waiting { .. } => None,
+        Outcome::Paused => {
+            let was_paused = conditions::find(&old.conditions, SYNCED)
+                .is_some_and(|c| c.reason == Reason::ReconcilePaused.as_str());
+            (!was_paused).then(|| event(false, "Paused", paused_message(), "Reconcile"))
         }
     }
 }
@@ -168,13 +277,21 @@ mod tests {
 
     fn spec() -> ConnectionOverrideSpec {
         ConnectionOverrideSpec {
-            account_ref: AccountRef { name: "a".into() },
+            account_ref: AccountRef {
+                name: "a".into(),
+                kind: None,
+                namespace: None,
+            },
             project_id: "3c90c3cc-0d44-4b50-8888-8dd25736052a".into(),
             environment_name: "PROD".into(),
             connection_name: "C".into(),
             auth_type: None,
             connection_overrides: ConnectionOverridesSpec::default(),
             deletion_policy: None,
+            sync_interval: None,
+            drift_policy: None,
+            management_policy: None,
+            deletion_timeout: None,
         }
     }
 
@@ -184,9 +301,11 @@ mod tests {
 
     fn ready(applied: Option<Applied>) -> Outcome {
         Outcome::Ready {
-            desired_hash: "sha256:1".into(),
+            desired_hash: Some("sha256:1".into()),
             applied,
             remote: None,
+            corrected: None,
+            observed: false,
         }
     }
 
@@ -208,6 +327,10 @@ mod tests {
         assert_eq!(first.applied_hash.as_deref(), Some("sha256:1"));
         assert!(conditions::is_true(&first.conditions, READY));
         assert!(conditions::is_true(&first.conditions, SYNCED));
+        assert!(
+            conditions::find(&first.conditions, DRIFTED).is_none(),
+            "no Drifted condition until drift is seen"
+        );
     }
 
     #[test]
@@ -238,6 +361,78 @@ mod tests {
         assert_eq!(
             (synced.reason.as_str(), synced.message.as_str()),
             ("ReconcileError", "DPC answered 400")
+        );
+    }
+
+    #[test]
+    fn drift_sets_the_drifted_condition_and_clears_it_when_in_sync() {
+        let ok = next_status(
+            &Default::default(),
+            &spec(),
+            Some(1),
+            &ready(Some(Applied::Created)),
+            &at(1),
+        );
+        let drift = Outcome::Drifted {
+            finding: Finding::Differs(vec![
+                "connectionOverrides.connectionProperties.secretName".into(),
+            ]),
+            observed: false,
+        };
+        let drifted = next_status(&ok, &spec(), Some(1), &drift, &at(2));
+        let d = conditions::find(&drifted.conditions, DRIFTED).unwrap();
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "Drifted"));
+        assert!(
+            d.message
+                .contains("connectionOverrides.connectionProperties.secretName")
+        );
+        assert_eq!(
+            conditions::find(&drifted.conditions, READY).unwrap().reason,
+            "Drifted"
+        );
+        assert_eq!(event_for(&ok, &spec(), &drift).unwrap().reason, "Drifted");
+        assert_eq!(
+            event_for(&drifted, &spec(), &drift),
+            None,
+            "no second Event for the same drift"
+        );
+
+        let back = next_status(&drifted, &spec(), Some(1), &ready(None), &at(3));
+        let d = conditions::find(&back.conditions, DRIFTED).unwrap();
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("False", "InSync"));
+        assert!(conditions::is_true(&back.conditions, READY));
+    }
+
+    #[test]
+    fn pause_marks_synced_and_keeps_ready() {
+        let ok = next_status(
+            &Default::default(),
+            &spec(),
+            Some(1),
+            &ready(Some(Applied::Created)),
+            &at(1),
+        );
+        let paused = next_status(&ok, &spec(), Some(1), &Outcome::Paused, &at(2));
+        assert!(conditions::is_true(&paused.conditions, READY));
+        assert_eq!(
+            conditions::find(&paused.conditions, SYNCED).unwrap().reason,
+            "ReconcilePaused"
+        );
+        assert_eq!(
+            event_for(&ok, &spec(), &Outcome::Paused).unwrap().reason,
+            "Paused"
+        );
+        assert_eq!(event_for(&paused, &spec(), &Outcome::Paused), None);
+        let fresh = next_status(
+            &Default::default(),
+            &spec(),
+            Some(1),
+            &Outcome::Paused,
+            &at(2),
+        );
+        assert_eq!(
+            conditions::find(&fresh.conditions, READY).unwrap().reason,
+            "Paused"
         );
     }
 
@@ -273,5 +468,17 @@ mod tests {
 
         let recovered = event_for(&still_failing, &spec(), &ready(None)).unwrap();
         assert_eq!(recovered.reason, "Available");
+
+        let corrected = Outcome::Ready {
+            desired_hash: Some("sha256:1".into()),
+            applied: Some(Applied::Updated),
+            remote: None,
+            corrected: Some(Finding::Missing),
+            observed: false,
+        };
+        assert_eq!(
+            event_for(&ok, &spec(), &corrected).unwrap().reason,
+            "DriftCorrected"
+        );
     }
 }

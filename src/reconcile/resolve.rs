@@ -1,30 +1,52 @@
-//! Resolve: read what an object refers to — its DpcAccount, the account's credentials
-//! Secret, and every `connectionPropertiesFrom` value — from its own namespace. A missing
-//! object or key is reported by name; nothing is called in DPC until everything resolves.
+//! Resolve: read what an object refers to — its account (a DpcAccount in its namespace, or a
+//! ClusterDpcAccount that allows its namespace), the account's credentials Secret, and every
+//! `connectionPropertiesFrom` value from its own namespace. A missing object or key is
+//! reported by name; nothing is called in DPC until everything resolves.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{Api, Client};
 
 use crate::api::conditions::Reason;
-use crate::api::{ConnectionOverrideSpec, DpcAccount, KeySelector};
-use crate::dpc::{AccountKey, Credentials, Endpoint, SecretString};
+use crate::api::{
+    AccountKind, AccountRef, ClusterDpcAccount, ConnectionOverrideSpec, DpcAccount, DpcAccountSpec,
+    KeySelector,
+};
+use crate::dpc::{AccountKey, Credentials, Endpoint, Rate, SecretString};
 
 /// Something an object refers to, for the reverse index that re-triggers it on a change.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reference {
-    Secret { namespace: String, name: String },
-    ConfigMap { namespace: String, name: String },
-    Account { namespace: String, name: String },
+    Secret {
+        namespace: String,
+        name: String,
+    },
+    ConfigMap {
+        namespace: String,
+        name: String,
+    },
+    Account {
+        namespace: String,
+        name: String,
+    },
+    ClusterAccount {
+        name: String,
+    },
+    /// A namespace whose labels decide whether a ClusterDpcAccount may be used.
+    Namespace {
+        name: String,
+    },
 }
 
-/// A resolved account: where to call and with which credentials.
+/// A resolved account: where to call, with which credentials, at which rate.
 #[derive(Clone, Debug)]
 pub struct ResolvedAccount {
     pub key: AccountKey,
     pub endpoint: Endpoint,
     pub credentials: Credentials,
+    pub rate: Rate,
 }
 
 /// A value of `connectionPropertiesFrom`.
@@ -45,10 +67,7 @@ pub struct Resolved {
 impl Resolved {
     /// Every secret value involved, for redaction.
     pub fn secrets(&self) -> Vec<&SecretString> {
-        let mut secrets = vec![
-            &self.account.credentials.client_id,
-            &self.account.credentials.client_secret,
-        ];
+        let mut secrets = self.account.secrets();
         secrets.extend(
             self.values
                 .values()
@@ -67,17 +86,28 @@ impl Resolved {
     }
 }
 
+impl ResolvedAccount {
+    /// The account's credentials, for redaction.
+    pub fn secrets(&self) -> Vec<&SecretString> {
+        vec![&self.credentials.client_id, &self.credentials.client_secret]
+    }
+}
+
 /// Why resolving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("DpcAccount {namespace}/{name} not found")]
-    AccountNotFound { namespace: String, name: String },
-    #[error("DpcAccount {namespace}/{name} cannot be used: {reason}")]
+    #[error("{kind} {name} not found")]
+    AccountNotFound { kind: &'static str, name: String },
+    #[error("{kind} {name} cannot be used: {reason}")]
     AccountInvalid {
-        namespace: String,
+        kind: &'static str,
         name: String,
         reason: String,
     },
+    #[error(
+        "ClusterDpcAccount {account} does not allow namespace {namespace} (see its spec.allowedNamespaces)"
+    )]
+    NotAllowed { account: String, namespace: String },
     #[error("{kind} {namespace}/{name} not found ({purpose})")]
     NotFound {
         kind: &'static str,
@@ -117,6 +147,7 @@ impl ResolveError {
             ResolveError::AccountNotFound { .. } | ResolveError::AccountInvalid { .. } => {
                 Some(Reason::AccountNotReady)
             }
+            ResolveError::NotAllowed { .. } => Some(Reason::AccountNotAllowed),
             ResolveError::NotFound { .. } => Some(Reason::SecretNotFound),
             ResolveError::KeyMissing { .. } => Some(Reason::SecretKeyMissing),
             ResolveError::NotText { .. } => Some(Reason::InvalidSpec),
@@ -125,12 +156,17 @@ impl ResolveError {
     }
 }
 
-/// The objects a spec refers to, known without reading anything (the account's own
-/// credentials Secret is added once the account is read).
+/// The objects a spec refers to, known without reading anything (the account's credentials
+/// Secret is added once the account is read).
 pub fn spec_references(namespace: &str, spec: &ConnectionOverrideSpec) -> Vec<Reference> {
-    let mut refs = vec![Reference::Account {
-        namespace: namespace.into(),
-        name: spec.account_ref.name.clone(),
+    let mut refs = vec![match spec.account_kind() {
+        AccountKind::DpcAccount => Reference::Account {
+            namespace: namespace.into(),
+            name: spec.account_ref.name.clone(),
+        },
+        AccountKind::ClusterDpcAccount => Reference::ClusterAccount {
+            name: spec.account_ref.name.clone(),
+        },
     }];
     for from in &spec.connection_overrides.connection_properties_from {
         if let Some(s) = &from.secret_key_ref {
@@ -156,16 +192,16 @@ fn kube_error(what: String) -> impl FnOnce(kube::Error) -> ResolveError {
 /// Reads Secrets and ConfigMaps of one namespace, each at most once per pass.
 struct Reader<'a> {
     client: &'a Client,
-    namespace: &'a str,
+    namespace: String,
     secrets: BTreeMap<String, Option<Secret>>,
     config_maps: BTreeMap<String, Option<ConfigMap>>,
 }
 
 impl<'a> Reader<'a> {
-    fn new(client: &'a Client, namespace: &'a str) -> Self {
+    fn new(client: &'a Client, namespace: &str) -> Self {
         Self {
             client,
-            namespace,
+            namespace: namespace.into(),
             secrets: BTreeMap::new(),
             config_maps: BTreeMap::new(),
         }
@@ -174,7 +210,7 @@ impl<'a> Reader<'a> {
     fn missing(&self, kind: &'static str, selector: &KeySelector, purpose: &str) -> ResolveError {
         ResolveError::NotFound {
             kind,
-            namespace: self.namespace.into(),
+            namespace: self.namespace.clone(),
             name: selector.name.clone(),
             purpose: purpose.into(),
         }
@@ -188,7 +224,7 @@ impl<'a> Reader<'a> {
     ) -> ResolveError {
         ResolveError::KeyMissing {
             kind,
-            namespace: self.namespace.into(),
+            namespace: self.namespace.clone(),
             name: selector.name.clone(),
             key: selector.key.clone(),
             purpose: purpose.into(),
@@ -198,7 +234,7 @@ impl<'a> Reader<'a> {
     fn not_text(&self, kind: &'static str, selector: &KeySelector, purpose: &str) -> ResolveError {
         ResolveError::NotText {
             kind,
-            namespace: self.namespace.into(),
+            namespace: self.namespace.clone(),
             name: selector.name.clone(),
             key: selector.key.clone(),
             purpose: purpose.into(),
@@ -211,7 +247,7 @@ impl<'a> Reader<'a> {
         purpose: &str,
     ) -> Result<SecretString, ResolveError> {
         if !self.secrets.contains_key(&selector.name) {
-            let api: Api<Secret> = Api::namespaced(self.client.clone(), self.namespace);
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
             let secret = api
                 .get_opt(&selector.name)
                 .await
@@ -248,7 +284,7 @@ impl<'a> Reader<'a> {
         purpose: &str,
     ) -> Result<String, ResolveError> {
         if !self.config_maps.contains_key(&selector.name) {
-            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
             let map = api
                 .get_opt(&selector.name)
                 .await
@@ -276,95 +312,201 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Reads a DpcAccount and its credentials. Also returns the account's credentials Secret
-/// reference, for the reverse index, whether or not reading it succeeded.
-pub async fn resolve_account(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    allow_insecure_http: bool,
-) -> (
-    Result<(DpcAccount, ResolvedAccount), ResolveError>,
-    Option<Reference>,
-) {
-    resolve_account_with(
-        &mut Reader::new(client, namespace),
-        name,
-        allow_insecure_http,
-    )
-    .await
+/// Whether a label selector matches a set of labels (`matchLabels` and every
+/// `matchExpressions` operator). An empty selector matches everything.
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && expressions_ok
 }
 
-async fn resolve_account_with(
-    reader: &mut Reader<'_>,
-    name: &str,
+/// The account of a DpcAccount or ClusterDpcAccount spec: endpoint, rate and credentials
+/// (read from `credentials_namespace`).
+pub async fn account_from_spec(
+    client: &Client,
+    key: AccountKey,
+    kind: &'static str,
+    spec: &DpcAccountSpec,
+    credentials_namespace: &str,
     allow_insecure_http: bool,
-) -> (
-    Result<(DpcAccount, ResolvedAccount), ResolveError>,
-    Option<Reference>,
-) {
-    let (client, namespace) = (reader.client, reader.namespace);
-    let accounts: Api<DpcAccount> = Api::namespaced(client.clone(), namespace);
-    let account = match accounts.get_opt(name).await {
-        Ok(Some(account)) => account,
-        Ok(None) => {
-            return (
-                Err(ResolveError::AccountNotFound {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                }),
-                None,
-            );
+) -> Result<ResolvedAccount, ResolveError> {
+    let endpoint = Endpoint::for_account(spec, allow_insecure_http).map_err(|reason| {
+        ResolveError::AccountInvalid {
+            kind,
+            name: key.to_string(),
+            reason,
         }
-        Err(source) => {
-            return (
-                Err(ResolveError::Kube {
-                    what: format!("DpcAccount {namespace}/{name}"),
-                    source,
-                }),
-                None,
-            );
-        }
-    };
-    let creds = &account.spec.credentials_secret_ref;
-    let secret_ref = Reference::Secret {
-        namespace: namespace.into(),
+    })?;
+    let creds = &spec.credentials_secret_ref;
+    let purpose = format!("credentials of {kind} {}", key.name);
+    let mut reader = Reader::new(client, credentials_namespace);
+    let selector = |key: &String| KeySelector {
         name: creds.name.clone(),
+        key: key.clone(),
+        namespace: None,
     };
-    let result = async {
-        let endpoint =
-            Endpoint::for_account(&account.spec, allow_insecure_http).map_err(|reason| {
-                ResolveError::AccountInvalid {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                    reason,
+    let client_id = reader
+        .secret_value(&selector(&creds.client_id_key), &purpose)
+        .await?;
+    let client_secret = reader
+        .secret_value(&selector(&creds.client_secret_key), &purpose)
+        .await?;
+    Ok(ResolvedAccount {
+        key,
+        endpoint,
+        credentials: Credentials {
+            client_id,
+            client_secret,
+        },
+        rate: Rate {
+            requests_per_minute: spec.requests_per_minute(),
+            burst: spec.request_burst(),
+        },
+    })
+}
+
+/// Resolves the account an object in `namespace` refers to. The references are what to
+/// watch for it, as far as resolving got.
+pub async fn resolve_account_ref(
+    client: &Client,
+    namespace: &str,
+    account_ref: &AccountRef,
+    allow_insecure_http: bool,
+) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+    let name = &account_ref.name;
+    match account_ref.kind.unwrap_or_default() {
+        AccountKind::DpcAccount => {
+            let api: Api<DpcAccount> = Api::namespaced(client.clone(), namespace);
+            let account = match api.get_opt(name).await {
+                Ok(Some(account)) => account,
+                Ok(None) => {
+                    let e = ResolveError::AccountNotFound {
+                        kind: "DpcAccount",
+                        name: format!("{namespace}/{name}"),
+                    };
+                    return (Err(e), Vec::new());
                 }
-            })?;
-        let purpose = format!("credentials of DpcAccount {name}");
-        let id_selector = KeySelector {
-            name: creds.name.clone(),
-            key: creds.client_id_key.clone(),
-        };
-        let secret_selector = KeySelector {
-            name: creds.name.clone(),
-            key: creds.client_secret_key.clone(),
-        };
-        let client_id = reader.secret_value(&id_selector, &purpose).await?;
-        let client_secret = reader.secret_value(&secret_selector, &purpose).await?;
-        Ok(ResolvedAccount {
-            key: AccountKey {
+                Err(source) => {
+                    let what = format!("DpcAccount {namespace}/{name}");
+                    return (Err(ResolveError::Kube { what, source }), Vec::new());
+                }
+            };
+            let creds = &account.spec.credentials_secret_ref;
+            let refs = vec![Reference::Secret {
+                namespace: namespace.into(),
+                name: creds.name.clone(),
+            }];
+            if let Some(other) = creds.namespace.as_deref().filter(|n| *n != namespace) {
+                let e = ResolveError::AccountInvalid {
+                    kind: "DpcAccount",
+                    name: format!("{namespace}/{name}"),
+                    reason: format!(
+                        "its credentialsSecretRef names namespace {other}; a DpcAccount reads Secrets of its own namespace only (use a ClusterDpcAccount to share credentials)"
+                    ),
+                };
+                return (Err(e), refs);
+            }
+            let key = AccountKey {
                 namespace: Some(namespace.into()),
-                name: name.into(),
-            },
-            endpoint,
-            credentials: Credentials {
-                client_id,
-                client_secret,
-            },
-        })
+                name: name.clone(),
+            };
+            let resolved = account_from_spec(
+                client,
+                key,
+                "DpcAccount",
+                &account.spec,
+                namespace,
+                allow_insecure_http,
+            )
+            .await;
+            (resolved, refs)
+        }
+        AccountKind::ClusterDpcAccount => {
+            let api: Api<ClusterDpcAccount> = Api::all(client.clone());
+            let account = match api.get_opt(name).await {
+                Ok(Some(account)) => account,
+                Ok(None) => {
+                    let e = ResolveError::AccountNotFound {
+                        kind: "ClusterDpcAccount",
+                        name: name.clone(),
+                    };
+                    return (Err(e), Vec::new());
+                }
+                Err(source) => {
+                    let what = format!("ClusterDpcAccount {name}");
+                    return (Err(ResolveError::Kube { what, source }), Vec::new());
+                }
+            };
+            let allowed = &account.spec.allowed_namespaces;
+            let mut refs = Vec::new();
+            let mut permitted = allowed.names.iter().any(|n| n == namespace);
+            if !permitted && let Some(selector) = &allowed.selector {
+                refs.push(Reference::Namespace {
+                    name: namespace.into(),
+                });
+                let namespaces: Api<Namespace> = Api::all(client.clone());
+                match namespaces.get_opt(namespace).await {
+                    Ok(ns) => {
+                        let labels = ns.and_then(|n| n.metadata.labels).unwrap_or_default();
+                        permitted = selector_matches(selector, &labels);
+                    }
+                    Err(source) => {
+                        let what = format!("Namespace {namespace}");
+                        return (Err(ResolveError::Kube { what, source }), refs);
+                    }
+                }
+            }
+            if !permitted {
+                let e = ResolveError::NotAllowed {
+                    account: name.clone(),
+                    namespace: namespace.into(),
+                };
+                return (Err(e), refs);
+            }
+            let creds = &account.spec.account.credentials_secret_ref;
+            let Some(creds_namespace) = creds.namespace.clone() else {
+                let e = ResolveError::AccountInvalid {
+                    kind: "ClusterDpcAccount",
+                    name: name.clone(),
+                    reason: "credentialsSecretRef.namespace is required for a ClusterDpcAccount"
+                        .into(),
+                };
+                return (Err(e), refs);
+            };
+            refs.push(Reference::Secret {
+                namespace: creds_namespace.clone(),
+                name: creds.name.clone(),
+            });
+            let key = AccountKey {
+                namespace: None,
+                name: name.clone(),
+            };
+            let resolved = account_from_spec(
+                client,
+                key,
+                "ClusterDpcAccount",
+                &account.spec.account,
+                &creds_namespace,
+                allow_insecure_http,
+            )
+            .await;
+            (resolved, refs)
+        }
     }
-    .await;
-    (result.map(|resolved| (account, resolved)), Some(secret_ref))
 }
 
 /// Resolves everything a ConnectionOverride refers to. The returned references are what to
@@ -376,14 +518,14 @@ pub async fn resolve(
     allow_insecure_http: bool,
 ) -> (Result<Resolved, ResolveError>, Vec<Reference>) {
     let mut refs = spec_references(namespace, spec);
-    let mut reader = Reader::new(client, namespace);
-    let (account, secret_ref) =
-        resolve_account_with(&mut reader, &spec.account_ref.name, allow_insecure_http).await;
-    refs.extend(secret_ref);
+    let (account, account_refs) =
+        resolve_account_ref(client, namespace, &spec.account_ref, allow_insecure_http).await;
+    refs.extend(account_refs);
     let account = match account {
-        Ok((_, resolved)) => resolved,
+        Ok(resolved) => resolved,
         Err(e) => return (Err(e), refs),
     };
+    let mut reader = Reader::new(client, namespace);
     let mut values = BTreeMap::new();
     for from in &spec.connection_overrides.connection_properties_from {
         let purpose = format!("property {}", from.property);
@@ -406,10 +548,8 @@ pub async fn resolve(
                         from_secret: false,
                     })
             }
-            (None, None) => {
-                // The CRD's CEL rule forbids this; reported by build as InvalidSpec.
-                continue;
-            }
+            // The CRD's CEL rule forbids this; build reports it as InvalidSpec.
+            (None, None) => continue,
         };
         match value {
             Ok(value) => {
@@ -419,4 +559,53 @@ pub async fn resolve(
         }
     }
     (Ok(Resolved { account, values }), refs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn label_selectors_match_labels_and_expressions() {
+        let selector = LabelSelector {
+            match_labels: Some(labels(&[("team", "data")])),
+            match_expressions: Some(vec![
+                LabelSelectorRequirement {
+                    key: "env".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["prod".into(), "staging".into()]),
+                },
+                LabelSelectorRequirement {
+                    key: "frozen".into(),
+                    operator: "DoesNotExist".into(),
+                    values: None,
+                },
+            ]),
+        };
+        assert!(selector_matches(
+            &selector,
+            &labels(&[("team", "data"), ("env", "prod")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("team", "data"), ("env", "dev")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("team", "web"), ("env", "prod")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("team", "data"), ("env", "prod"), ("frozen", "1")])
+        ));
+        assert!(selector_matches(&LabelSelector::default(), &labels(&[])));
+    }
 }

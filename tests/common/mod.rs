@@ -77,6 +77,8 @@ pub fn test_config() -> OperatorConfig {
 }
 
 pub struct Harness {
+    /// The request rate of the accounts this harness creates.
+    pub requests_per_minute: u32,
     pub emu: KubeEmulator,
     pub sim: DpcSim,
     pub client: Client,
@@ -99,6 +101,7 @@ impl Harness {
         install_crds(&client).await;
         create_namespace(&client, NS).await;
         let h = Self {
+            requests_per_minute: 60_000,
             ctx: Context::new(client.clone(), config),
             emu,
             sim,
@@ -189,10 +192,13 @@ impl Harness {
                 audience: None,
                 credentials_secret_ref: CredentialsSecretRef {
                     name: creds.into(),
+                    namespace: None,
                     client_id_key: "client_id".into(),
                     client_secret_key: "client_secret".into(),
                 },
                 account_id: None,
+                requests_per_minute: Some(self.requests_per_minute),
+                request_burst: Some(100),
             },
         );
         account.metadata.namespace = Some(NS.into());
@@ -424,6 +430,8 @@ impl Cov {
             spec: ConnectionOverrideSpec {
                 account_ref: AccountRef {
                     name: ACCOUNT.into(),
+                    kind: None,
+                    namespace: None,
                 },
                 project_id: PROJECT.into(),
                 environment_name: "PROD".into(),
@@ -443,6 +451,10 @@ impl Cov {
                     connection_properties_from: Vec::new(),
                 },
                 deletion_policy: None,
+                sync_interval: None,
+                drift_policy: None,
+                management_policy: None,
+                deletion_timeout: None,
             },
             annotations: BTreeMap::new(),
         }
@@ -473,6 +485,7 @@ impl Cov {
                 secret_key_ref: Some(KeySelector {
                     name: secret.into(),
                     key: key.into(),
+                    namespace: None,
                 }),
                 config_map_key_ref: None,
             });
@@ -489,6 +502,7 @@ impl Cov {
                 config_map_key_ref: Some(KeySelector {
                     name: map.into(),
                     key: key.into(),
+                    namespace: None,
                 }),
             });
         self
