@@ -27,6 +27,7 @@ use crate::claims::Claims;
 use crate::dpc::{ClientSettings, DpcClient};
 use crate::drift::DriftChecker;
 use crate::reconcile::account::AccountObject;
+use crate::reconcile::resolve::AccountCache;
 use crate::reconcile::{self, resolve::Reference};
 
 /// The operator's settings.
@@ -242,6 +243,8 @@ pub struct Context {
     pub failures: TerminalFailures,
     /// Which object manages which remote override.
     pub claims: Claims,
+    /// Resolved accounts, kept in step by the watches.
+    pub accounts: AccountCache,
     /// Reads DPC back on each object's sync interval.
     pub drift: Arc<DriftChecker>,
     triggers: Mutex<Vec<(Option<String>, UnboundedSender<GuardRef>)>>,
@@ -277,6 +280,7 @@ impl Context {
             account_index: RefIndex::default(),
             failures: TerminalFailures::default(),
             claims: Claims::default(),
+            accounts: AccountCache::new(Duration::from_secs(60)),
             drift: Arc::new(DriftChecker::new(config_share_window)),
             triggers: Mutex::new(Vec::new()),
             pending_scopes: AtomicUsize::new(0),
@@ -564,7 +568,12 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
         .lock()
         .expect("triggers lock")
         .push((scope.clone(), tx));
-    let users = |ctx: &Arc<Context>, reference: Reference| to_refs(ctx.index.users(&reference));
+    // A change of an account, a Secret or a namespace also drops what the account cache read
+    // from it.
+    let users = |ctx: &Arc<Context>, reference: Reference| {
+        ctx.accounts.invalidate(&reference);
+        to_refs(ctx.index.users(&reference))
+    };
     let (i1, i2, i3, i4, i5) = (
         ctx.clone(),
         ctx.clone(),

@@ -14,6 +14,7 @@ pub mod claims;
 pub mod controller;
 pub mod drift;
 pub mod duration;
+pub mod leader;
 pub mod reconcile;
 pub mod sandbox;
 pub mod sim;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use dpc_operator::controller::{self, Context, OperatorConfig};
+use dpc_operator::leader::{self, LeaseConfig};
 use dpc_operator::sandbox::SandboxOptions;
 use dpc_operator::sim::dpc::{DpcSim, SimConfig};
 use dpc_operator::sim::kube::{EmulatorConfig, KubeEmulator};
@@ -129,6 +130,28 @@ struct RunArgs {
     /// A kubeconfig file; default: $KUBECONFIG, ~/.kube/config, or the in-cluster configuration.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Elect a leader among replicas with a Lease; only the leader reconciles.
+    #[arg(long, env = "DPC_OPERATOR_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the Lease (default: $POD_NAMESPACE, else default).
+    #[arg(long, env = "DPC_OPERATOR_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "DPC_OPERATOR_LEADER_ELECTION_ID",
+        default_value = "dpc-operator"
+    )]
+    leader_election_id: String,
+    /// A lease not renewed for this long is taken over by another replica.
+    #[arg(long, env = "DPC_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How often the leader renews its lease.
+    #[arg(long, env = "DPC_OPERATOR_LEASE_RENEW_PERIOD", default_value = "5s", value_parser = parse_duration)]
+    lease_renew_period: Duration,
+    /// How often a follower tries to take the lease.
+    #[arg(long, env = "DPC_OPERATOR_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    lease_retry_period: Duration,
 }
 
 impl RunArgs {
@@ -299,8 +322,33 @@ async fn run(args: RunArgs) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "dpc-operator starting"
     );
-    let ctx = Context::new(client, config);
-    controller::run(ctx, shutdown_on_signals()).await;
+    let shutdown = shutdown_on_signals();
+    let ctx = Context::new(client.clone(), config);
+    if args.leader_election {
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "dpc-operator".into());
+            format!("{host}-{}", std::process::id())
+        });
+        let lease = LeaseConfig {
+            namespace: args
+                .leader_election_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".into()),
+            name: args.leader_election_id.clone(),
+            identity,
+            lease_duration: args.lease_duration,
+            renew_period: args.lease_renew_period,
+            retry_period: args.lease_retry_period,
+        };
+        let work = |stop| controller::run(ctx, stop);
+        if let Err(e) = leader::run_with_leadership(client, lease, shutdown, work).await {
+            error!("{e}; exiting so this replica restarts as a follower");
+            return ExitCode::FAILURE;
+        }
+    } else {
+        controller::run(ctx, shutdown).await;
+    }
     info!("dpc-operator stopped");
     ExitCode::SUCCESS
 }

@@ -20,6 +20,7 @@ use tokio::process::{Child, Command};
 struct Operator {
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
+    printed: Arc<tokio::sync::Notify>,
 }
 
 fn kubeconfig_file(h: &Harness) -> PathBuf {
@@ -36,7 +37,13 @@ fn kubeconfig_file(h: &Harness) -> PathBuf {
 
 impl Operator {
     fn start(kubeconfig: &PathBuf, extra: &[&str]) -> Self {
+        Self::start_as("dpc-operator-test", kubeconfig, extra)
+    }
+
+    /// Starts a replica whose pod name (its lease identity) is `pod`.
+    fn start_as(pod: &str, kubeconfig: &PathBuf, extra: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_dpc-operator"));
+        command.env("POD_NAME", pod);
         command
             .arg("run")
             .arg("--kubeconfig")
@@ -58,11 +65,13 @@ impl Operator {
             .kill_on_drop(true);
         let mut child = command.spawn().expect("the operator binary starts");
         let output = Arc::new(Mutex::new(Vec::new()));
+        let printed = Arc::new(tokio::sync::Notify::new());
         for mut stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let sink = output.clone();
+            let notify = printed.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 8192];
                 while let Ok(n) = stream.read(&mut buf).await {
@@ -70,10 +79,34 @@ impl Operator {
                         break;
                     }
                     sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    notify.notify_waiters();
                 }
             });
         }
-        Self { child, output }
+        Self {
+            child,
+            output,
+            printed,
+        }
+    }
+
+    /// Waits until the process has printed `needle`.
+    async fn wait_output(&self, needle: &str) {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let printed = self.printed.notified();
+                if self.output().contains(needle) {
+                    return;
+                }
+                printed.await;
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "the operator never printed {needle:?}:\n{}",
+            self.output()
+        );
     }
 
     fn output(&self) -> String {
@@ -421,4 +454,72 @@ async fn the_test_doubles_run_as_processes() {
         "{crds}"
     );
     emu.kill().await.unwrap();
+}
+
+async fn lease_holder(h: &Harness) -> Option<String> {
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(h.client.clone(), NS);
+    leases
+        .get_opt("dpc-operator")
+        .await
+        .unwrap()?
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test]
+async fn with_two_replicas_exactly_one_writes_and_killing_it_hands_over() {
+    let h = Harness::start().await;
+    let kubeconfig = kubeconfig_file(&h);
+    let election = [
+        "--allow-insecure-http",
+        "--leader-election",
+        "--leader-election-namespace",
+        NS,
+        "--lease-duration",
+        "2s",
+        "--lease-renew-period",
+        "500ms",
+        "--lease-retry-period",
+        "200ms",
+    ];
+    let mut one = Operator::start_as("replica-one", &kubeconfig, &election);
+    // The first replica leads before the second starts.
+    one.wait_output("became the leader").await;
+    assert_eq!(lease_holder(&h).await.as_deref(), Some("replica-one"));
+    let mut two = Operator::start_as("replica-two", &kubeconfig, &election);
+    two.wait_output("waiting to become the leader").await;
+    h.apply(&Cov::new("first", "First")).await;
+    h.wait_ready("first").await;
+    assert_eq!(lease_holder(&h).await.as_deref(), Some("replica-one"));
+    one.wait_output("DPC accepted the override").await;
+    assert!(
+        !two.output().contains("DPC accepted the override"),
+        "the follower wrote"
+    );
+    assert!(
+        !two.output().contains("\"name\":\"first\""),
+        "the follower reconciled"
+    );
+
+    // The leader dies without releasing the lease: the follower takes over after it expires.
+    one.kill().await;
+    let killed_at = tokio::time::Instant::now();
+    h.apply(&Cov::new("second", "Second")).await;
+    h.wait_ready("second").await;
+    let took = killed_at.elapsed();
+    assert_eq!(lease_holder(&h).await.as_deref(), Some("replica-two"));
+    two.wait_output("became the leader").await;
+    assert!(took < Duration::from_secs(8), "handover took {took:?}");
+    let writes: Vec<_> = h.sim.calls().into_iter().filter(|c| c.is_write()).collect();
+    assert_eq!(
+        writes.len(),
+        2,
+        "one write per object, no duplicate from two leaders"
+    );
+
+    // A graceful stop releases the lease at once.
+    two.terminate();
+    assert!(two.wait_exit(Duration::from_secs(8)).await.success());
+    assert_eq!(lease_holder(&h).await, None);
 }

@@ -159,8 +159,14 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         ensure_finalizer(obj, ctx).await?;
     }
 
-    let (resolved, refs) =
-        resolve::resolve(&ctx.client, &key.0, spec, ctx.config.allow_insecure_http).await;
+    let (resolved, refs) = resolve::resolve(
+        &ctx.client,
+        &ctx.accounts,
+        &key.0,
+        spec,
+        ctx.config.allow_insecure_http,
+    )
+    .await;
     ctx.index.set(key, refs);
     let resolved = match resolved {
         Ok(resolved) => resolved,
@@ -481,13 +487,15 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
             })
         });
     }
-    let (account, account_refs) = resolve::resolve_account_ref(
-        &ctx.client,
-        &key.0,
-        &spec.account_ref,
-        ctx.config.allow_insecure_http,
-    )
-    .await;
+    let (account, account_refs) = ctx
+        .accounts
+        .resolve(
+            &ctx.client,
+            &key.0,
+            &spec.account_ref,
+            ctx.config.allow_insecure_http,
+        )
+        .await;
     let mut refs = resolve::spec_references(&key.0, spec);
     refs.extend(account_refs);
     ctx.index.set(key, refs);

@@ -3,7 +3,11 @@
 //! `connectionPropertiesFrom` value from its own namespace. A missing object or key is
 //! reported by name; nothing is called in DPC until everything resolves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -509,17 +513,99 @@ pub async fn resolve_account_ref(
     }
 }
 
+/// Resolved accounts, so thousands of objects of one account do not each read the account and
+/// its credentials Secret. An entry goes when the watches see a change of anything it was read
+/// from, and after `ttl` at the latest (a Secret outside the watched namespaces).
+pub struct AccountCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<(String, AccountKind, String), CachedAccount>>,
+}
+
+struct CachedAccount {
+    at: Instant,
+    account: ResolvedAccount,
+    refs: Vec<Reference>,
+}
+
+impl AccountCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(namespace: &str, account_ref: &AccountRef) -> (String, AccountKind, String) {
+        (
+            namespace.into(),
+            account_ref.kind.unwrap_or_default(),
+            account_ref.name.clone(),
+        )
+    }
+
+    /// Forgets every entry read from `reference` (or about that account).
+    pub fn invalidate(&self, reference: &Reference) {
+        self.entries
+            .lock()
+            .expect("account cache lock")
+            .retain(|(ns, kind, name), entry| {
+                let about = match (reference, kind) {
+                    (Reference::Account { namespace, name: n }, AccountKind::DpcAccount) => {
+                        namespace == ns && n == name
+                    }
+                    (Reference::ClusterAccount { name: n }, AccountKind::ClusterDpcAccount) => {
+                        n == name
+                    }
+                    _ => false,
+                };
+                !about && !entry.refs.contains(reference)
+            });
+    }
+
+    /// Resolves through the cache.
+    pub async fn resolve(
+        &self,
+        client: &Client,
+        namespace: &str,
+        account_ref: &AccountRef,
+        allow_insecure_http: bool,
+    ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+        let key = Self::key(namespace, account_ref);
+        if let Some(entry) = self.entries.lock().expect("account cache lock").get(&key)
+            && entry.at.elapsed() < self.ttl
+        {
+            return (Ok(entry.account.clone()), entry.refs.clone());
+        }
+        let (result, refs) =
+            resolve_account_ref(client, namespace, account_ref, allow_insecure_http).await;
+        if let Ok(account) = &result {
+            let entry = CachedAccount {
+                at: Instant::now(),
+                account: account.clone(),
+                refs: refs.clone(),
+            };
+            self.entries
+                .lock()
+                .expect("account cache lock")
+                .insert(key, entry);
+        }
+        (result, refs)
+    }
+}
+
 /// Resolves everything a ConnectionOverride refers to. The returned references are what to
 /// watch for this object, complete as far as resolving got.
 pub async fn resolve(
     client: &Client,
+    accounts: &AccountCache,
     namespace: &str,
     spec: &ConnectionOverrideSpec,
     allow_insecure_http: bool,
 ) -> (Result<Resolved, ResolveError>, Vec<Reference>) {
     let mut refs = spec_references(namespace, spec);
-    let (account, account_refs) =
-        resolve_account_ref(client, namespace, &spec.account_ref, allow_insecure_http).await;
+    let (account, account_refs) = accounts
+        .resolve(client, namespace, &spec.account_ref, allow_insecure_http)
+        .await;
     refs.extend(account_refs);
     let account = match account {
         Ok(resolved) => resolved,

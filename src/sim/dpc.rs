@@ -69,6 +69,9 @@ pub struct Call {
     pub body: Option<Value>,
     /// The status answered; `None` while in flight or when the connection was dropped.
     pub status: Option<u16>,
+    /// When the answer (or the dropped connection) left, in milliseconds since start.
+    #[serde(default)]
+    pub done_ms: Option<u64>,
     /// The injected fault, if one applied.
     pub fault: Option<String>,
 }
@@ -630,6 +633,7 @@ async fn handle(state: Arc<State>, req: Req) -> Result<Response<Body>, Drop> {
             content_type: req.header("content-type").map(String::from),
             body,
             status: None,
+            done_ms: None,
             fault,
         });
         (seq, Duration::from_millis(inner.config.latency_ms), plan)
@@ -686,8 +690,10 @@ async fn handle(state: Arc<State>, req: Req) -> Result<Response<Body>, Drop> {
     {
         let mut inner = state.inner.lock().expect("simulator lock");
         let status = result.as_ref().ok().map(|r| r.status().as_u16());
+        let done = state.started.elapsed().as_millis() as u64;
         if let Some(call) = inner.calls.iter_mut().rev().find(|c| c.seq == seq) {
             call.status = status;
+            call.done_ms = Some(done);
         }
     }
     state.changed.notify_waiters();

@@ -1,0 +1,764 @@
+//! Production behaviour through the emulator and the simulator: instant rotation, drift
+//! detection with shared reads, ObserveOnly, pause, reconcile-requested-at, deletion timeout,
+//! the account's request rate and 429s, conflicts, tenancy, sharding and malformed objects.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use dpc_operator::api::{
+    AccountKind, ClusterDpcAccount, ClusterDpcAccountSpec, CredentialsSecretRef, DpcAccountSpec,
+    DriftPolicy, ManagementPolicy, conditions,
+};
+use dpc_operator::controller::OperatorConfig;
+use dpc_operator::sim::dpc::{Call, Fault, FaultKind, SimConfig, SimOp};
+use kube::Api;
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+fn fast_drift() -> OperatorConfig {
+    OperatorConfig {
+        min_sync_interval: Duration::from_millis(200),
+        ..test_config()
+    }
+}
+
+fn writes(calls: &[Call]) -> Vec<&Call> {
+    calls.iter().filter(|c| c.is_write()).collect()
+}
+
+fn drifted(
+    obj: &dpc_operator::api::ConnectionOverride,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions::find(&obj.status.as_ref()?.conditions, conditions::DRIFTED).cloned()
+}
+
+#[tokio::test]
+async fn a_hundred_rotated_secrets_each_reach_dpc_within_a_second() {
+    let h = Harness::start().await;
+    for i in 0..100 {
+        h.put_secret(&format!("refs-{i}"), &[("key", &format!("v1-{i}"))])
+            .await;
+    }
+    let h = h.run();
+    for i in 0..100 {
+        h.apply(
+            &Cov::new(&format!("o{i}"), &format!("C{i}")).property_from_secret(
+                "secretKey",
+                &format!("refs-{i}"),
+                "key",
+            ),
+        )
+        .await;
+    }
+    for i in 0..100 {
+        h.wait_ready(&format!("o{i}")).await;
+    }
+    h.sim.clear_calls();
+
+    // Every Secret changes at once; each change time is taken just before its write.
+    let changes = futures::future::join_all((0..100).map(|i| {
+        let h = &h;
+        async move {
+            let at = h.sim.now_ms();
+            h.put_secret(&format!("refs-{i}"), &[("key", &format!("v2-{i}"))])
+                .await;
+            (format!("C{i}"), at)
+        }
+    }))
+    .await;
+    let calls = h
+        .sim
+        .wait_for_calls(WAIT, |calls| {
+            calls
+                .iter()
+                .filter(|c| c.op == SimOp::Update && c.status == Some(200))
+                .count()
+                >= 100
+        })
+        .await
+        .unwrap_or_else(|c| {
+            panic!(
+                "only {} PUTs",
+                c.iter().filter(|c| c.op == SimOp::Update).count()
+            )
+        });
+    let puts: BTreeMap<String, &Call> = calls
+        .iter()
+        .filter(|c| c.op == SimOp::Update)
+        .map(|c| {
+            (
+                c.body.as_ref().unwrap()["connectionName"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                c,
+            )
+        })
+        .collect();
+    assert_eq!(puts.len(), 100, "one PUT per object");
+    assert_eq!(writes(&calls).len(), 100, "and no other write");
+    let mut worst = 0;
+    for (connection, changed_at) in changes {
+        let put = puts[&connection];
+        let latency = put.at_ms.saturating_sub(changed_at);
+        worst = worst.max(latency);
+        assert!(
+            latency < 1000,
+            "{connection}: PUT {latency} ms after its Secret changed"
+        );
+        let index = connection.trim_start_matches('C');
+        assert_eq!(
+            put.body.as_ref().unwrap()["connectionOverrides"]["connectionProperties"]["secretKey"],
+            format!("v2-{index}")
+        );
+    }
+    println!("worst rotation latency: {worst} ms");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn quiet_sync_intervals_read_once_per_environment_and_write_nothing() {
+    let h = Harness::start_with(fast_drift(), SimConfig::default())
+        .await
+        .run();
+    // Six objects in two environments.
+    for (i, env) in ["PROD", "PROD", "PROD", "DEV", "DEV", "DEV"]
+        .iter()
+        .enumerate()
+    {
+        let mut cov = Cov::new(&format!("o{i}"), &format!("C{i}")).environment(env);
+        cov.spec.sync_interval = Some("1s".into());
+        h.apply(&cov).await;
+    }
+    for i in 0..6 {
+        h.wait_ready(&format!("o{i}")).await;
+    }
+    h.sim.clear_calls();
+    let start = h.sim.now_ms();
+    let lists_of = |calls: &[Call], env: &str| -> Vec<u64> {
+        calls
+            .iter()
+            .filter(|c| c.op == SimOp::List && c.param("environmentName").as_deref() == Some(env))
+            .map(|c| c.at_ms)
+            .collect()
+    };
+    // Three intervals: each environment has been read three times.
+    let calls = h
+        .sim
+        .wait_for_calls(Duration::from_secs(10), |calls| {
+            lists_of(calls, "PROD").len() >= 3 && lists_of(calls, "DEV").len() >= 3
+        })
+        .await
+        .expect("each environment is read every interval");
+    let elapsed = h.sim.now_ms() - start;
+    assert!(writes(&calls).is_empty(), "no write when nothing changed");
+    for env in ["PROD", "DEV"] {
+        let lists = lists_of(&calls, env);
+        // At most one list per interval (1 s, jittered by at most 10 %).
+        for pair in lists.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= 850,
+                "{env} was read twice within an interval: {lists:?}"
+            );
+        }
+        assert!(
+            lists.len() as u64 <= elapsed / 900 + 1,
+            "{env}: {} lists in {elapsed} ms",
+            lists.len()
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn drift_is_written_back_with_driftpolicy_correct() {
+    let h = Harness::start_with(fast_drift(), SimConfig::default())
+        .await
+        .run();
+    let mut cov = Cov::new("sf", "Salesforce");
+    cov.spec.sync_interval = Some("1s".into());
+    h.apply(&cov).await;
+    h.wait_ready("sf").await;
+    h.sim.clear_calls();
+
+    h.sim.put_override(
+        PROJECT,
+        "PROD",
+        "Salesforce",
+        None,
+        json!({"connectionProperties": {"secretName": "changed-in-the-ui"}}),
+    );
+    let calls = h
+        .sim
+        .wait_for_calls(WAIT, |c| c.iter().any(|c| c.op == SimOp::Update))
+        .await
+        .unwrap();
+    let puts: Vec<&Call> = writes(&calls);
+    assert_eq!(puts.len(), 1);
+    assert_eq!(puts[0].op, SimOp::Update);
+    let (_, _, note) = h.wait_event("sf", "DriftCorrected").await;
+    assert!(
+        note.contains("connectionOverrides.connectionProperties.secretName"),
+        "{note}"
+    );
+    let stored = h.sim.get_override(PROJECT, "PROD", "Salesforce").unwrap();
+    assert_eq!(
+        stored.connection_overrides["connectionProperties"]["secretName"],
+        "prod/Salesforce"
+    );
+
+    // Deleted behind our back: recreated.
+    h.sim.remove_override(PROJECT, "PROD", "Salesforce");
+    h.sim
+        .wait_for_calls(WAIT, |c| c.iter().any(|c| c.op == SimOp::Create))
+        .await
+        .unwrap();
+    assert!(h.sim.get_override(PROJECT, "PROD", "Salesforce").is_some());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn drift_is_only_reported_with_driftpolicy_report() {
+    let h = Harness::start_with(fast_drift(), SimConfig::default())
+        .await
+        .run();
+    let mut cov = Cov::new("sf", "Salesforce").property("secretKey", "k");
+    cov.spec.sync_interval = Some("1s".into());
+    cov.spec.drift_policy = Some(DriftPolicy::Report);
+    h.apply(&cov).await;
+    h.wait_ready("sf").await;
+    h.sim.clear_calls();
+
+    h.sim.put_override(PROJECT, "PROD", "Salesforce", None, json!({"connectionProperties": {"secretName": "prod/Salesforce", "secretKey": "ui"}, "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}}));
+    let obj = h
+        .wait_for("sf", "Drifted", |o| {
+            drifted(o).is_some_and(|d| d.status == "True")
+        })
+        .await;
+    let condition = drifted(&obj).unwrap();
+    assert!(
+        condition
+            .message
+            .contains("connectionOverrides.connectionProperties.secretKey"),
+        "{}",
+        condition.message
+    );
+    assert!(!condition.message.contains("ui"), "values are not shown");
+    assert_eq!(ready_reason(&obj).as_deref(), Some("Drifted"));
+    // Another interval passes; still no write.
+    let seen = h.sim.calls_of(SimOp::List).len();
+    h.sim
+        .wait_for_calls(WAIT, |c| {
+            c.iter().filter(|c| c.op == SimOp::List).count() > seen
+        })
+        .await
+        .unwrap();
+    assert!(writes(&h.sim.calls()).is_empty(), "Report never writes");
+
+    // Back in sync: the condition clears.
+    h.sim.put_override(PROJECT, "PROD", "Salesforce", None, json!({"connectionProperties": {"secretName": "prod/Salesforce", "secretKey": "k"}, "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}}));
+    let obj = h
+        .wait_for("sf", "in sync again", |o| {
+            drifted(o).is_some_and(|d| d.status == "False")
+        })
+        .await;
+    assert!(is_ready(&obj));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn observe_only_never_writes_and_ready_follows_dpc() {
+    let h = Harness::start_with(fast_drift(), SimConfig::default())
+        .await
+        .run();
+    let mut cov = Cov::new("watch", "Salesforce");
+    cov.spec.sync_interval = Some("1s".into());
+    cov.spec.management_policy = Some(ManagementPolicy::ObserveOnly);
+    h.apply(&cov).await;
+    let obj = h.wait_reason("watch", "Drifted").await;
+    assert!(
+        ready_condition(&obj)
+            .message
+            .contains("does not exist in DPC")
+    );
+    assert!(
+        obj.metadata.finalizers.is_none(),
+        "nothing to clean up: no finalizer"
+    );
+
+    h.sim.put_override(PROJECT, "PROD", "Salesforce", None, json!({"connectionProperties": {"secretName": "prod/Salesforce"}, "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}}));
+    let obj = h.wait_ready("watch").await;
+    assert!(ready_condition(&obj).message.contains("ObserveOnly"));
+    h.covs()
+        .delete("watch", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_gone("watch").await;
+    assert!(
+        writes(&h.sim.calls()).is_empty(),
+        "ObserveOnly never writes"
+    );
+    assert!(h.sim.get_override(PROJECT, "PROD", "Salesforce").is_some());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_paused_object_makes_no_call_until_unpaused() {
+    let h = Harness::start().await.run();
+    let cov = Cov::new("sf", "Salesforce");
+    h.apply(&cov).await;
+    h.wait_ready("sf").await;
+    h.sim.clear_calls();
+
+    let paused = cov
+        .clone()
+        .annotation("dpc-operator.io/paused", "true")
+        .property("secretKey", "new");
+    h.apply(&paused).await;
+    let obj = h
+        .wait_for("sf", "paused", |o| {
+            o.status.as_ref().is_some_and(|s| {
+                conditions::find(&s.conditions, conditions::SYNCED)
+                    .is_some_and(|c| c.reason == "ReconcilePaused")
+            })
+        })
+        .await;
+    assert!(
+        conditions::is_true(&obj.status.unwrap().conditions, conditions::READY),
+        "Ready is kept"
+    );
+    assert!(h.sim.calls().is_empty(), "no call while paused");
+
+    h.apply(&cov.property("secretKey", "new")).await;
+    // The spec changed once while paused (generation 2); unpausing sends it.
+    h.wait_for("sf", "Ready after unpausing", |o| {
+        is_ready(o) && o.metadata.generation == Some(2)
+    })
+    .await;
+    assert_eq!(
+        writes(&h.sim.calls())
+            .iter()
+            .map(|c| c.op)
+            .collect::<Vec<_>>(),
+        [SimOp::Update]
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn reconcile_requested_at_reads_dpc_now_and_is_echoed() {
+    let h = Harness::start().await.run();
+    let cov = Cov::new("sf", "Salesforce");
+    h.apply(&cov).await;
+    h.wait_ready("sf").await;
+    h.sim.put_override(
+        PROJECT,
+        "PROD",
+        "Salesforce",
+        None,
+        json!({"connectionProperties": {"secretName": "edited"}}),
+    );
+    h.sim.clear_calls();
+
+    h.apply(&cov.annotation(
+        "dpc-operator.io/reconcile-requested-at",
+        "2026-11-22T10:00:00Z",
+    ))
+    .await;
+    let obj = h
+        .wait_for("sf", "handled", |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.last_handled_reconcile_at.as_deref())
+                == Some("2026-11-22T10:00:00Z")
+        })
+        .await;
+    assert!(is_ready(&obj));
+    let ops: Vec<SimOp> = h.sim.calls().iter().map(|c| c.op).collect();
+    assert_eq!(
+        ops,
+        [SimOp::List, SimOp::Update],
+        "read now, then the drift was corrected"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_deletion_that_cannot_reach_dpc_is_released_after_deletion_timeout() {
+    let h = Harness::start().await.run();
+    let mut cov = Cov::new("sf", "Salesforce");
+    cov.spec.deletion_timeout = Some("2s".into());
+    h.apply(&cov).await;
+    h.wait_ready("sf").await;
+    h.sim
+        .push_fault(Fault::status(SimOp::Delete, 503).times(1000));
+    h.covs()
+        .delete("sf", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_reason("sf", "Deleting").await;
+    h.wait_gone("sf").await;
+    let (kind, _, note) = h.wait_event("sf", "DeletionTimedOut").await;
+    assert_eq!(kind, "Warning");
+    assert!(
+        note.contains("DPC answered 503 to delete") && note.contains("left in DPC"),
+        "{note}"
+    );
+    assert!(h.sim.get_override(PROJECT, "PROD", "Salesforce").is_some());
+    assert!(
+        h.sim.calls_of(SimOp::Delete).len() >= 2,
+        "it kept trying until the timeout"
+    );
+    h.sim.clear_faults();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_accounts_request_rate_is_never_exceeded() {
+    // Slots further than 300 ms away are not waited for in place: those objects are told to
+    // come back at their slot (16 workers at 10 requests/s reserve up to ~1.6 s ahead).
+    let config = OperatorConfig {
+        max_admission_wait: Duration::from_millis(300),
+        ..test_config()
+    };
+    let mut h = Harness::start_with(config, SimConfig::default()).await;
+    h.requests_per_minute = 600; // 10 per second
+    h.put_account(ACCOUNT, CREDS).await;
+    let api: Api<dpc_operator::api::DpcAccount> = Api::namespaced(h.client.clone(), NS);
+    let patch = json!({"spec": {"requestBurst": 2}});
+    api.patch(ACCOUNT, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let h = h.run();
+    for i in 0..80 {
+        h.apply(&Cov::new(&format!("o{i}"), &format!("C{i}"))).await;
+    }
+    // Some objects wait for their slot longer than they may wait in place: they say so.
+    let waiting = {
+        use futures::StreamExt;
+        let stream = kube::runtime::watcher(h.covs(), Default::default());
+        let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::applied_objects(stream));
+        tokio::time::timeout(WAIT, async {
+            while let Some(Ok(o)) = stream.next().await {
+                if ready_reason(&o).as_deref() == Some("Creating") {
+                    return o;
+                }
+            }
+            panic!("the watch ended");
+        })
+        .await
+        .expect("an object waits for its turn")
+    };
+    assert!(
+        ready_condition(&waiting)
+            .message
+            .contains("waits for the account's request rate")
+    );
+    for i in 0..80 {
+        h.wait_ready(&format!("o{i}")).await;
+    }
+    let calls = h.sim.calls();
+    let times: Vec<u64> = calls.iter().map(|c| c.at_ms).collect();
+    // GCRA at 10/s with a burst of 2: any 1 s window holds at most 2 + 10 calls.
+    for (i, start) in times.iter().enumerate() {
+        let in_window = times[i..].iter().take_while(|t| **t < start + 1000).count();
+        assert!(in_window <= 12, "{in_window} calls in one second");
+    }
+    assert_eq!(writes(&calls).len(), 80, "exactly one write per object");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_holds_all_twenty_waiting_objects_for_retry_after() {
+    let h = Harness::start().await;
+    h.sim.push_fault(Fault::on(
+        SimOp::Create,
+        FaultKind::Status {
+            status: 429,
+            retry_after: Some("3".into()),
+            body: None,
+        },
+    ));
+    let h = h.run();
+    for i in 0..20 {
+        h.apply(&Cov::new(&format!("o{i}"), &format!("C{i}"))).await;
+    }
+    for i in 0..20 {
+        h.wait_ready(&format!("o{i}")).await;
+    }
+    let calls = h.sim.calls();
+    let limited = calls.iter().find(|c| c.status == Some(429)).unwrap();
+    // From the moment the 429 was answered (calls already on their way may still arrive in
+    // the few milliseconds the answer takes to reach the client).
+    let answered = limited.done_ms.unwrap() + 20;
+    let inside: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.at_ms > answered && c.at_ms < limited.done_ms.unwrap() + 3000)
+        .collect();
+    assert!(
+        inside.is_empty(),
+        "{} calls during Retry-After",
+        inside.len()
+    );
+    assert_eq!(
+        writes(&calls)
+            .iter()
+            .filter(|c| c.status == Some(201))
+            .count(),
+        20
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn two_objects_for_one_override_conflict_and_only_the_older_writes() {
+    let h = Harness::start().await.run();
+    h.apply(&Cov::new("first", "Salesforce").property("secretKey", "first"))
+        .await;
+    h.wait_ready("first").await;
+    h.apply(&Cov::new("second", "Salesforce").property("secretKey", "second"))
+        .await;
+    let obj = h.wait_reason("second", "Conflict").await;
+    let message = ready_condition(&obj).message;
+    assert!(message.contains(&format!("{NS}/first")), "{message}");
+    let bodies: Vec<String> = writes(&h.sim.calls())
+        .iter()
+        .map(|c| {
+            c.body.as_ref().unwrap()["connectionOverrides"]["connectionProperties"]["secretKey"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(bodies, ["first"], "the second never writes");
+
+    // Deleting the loser deletes nothing in DPC; deleting the owner hands over.
+    h.covs()
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_gone("first").await;
+    h.wait_ready("second").await;
+    let stored = h.sim.get_override(PROJECT, "PROD", "Salesforce").unwrap();
+    assert_eq!(
+        stored.connection_overrides["connectionProperties"]["secretKey"],
+        "second"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_cluster_account_serves_only_the_namespaces_it_allows() {
+    let h = Harness::start().await;
+    for (ns, labels) in [("team-b", json!({})), ("team-c", json!({"dpc": "yes"}))] {
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(h.client.clone());
+        let n =
+            serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).unwrap();
+        namespaces.create(&PostParams::default(), &n).await.unwrap();
+    }
+
+    let shared: Api<ClusterDpcAccount> = Api::all(h.client.clone());
+    let account = ClusterDpcAccount::new(
+        "shared",
+        ClusterDpcAccountSpec {
+            account: DpcAccountSpec {
+                region: None,
+                api_url: Some(h.sim.api_url()),
+                token_url: Some(h.sim.token_url()),
+                audience: None,
+                credentials_secret_ref: CredentialsSecretRef {
+                    name: CREDS.into(),
+                    namespace: Some(NS.into()),
+                    client_id_key: "client_id".into(),
+                    client_secret_key: "client_secret".into(),
+                },
+                account_id: None,
+                requests_per_minute: Some(60_000),
+                request_burst: Some(100),
+            },
+            allowed_namespaces: serde_json::from_value(
+                json!({"names": [NS], "selector": {"matchLabels": {"dpc": "yes"}}}),
+            )
+            .unwrap(),
+        },
+    );
+    shared
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    let h = h.run();
+    let mut cov = Cov::new("a", "A");
+    cov.spec.account_ref.name = "shared".into();
+    cov.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
+    h.apply(&cov).await;
+    h.wait_ready("a").await;
+
+    let in_ns = |ns: &str, name: &str, connection: &str| {
+        let mut c = cov.clone();
+        c.name = name.into();
+        c.spec.connection_name = connection.into();
+        let mut obj = dpc_operator::api::ConnectionOverride::new(name, c.spec);
+        obj.metadata.namespace = Some(ns.into());
+        obj
+    };
+    let team_b: Api<dpc_operator::api::ConnectionOverride> =
+        Api::namespaced(h.client.clone(), "team-b");
+    let team_c: Api<dpc_operator::api::ConnectionOverride> =
+        Api::namespaced(h.client.clone(), "team-c");
+    team_b
+        .create(&PostParams::default(), &in_ns("team-b", "b", "B"))
+        .await
+        .unwrap();
+    team_c
+        .create(&PostParams::default(), &in_ns("team-c", "c", "C"))
+        .await
+        .unwrap();
+    let wait = |api: Api<dpc_operator::api::ConnectionOverride>,
+                name: &'static str,
+                reason: &'static str| async move {
+        let condition = move |o: Option<&dpc_operator::api::ConnectionOverride>| {
+            o.and_then(ready_reason).as_deref() == Some(reason)
+        };
+        tokio::time::timeout(
+            WAIT,
+            kube::runtime::wait::await_condition(api, name, condition),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    };
+    let refused = wait(team_b.clone(), "b", "AccountNotAllowed").await;
+    assert_eq!(
+        ready_condition(&refused).message,
+        "ClusterDpcAccount shared does not allow namespace team-b (see its spec.allowedNamespaces)"
+    );
+    wait(team_c, "c", "Available").await;
+    // Labelling team-b lets it in: the namespace watch re-checks its objects.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(h.client.clone());
+    namespaces
+        .patch(
+            "team-b",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"dpc": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    wait(team_b, "b", "Available").await;
+    assert_eq!(h.sim.overrides().len(), 3);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn references_to_other_namespaces_are_refused() {
+    let h = Harness::start().await.run();
+    let mut cov = Cov::new("x", "X").property_from_secret("secretKey", "refs", "key");
+    cov.spec.connection_overrides.connection_properties_from[0]
+        .secret_key_ref
+        .as_mut()
+        .unwrap()
+        .namespace = Some("kube-system".into());
+    h.apply(&cov).await;
+    let obj = h.wait_reason("x", "InvalidSpec").await;
+    assert!(
+        ready_condition(&obj)
+            .message
+            .contains("references to other namespaces are refused")
+    );
+    assert!(
+        h.sim.calls().iter().all(|c| c.op == SimOp::Token),
+        "no override call: {:?}",
+        h.sim.calls()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_label_selector_shards_the_objects() {
+    let config = OperatorConfig {
+        label_selector: Some("shard=a".into()),
+        ..test_config()
+    };
+    let h = Harness::start_with(config, SimConfig::default())
+        .await
+        .run();
+    let covs = h.covs();
+    for (name, shard) in [("mine", "a"), ("theirs", "b")] {
+        let mut obj = dpc_operator::api::ConnectionOverride::new(name, Cov::new(name, name).spec);
+        obj.metadata.labels = Some([("shard".to_string(), shard.to_string())].into());
+        covs.create(&PostParams::default(), &obj).await.unwrap();
+    }
+    h.wait_ready("mine").await;
+    // An object of the shard created after "theirs": once it is Ready, "theirs" would have
+    // been reconciled too, had it been watched.
+    let mut later =
+        dpc_operator::api::ConnectionOverride::new("later", Cov::new("later", "later").spec);
+    later.metadata.labels = Some([("shard".to_string(), "a".to_string())].into());
+    covs.create(&PostParams::default(), &later).await.unwrap();
+    h.wait_ready("later").await;
+    let theirs = covs.get("theirs").await.unwrap();
+    assert!(theirs.status.is_none(), "outside the selector: untouched");
+    let names: Vec<String> = h
+        .sim
+        .overrides()
+        .into_iter()
+        .map(|o| o.connection_name)
+        .collect();
+    assert_eq!(names, ["later", "mine"]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_object_is_reported_and_does_not_stop_the_others() {
+    let h = Harness::start().await.run();
+    let resource = kube::api::ApiResource::erase::<dpc_operator::api::ConnectionOverride>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(h.client.clone(), NS, &resource);
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "dpc-operator.io/v1alpha1",
+        "kind": "ConnectionOverride",
+        "metadata": {"name": "bad"},
+        "spec": {"accountRef": {"name": ACCOUNT}, "projectId": PROJECT, "environmentName": "PROD", "connectionName": "B",
+                 "connectionOverrides": {"connectionProperties": "not-a-map"}}
+    }))
+    .unwrap();
+    raw.create(&PostParams::default(), &bad).await.unwrap();
+    h.apply(&Cov::new("good", "G")).await;
+    h.wait_ready("good").await;
+
+    // Each status write is a chance the condition arrived: look again after each one.
+    let ready = tokio::time::timeout(WAIT, async {
+        loop {
+            let before = h.requests("patch connectionoverrides/status");
+            let obj = raw.get("bad").await.unwrap();
+            if let Some(conds) = obj
+                .data
+                .pointer("/status/conditions")
+                .and_then(|c| c.as_array())
+                && let Some(ready) = conds.iter().find(|c| c["type"] == "Ready")
+            {
+                return ready.clone();
+            }
+            h.wait_requests("patch connectionoverrides/status", before + 1)
+                .await;
+        }
+    })
+    .await
+    .expect("the malformed object gets a Ready condition");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the ConnectionOverride schema")
+    );
+    assert!(
+        h.sim
+            .calls()
+            .iter()
+            .all(|c| c.body.as_ref().is_none_or(|b| b["connectionName"] != "B"))
+    );
+    h.stop().await;
+}
