@@ -26,6 +26,7 @@ use crate::api::{ClusterDpcAccount, ConnectionOverride, DpcAccount};
 use crate::claims::Claims;
 use crate::dpc::{ClientSettings, DpcClient};
 use crate::drift::DriftChecker;
+use crate::metrics::Metrics;
 use crate::reconcile::account::AccountObject;
 use crate::reconcile::resolve::AccountCache;
 use crate::reconcile::{self, resolve::Reference};
@@ -39,6 +40,8 @@ pub struct OperatorConfig {
     pub concurrency: u16,
     /// Allow plain-http DPC endpoints (tests and the sandbox only).
     pub allow_insecure_http: bool,
+    /// Export the per-object condition gauge (one series per object and condition).
+    pub per_object_metrics: bool,
     /// How often a Ready object is reconciled again locally (no DPC call: drift detection
     /// reads DPC on its own schedule).
     pub resync_interval: Duration,
@@ -69,6 +72,7 @@ impl Default for OperatorConfig {
             namespaces: Vec::new(),
             concurrency: 8,
             allow_insecure_http: false,
+            per_object_metrics: true,
             resync_interval: Duration::from_secs(3600),
             default_sync_interval: Duration::from_secs(600),
             min_sync_interval: Duration::from_secs(30),
@@ -241,6 +245,7 @@ pub struct Context {
     pub account_index: RefIndex,
     pub backoff: Backoff,
     pub failures: TerminalFailures,
+    pub metrics: Arc<Metrics>,
     /// Which object manages which remote override.
     pub claims: Claims,
     /// Resolved accounts, kept in step by the watches.
@@ -249,6 +254,7 @@ pub struct Context {
     pub drift: Arc<DriftChecker>,
     triggers: Mutex<Vec<(Option<String>, UnboundedSender<GuardRef>)>>,
     pending_scopes: AtomicUsize,
+    running: AtomicBool,
     synced: AtomicBool,
     synced_changed: tokio::sync::Notify,
 }
@@ -256,12 +262,17 @@ pub struct Context {
 impl Context {
     /// The one way to build a context.
     pub fn new(client: Client, config: OperatorConfig) -> Arc<Self> {
-        let dpc = DpcClient::new(ClientSettings {
-            allow_insecure_http: config.allow_insecure_http,
-            request_timeout: config.dpc_request_timeout,
-            max_admission_wait: config.max_admission_wait,
-            ..ClientSettings::default()
-        });
+        let metrics = Arc::new(Metrics::new(config.per_object_metrics));
+        let observer: Arc<dyn crate::dpc::CallObserver> = metrics.clone();
+        let dpc = DpcClient::with_observer(
+            ClientSettings {
+                allow_insecure_http: config.allow_insecure_http,
+                request_timeout: config.dpc_request_timeout,
+                max_admission_wait: config.max_admission_wait,
+                ..ClientSettings::default()
+            },
+            Some(observer),
+        );
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -279,6 +290,8 @@ impl Context {
             index: RefIndex::default(),
             account_index: RefIndex::default(),
             failures: TerminalFailures::default(),
+            metrics,
+            running: AtomicBool::new(false),
             claims: Claims::default(),
             accounts: AccountCache::new(Duration::from_secs(60)),
             drift: Arc::new(DriftChecker::new(config_share_window)),
@@ -287,6 +300,11 @@ impl Context {
             synced: AtomicBool::new(false),
             synced_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Whether the controllers are running (false on a follower waiting for the lease).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
     }
 
     /// Whether every watch of ConnectionOverrides has delivered its first list.
@@ -315,6 +333,16 @@ impl Context {
             self.synced.store(true, Ordering::Release);
             self.synced_changed.notify_waiters();
         }
+    }
+
+    /// Forgets everything kept about an object that is gone: what it refers to, its
+    /// backoff, a refused request, its drift checks and its metric series.
+    pub fn forget(&self, key: &ObjKey) {
+        self.index.remove(key);
+        self.backoff.reset(key);
+        self.failures.clear(key);
+        self.drift.unregister(key);
+        self.metrics.forget_object(&key.0, &key.1);
     }
 
     /// Asks for a reconcile of an object now.
@@ -353,7 +381,11 @@ impl Context {
                     triggers = self.claims.observe(cov);
                 }
             }
-            watcher::Event::Delete(obj) => triggers = self.claims.remove(&key_of(obj)),
+            watcher::Event::Delete(obj) => {
+                let key = key_of(obj);
+                self.forget(&key);
+                triggers = self.claims.remove(&key);
+            }
             watcher::Event::InitDone => {
                 // Objects that vanished while the watch was down no longer claim anything.
                 if let Some(seen) = relist.lock().expect("relist lock").take() {
@@ -471,6 +503,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         ctx.config.namespaces.iter().cloned().map(Some).collect()
     };
     ctx.expect_scopes(scopes.len());
+    ctx.running.store(true, Ordering::Release);
     let mut tasks = Vec::new();
     let trigger_ctx = ctx.clone();
     let trigger: crate::drift::Trigger = Arc::new(move |key: &ObjKey| trigger_ctx.trigger(key));
@@ -481,6 +514,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     }
     tasks.push(run_accounts::<ClusterDpcAccount>(ctx.clone(), None, shutdown.clone()).boxed());
     futures::future::join_all(tasks).await;
+    ctx.running.store(false, Ordering::Release);
     info!("controllers stopped");
 }
 
@@ -619,7 +653,20 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
             users(&i5, Reference::Namespace { name: n.name_any() })
         })
         .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .run(
+            |obj, ctx: Arc<Context>| async move {
+                let started = std::time::Instant::now();
+                let result = reconcile::reconcile(obj, ctx.clone()).await;
+                ctx.metrics
+                    .reconciled("connectionoverride", started.elapsed());
+                if let Err(e) = &result {
+                    ctx.metrics.failed("connectionoverride", e.category());
+                }
+                result
+            },
+            reconcile::error_policy,
+            ctx,
+        )
         .for_each(log_result("ConnectionOverride"))
         .await;
 }
@@ -664,7 +711,20 @@ async fn run_accounts<K: AccountObject>(
         })
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(
-            reconcile::account::reconcile::<K>,
+            |obj, ctx: Arc<Context>| async move {
+                let started = std::time::Instant::now();
+                let result = reconcile::account::reconcile::<K>(obj, ctx.clone()).await;
+                let kind = if K::KIND == "DpcAccount" {
+                    "dpcaccount"
+                } else {
+                    "clusterdpcaccount"
+                };
+                ctx.metrics.reconciled(kind, started.elapsed());
+                if let Err(e) = &result {
+                    ctx.metrics.failed(kind, e.category());
+                }
+                result
+            },
             reconcile::account::error_policy::<K>,
             ctx,
         )

@@ -10,11 +10,14 @@ pub mod dpc;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+pub mod admin;
 pub mod claims;
 pub mod controller;
 pub mod drift;
 pub mod duration;
+pub mod http;
 pub mod leader;
+pub mod metrics;
 pub mod reconcile;
 pub mod sandbox;
 pub mod sim;

@@ -4,9 +4,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use dpc_operator::admin::{self, Readiness};
 use dpc_operator::controller::{self, Context, OperatorConfig};
 use dpc_operator::leader::{self, LeaseConfig};
 use dpc_operator::sandbox::SandboxOptions;
@@ -130,6 +132,12 @@ struct RunArgs {
     /// A kubeconfig file; default: $KUBECONFIG, ~/.kube/config, or the in-cluster configuration.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Address of the admin endpoints (/livez, /readyz, /metrics).
+    #[arg(long, env = "DPC_OPERATOR_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// Do not export the per-object condition gauge (one series per object and condition).
+    #[arg(long, env = "DPC_OPERATOR_NO_PER_OBJECT_METRICS")]
+    no_per_object_metrics: bool,
     /// Elect a leader among replicas with a Lease; only the leader reconciles.
     #[arg(long, env = "DPC_OPERATOR_LEADER_ELECTION")]
     leader_election: bool,
@@ -168,6 +176,7 @@ impl RunArgs {
             resync_interval: self.resync_interval,
             min_sync_interval: self.min_sync_interval,
             label_selector: self.selector.clone().filter(|s| !s.is_empty()),
+            per_object_metrics: !self.no_per_object_metrics,
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
             dpc_request_timeout: self.dpc_timeout,
@@ -310,10 +319,6 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = controller::check_crds(&client).await {
-        error!("{e}");
-        return ExitCode::from(3);
-    }
     let config = args.operator_config();
     info!(
         namespaces = ?config.namespaces,
@@ -324,6 +329,37 @@ async fn run(args: RunArgs) -> ExitCode {
     );
     let shutdown = shutdown_on_signals();
     let ctx = Context::new(client.clone(), config);
+    let readiness: Readiness = {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let standby_allowed = args.leader_election;
+        Arc::new(move || {
+            if shutdown.is_cancelled() {
+                Err("shutting down".into())
+            } else if ctx.is_synced() || (standby_allowed && !ctx.is_running()) {
+                Ok(())
+            } else {
+                Err("the watches have not delivered their first lists yet".into())
+            }
+        })
+    };
+    let _admin = match admin::serve(args.admin_addr, ctx.metrics.clone(), readiness).await {
+        Ok(server) => {
+            info!(addr = %server.addr, "admin endpoints: /livez /readyz /metrics");
+            server
+        }
+        Err(e) => {
+            error!(
+                "cannot serve the admin endpoints on {}: {e}",
+                args.admin_addr
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = controller::check_crds(&client).await {
+        error!("{e}");
+        return ExitCode::from(3);
+    }
     if args.leader_election {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "dpc-operator".into());

@@ -57,6 +57,8 @@ impl Operator {
                 "2s",
                 "--dpc-timeout",
                 "5s",
+                "--admin-addr",
+                "127.0.0.1:0",
             ])
             .args(extra)
             .env("RUST_LOG", "debug")
@@ -107,6 +109,19 @@ impl Operator {
             "the operator never printed {needle:?}:\n{}",
             self.output()
         );
+    }
+
+    /// The base URL of the admin endpoints, from the log line that announces them.
+    async fn admin_url(&self) -> String {
+        self.wait_output("admin endpoints").await;
+        let output = self.output();
+        let line = output
+            .lines()
+            .find(|l| l.contains("admin endpoints"))
+            .unwrap();
+        let start = line.find("\"addr\":\"").expect("the addr field") + 8;
+        let end = start + line[start..].find('"').unwrap();
+        format!("http://{}", &line[start..end])
     }
 
     fn output(&self) -> String {
@@ -522,4 +537,112 @@ async fn with_two_replicas_exactly_one_writes_and_killing_it_hands_over() {
     two.terminate();
     assert!(two.wait_exit(Duration::from_secs(8)).await.success());
     assert_eq!(lease_holder(&h).await, None);
+}
+
+/// Polls an HTTP endpoint (nothing pushes readiness) until its status is `expect`.
+async fn wait_status(url: &str, expect: u16) -> String {
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(response) = http.get(url).send().await {
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            if status == expect {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{url} stayed {status}: {body}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Parses Prometheus text: every sample line is `name{labels} value` with a number.
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample: {l}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number: {l}"));
+            let name_end = series.find('{').unwrap_or(series.len());
+            assert!(
+                series[..name_end]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "bad name: {l}"
+            );
+            (series.to_string(), value)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_liveness_readiness_and_metrics() {
+    let h = Harness::start().await;
+    h.emu.hold_lists("connectionoverrides");
+    let mut operator = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+    let admin = operator.admin_url().await;
+    wait_status(&format!("{admin}/livez"), 200).await;
+    let why = wait_status(&format!("{admin}/readyz"), 503).await;
+    assert!(
+        why.contains("have not delivered their first lists"),
+        "{why}"
+    );
+
+    h.emu.release("connectionoverrides");
+    wait_status(&format!("{admin}/readyz"), 200).await;
+    h.apply(&Cov::new("missing", "M").property_from_secret("secretKey", "absent", "k"))
+        .await;
+    h.wait_reason("missing", "SecretNotFound").await;
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    h.wait_ready("sf").await;
+
+    let text = wait_status(&format!("{admin}/metrics"), 200).await;
+    let samples = samples(&text);
+    let value = |series: &str| samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v);
+    assert!(
+        value(r#"dpc_operator_reconciliations_total{kind="connectionoverride"}"#).unwrap() >= 2.0
+    );
+    assert!(value(r#"dpc_operator_reconcile_failures_total{kind="connectionoverride",category="SecretNotFound"}"#).unwrap() >= 1.0);
+    assert_eq!(
+        value(r#"dpc_operator_dpc_requests_total{operation="create",outcome="success"}"#),
+        Some(1.0)
+    );
+    assert!(
+        value(r#"dpc_operator_dpc_request_duration_seconds_count{operation="create"}"#).is_some()
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|(s, _)| s.starts_with("dpc_operator_reconcile_duration_seconds_bucket{"))
+    );
+    assert!(value("dpc_operator_rate_limit_wait_seconds_total").is_some());
+    assert_eq!(
+        value(&format!(
+            r#"dpc_operator_condition{{namespace="{NS}",name="sf",type="Ready",status="True"}}"#
+        )),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&format!(
+            r#"dpc_operator_condition{{namespace="{NS}",name="missing",type="Ready",status="False"}}"#
+        )),
+        Some(1.0)
+    );
+    assert!(!text.contains("not found ("), "no error text in labels");
+
+    // Readiness turns false as soon as shutdown begins, while in-flight work finishes.
+    h.sim
+        .push_fault(Fault::on(SimOp::Create, FaultKind::Delay { ms: 1500 }));
+    h.apply(&Cov::new("slow", "Slow")).await;
+    wait_call(&h, SimOp::Create, 2).await;
+    operator.terminate();
+    wait_status(&format!("{admin}/readyz"), 503).await;
+    assert!(operator.wait_exit(Duration::from_secs(8)).await.success());
 }

@@ -644,10 +644,7 @@ async fn give_up(
 }
 
 fn forget(key: &ObjKey, ctx: &Context) {
-    ctx.index.remove(key);
-    ctx.backoff.reset(key);
-    ctx.failures.clear(key);
-    ctx.drift.unregister(key);
+    ctx.forget(key);
 }
 
 /// Writes the status a pass leads to (only when it differs from what is written), then
@@ -664,6 +661,12 @@ async fn finish(
     if handled.is_some() {
         new.last_handled_reconcile_at = handled;
     }
+    if let Outcome::Failed { reason, .. } = &outcome {
+        ctx.metrics.failed("connectionoverride", reason.as_str());
+    }
+    let (namespace, name) = key_of(&obj.metadata);
+    ctx.metrics
+        .set_conditions(&namespace, &name, &new.conditions);
     if new != *old {
         patch_status(ctx, &obj.metadata, &serde_json::to_value(&new)?).await?;
     }

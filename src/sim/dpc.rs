@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::http::{self, Body, Drop, Req, Server};
+use crate::http::{self, Body, Drop, Req, Server};
 
 /// What a call was, by path and method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

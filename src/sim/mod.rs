@@ -2,5 +2,5 @@
 //! a DPC simulator and a Kubernetes API emulator. No cluster and no DPC account are needed.
 
 pub mod dpc;
-pub mod http;
+
 pub mod kube;

@@ -27,7 +27,7 @@ use hyper::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
-use super::http::{self, Body, Drop, Req, Server};
+use crate::http::{self, Body, Drop, Req, Server};
 use selectors::{FieldSelector, LabelSelector};
 use store::{ApiError, Change, ChangeKind, PatchKind, ResourceType, Store, WriteOptions};
 
@@ -59,6 +59,9 @@ struct State {
     requests: Mutex<BTreeMap<String, u64>>,
     /// Notified on every request.
     served: tokio::sync::Notify,
+    /// Resources (plural names) whose list answers are held back until released.
+    held: Mutex<std::collections::HashSet<String>>,
+    released: tokio::sync::Notify,
 }
 
 /// A running emulator.
@@ -86,6 +89,8 @@ impl KubeEmulator {
             watch_epoch,
             requests: Mutex::new(BTreeMap::new()),
             served: tokio::sync::Notify::new(),
+            held: Mutex::new(std::collections::HashSet::new()),
+            released: tokio::sync::Notify::new(),
         });
         let handler_state = state.clone();
         let server = http::bind_and_serve(addr, move |req| {
@@ -125,6 +130,23 @@ impl KubeEmulator {
     /// Forgets the change history: watches that resume from before now get `410 Gone`.
     pub fn compact(&self) {
         self.state.store.lock().expect("store lock").compact();
+    }
+
+    /// Holds back the answers to lists of `plural` (a slow API server) until [`release`].
+    ///
+    /// [`release`]: KubeEmulator::release
+    pub fn hold_lists(&self, plural: &str) {
+        self.state
+            .held
+            .lock()
+            .expect("held lock")
+            .insert(plural.into());
+    }
+
+    /// Answers the held lists of `plural`.
+    pub fn release(&self, plural: &str) {
+        self.state.held.lock().expect("held lock").remove(plural);
+        self.state.released.notify_waiters();
     }
 
     /// Ends every open watch, as an API server restart or a load balancer would.
@@ -422,6 +444,23 @@ fn decode_continue(token: &str) -> Option<(String, String)> {
 }
 
 async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body> {
+    let is_list = req.method == Method::GET
+        && target.name.is_none()
+        && !req.param("watch").is_some_and(|w| w == "true" || w == "1");
+    if is_list {
+        loop {
+            let released = state.released.notified();
+            if !state
+                .held
+                .lock()
+                .expect("held lock")
+                .contains(&target.rt.plural)
+            {
+                break;
+            }
+            released.await;
+        }
+    }
     let rt = target.rt.clone();
     let ns = target.namespace.as_deref();
     let options = write_options(&req);

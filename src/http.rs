@@ -1,4 +1,4 @@
-//! A small HTTP/1.1 server on hyper shared by the test doubles and the admin endpoints.
+//! A small HTTP/1.1 server on hyper, shared by the admin endpoints and the test doubles.
 //! A handler may answer `Err(Drop)` to close the connection without a response, which a
 //! client sees as a reset connection.
 

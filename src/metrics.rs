@@ -1,0 +1,306 @@
+//! The operator's Prometheus metrics. Labels are bounded: kinds, DPC operations, outcome
+//! classes, condition reasons as failure categories, and, for the per-object condition
+//! gauge, namespace and name. Error text never becomes a label.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::dpc::{CallObserver, Operation};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    kind: &'static str,
+    category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConditionLabels {
+    namespace: String,
+    name: String,
+    #[prometheus(flatten)]
+    condition: ConditionKey,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConditionKey {
+    r#type: String,
+    status: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric of the operator.
+pub struct Metrics {
+    registry: Registry,
+    reconciliations: Family<KindLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    reconcile_duration: Histograms<KindLabels>,
+    dpc_requests: Family<RequestLabels, Counter>,
+    dpc_duration: Histograms<OperationLabels>,
+    rate_limit_wait: Counter<f64, AtomicU64>,
+    conditions: Family<ConditionLabels, Gauge>,
+    /// The status last exported per (namespace, name, type), to drop the old series.
+    condition_state: Mutex<HashMap<(String, String, String), String>>,
+    per_object: bool,
+}
+
+fn reconcile_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn request_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl Metrics {
+    /// The registry with every metric; `per_object` turns the per-object condition gauge on.
+    pub fn new(per_object: bool) -> Self {
+        let mut registry = Registry::with_prefix("dpc_operator");
+        let reconciliations = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "reconciliations",
+            "Reconciliations run, by kind",
+            reconciliations.clone(),
+        );
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Reconciliations that did not reach their goal, by kind and category (the condition reason, or kubernetes/internal)",
+            failures.clone(),
+        );
+        let reconcile_duration: Histograms<KindLabels> =
+            Family::new_with_constructor(reconcile_buckets);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconciliation",
+            reconcile_duration.clone(),
+        );
+        let dpc_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "dpc_requests",
+            "Requests to DPC by operation and outcome (success, a status code or class, timeout, reset, connect_error)",
+            dpc_requests.clone(),
+        );
+        let dpc_duration: Histograms<OperationLabels> =
+            Family::new_with_constructor(request_buckets);
+        registry.register(
+            "dpc_request_duration_seconds",
+            "Duration of one request to DPC",
+            dpc_duration.clone(),
+        );
+        let rate_limit_wait = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time requests spent waiting for an account's request rate",
+            rate_limit_wait.clone(),
+        );
+        let conditions = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "condition",
+            "1 for the current status of each condition of each object (namespace, name, type, status)",
+            conditions.clone(),
+        );
+        Self {
+            registry,
+            reconciliations,
+            failures,
+            reconcile_duration,
+            dpc_requests,
+            dpc_duration,
+            rate_limit_wait,
+            conditions,
+            condition_state: Mutex::new(HashMap::new()),
+            per_object,
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    /// One reconciliation of `kind` ran for `elapsed`.
+    pub fn reconciled(&self, kind: &'static str, elapsed: Duration) {
+        self.reconciliations
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&KindLabels { kind })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A reconciliation of `kind` failed, in `category`.
+    pub fn failed(&self, kind: &'static str, category: &'static str) {
+        self.failures
+            .get_or_create(&FailureLabels { kind, category })
+            .inc();
+    }
+
+    /// The conditions an object now has.
+    pub fn set_conditions(&self, namespace: &str, name: &str, conditions: &[Condition]) {
+        if !self.per_object {
+            return;
+        }
+        let mut state = self.condition_state.lock().expect("metrics lock");
+        for condition in conditions {
+            let key = (
+                namespace.to_string(),
+                name.to_string(),
+                condition.type_.clone(),
+            );
+            if state.get(&key) == Some(&condition.status) {
+                continue;
+            }
+            if let Some(old) = state.insert(key, condition.status.clone()) {
+                self.conditions
+                    .remove(&labels(namespace, name, &condition.type_, &old));
+            }
+            self.conditions
+                .get_or_create(&labels(
+                    namespace,
+                    name,
+                    &condition.type_,
+                    &condition.status,
+                ))
+                .set(1);
+        }
+    }
+
+    /// Drops the series of an object that is gone.
+    pub fn forget_object(&self, namespace: &str, name: &str) {
+        let mut state = self.condition_state.lock().expect("metrics lock");
+        state.retain(|(ns, n, type_), status| {
+            let gone = ns == namespace && n == name;
+            if gone {
+                self.conditions.remove(&labels(ns, n, type_, status));
+            }
+            !gone
+        });
+    }
+}
+
+fn labels(namespace: &str, name: &str, type_: &str, status: &str) -> ConditionLabels {
+    ConditionLabels {
+        namespace: namespace.into(),
+        name: name.into(),
+        condition: ConditionKey {
+            r#type: type_.into(),
+            status: status.into(),
+        },
+    }
+}
+
+impl CallObserver for Metrics {
+    fn observe(&self, operation: Operation, outcome: &'static str, elapsed: Duration) {
+        let operation = operation.as_str();
+        self.dpc_requests
+            .get_or_create(&RequestLabels { operation, outcome })
+            .inc();
+        self.dpc_duration
+            .get_or_create(&OperationLabels { operation })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn waited(&self, elapsed: Duration) {
+        self.rate_limit_wait.inc_by(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn condition(type_: &str, status: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: "R".into(),
+            message: "a message that never becomes a label".into(),
+            observed_generation: None,
+            last_transition_time: Time(Timestamp::now()),
+        }
+    }
+
+    #[test]
+    fn the_condition_gauge_keeps_one_series_per_condition() {
+        let m = Metrics::new(true);
+        m.set_conditions(
+            "ns",
+            "a",
+            &[condition("Ready", "False"), condition("Synced", "False")],
+        );
+        m.set_conditions(
+            "ns",
+            "a",
+            &[condition("Ready", "True"), condition("Synced", "True")],
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"dpc_operator_condition{namespace="ns",name="a",type="Ready",status="True"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(r#"type="Ready",status="False""#), "{text}");
+        assert!(!text.contains("never becomes a label"));
+        m.forget_object("ns", "a");
+        assert!(!m.encode().contains(r#"name="a""#));
+    }
+
+    #[test]
+    fn requests_reconciles_and_waits_are_counted() {
+        let m = Metrics::new(false);
+        m.observe(Operation::Create, "success", Duration::from_millis(20));
+        m.observe(Operation::Create, "429", Duration::from_millis(5));
+        m.waited(Duration::from_millis(1500));
+        m.reconciled("connectionoverride", Duration::from_millis(3));
+        m.failed("connectionoverride", "ApiRejected");
+        m.set_conditions("ns", "a", &[condition("Ready", "True")]);
+        let text = m.encode();
+        for line in [
+            r#"dpc_operator_dpc_requests_total{operation="create",outcome="success"} 1"#,
+            r#"dpc_operator_dpc_requests_total{operation="create",outcome="429"} 1"#,
+            "dpc_operator_rate_limit_wait_seconds_total 1.5",
+            r#"dpc_operator_reconciliations_total{kind="connectionoverride"} 1"#,
+            r#"dpc_operator_reconcile_failures_total{kind="connectionoverride",category="ApiRejected"} 1"#,
+            r#"dpc_operator_dpc_request_duration_seconds_count{operation="create"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("dpc_operator_condition{"),
+            "per-object series are off"
+        );
+    }
+}
