@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
 use kube::runtime::{WatchStreamExt, predicates};
@@ -237,7 +238,8 @@ impl TerminalFailures {
 pub struct Context {
     pub client: Client,
     pub dpc: DpcClient,
-    pub recorder: Recorder,
+    /// Events wait here for the publisher task: a reconcile does not wait for them.
+    events: tokio::sync::mpsc::Sender<(KubeEvent, ObjectReference)>,
     pub config: OperatorConfig,
     /// ConnectionOverrides by what they refer to.
     pub index: RefIndex,
@@ -281,11 +283,13 @@ impl Context {
             },
         );
         let config_share_window = config.drift_share_window;
+        let (events, queue) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(publish_events(recorder, queue));
         Arc::new(Self {
+            events,
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
             client,
             dpc,
-            recorder,
             config,
             index: RefIndex::default(),
             account_index: RefIndex::default(),
@@ -300,6 +304,15 @@ impl Context {
             synced: AtomicBool::new(false),
             synced_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Queues an Event for publishing. Events are informational: when the queue is full (a
+    /// very busy API server) the Event is dropped with a warning rather than slowing
+    /// reconciles.
+    pub fn publish(&self, event: KubeEvent, reference: ObjectReference) {
+        if self.events.try_send((event, reference)).is_err() {
+            warn!("the Event queue is full; an Event was dropped");
+        }
     }
 
     /// Whether the controllers are running (false on a follower waiting for the lease).
@@ -413,6 +426,18 @@ impl Context {
                 .resync_interval
                 .mul_f64(rand::rng().random_range(0.9..1.1)),
         )
+    }
+}
+
+/// Publishes queued Events in order until every sender is gone.
+async fn publish_events(
+    recorder: Recorder,
+    mut queue: tokio::sync::mpsc::Receiver<(KubeEvent, ObjectReference)>,
+) {
+    while let Some((event, reference)) = queue.recv().await {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            warn!(error = %e, "could not publish an Event");
+        }
     }
 }
 

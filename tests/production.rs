@@ -37,6 +37,7 @@ fn drifted(
 
 #[tokio::test]
 async fn a_hundred_rotated_secrets_each_reach_dpc_within_a_second() {
+    let _timing = TIMING.lock().await;
     let h = Harness::start().await;
     for i in 0..100 {
         h.put_secret(&format!("refs-{i}"), &[("key", &format!("v1-{i}"))])
@@ -63,7 +64,7 @@ async fn a_hundred_rotated_secrets_each_reach_dpc_within_a_second() {
         let h = &h;
         async move {
             let at = h.sim.now_ms();
-            h.put_secret(&format!("refs-{i}"), &[("key", &format!("v2-{i}"))])
+            h.rotate_secret(&format!("refs-{i}"), "key", &format!("v2-{i}"))
                 .await;
             (format!("C{i}"), at)
         }
@@ -121,6 +122,7 @@ async fn a_hundred_rotated_secrets_each_reach_dpc_within_a_second() {
 
 #[tokio::test]
 async fn quiet_sync_intervals_read_once_per_environment_and_write_nothing() {
+    let _timing = TIMING.lock().await;
     let h = Harness::start_with(fast_drift(), SimConfig::default())
         .await
         .run();
@@ -418,6 +420,7 @@ async fn a_deletion_that_cannot_reach_dpc_is_released_after_deletion_timeout() {
 
 #[tokio::test]
 async fn the_accounts_request_rate_is_never_exceeded() {
+    let _timing = TIMING.lock().await;
     // Slots further than 300 ms away are not waited for in place: those objects are told to
     // come back at their slot (16 workers at 10 requests/s reserve up to ~1.6 s ahead).
     let config = OperatorConfig {
@@ -473,6 +476,7 @@ async fn the_accounts_request_rate_is_never_exceeded() {
 
 #[tokio::test]
 async fn a_429_holds_all_twenty_waiting_objects_for_retry_after() {
+    let _timing = TIMING.lock().await;
     let h = Harness::start().await;
     h.sim.push_fault(Fault::on(
         SimOp::Create,

@@ -15,6 +15,8 @@ const ROTATED_VALUE: &str = "sv-8a7b6c-second-value";
 
 #[tokio::test]
 async fn no_secret_value_reaches_logs_status_or_events() {
+    // Capture every log line of this process, from the start.
+    captured_logs();
     let h = Harness::start().await;
     h.put_secret("refs", &[("key", PROPERTY_VALUE)]).await;
     // DPC echoes the submitted value in its problem details: it must be redacted.

@@ -718,9 +718,7 @@ pub(crate) async fn publish(ctx: &Context, reference: &ObjectReference, event: E
         action: event.action,
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
-        warn!(error = %e, "could not publish an Event");
-    }
+    ctx.publish(event, reference.clone());
 }
 
 async fn ensure_finalizer(obj: &ConnectionOverride, ctx: &Context) -> Result<(), Error> {

@@ -32,6 +32,9 @@ pub const CLIENT_ID: &str = "client-7f3a9";
 pub const CLIENT_SECRET: &str = "cs-9d8e7f6a5b4c3d2e1f";
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// Held by the tests that measure time, so two of them never share the machine's cores.
+pub static TIMING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Every log line of this test process, for the secret-leak checks.
 pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
@@ -93,7 +96,6 @@ impl Harness {
     }
 
     pub async fn start_with(config: OperatorConfig, sim_config: SimConfig) -> Self {
-        captured_logs();
         let emu = KubeEmulator::start().await.unwrap();
         let sim = DpcSim::start(sim_config).await.unwrap();
         sim.add_client(CLIENT_ID, CLIENT_SECRET);
@@ -165,6 +167,15 @@ impl Harness {
         )
         .await
         .unwrap();
+    }
+
+    /// Rotates a value of an existing Secret with one write.
+    pub async fn rotate_secret(&self, name: &str, key: &str, value: &str) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let patch = serde_json::json!({"stringData": {key: value}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
     }
 
     /// Changes a label of a Secret: a metadata change that carries no new value.
