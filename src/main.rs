@@ -132,6 +132,9 @@ struct RunArgs {
     /// A kubeconfig file; default: $KUBECONFIG, ~/.kube/config, or the in-cluster configuration.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Export reconcile and DPC-request spans to this OTLP/HTTP collector (off when unset).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Address of the admin endpoints (/livez, /readyz, /metrics).
     #[arg(long, env = "DPC_OPERATOR_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     admin_addr: SocketAddr,
@@ -190,6 +193,9 @@ impl RunArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before anything builds a TLS client (the Kubernetes client, the DPC client, the OTLP
+    // exporter).
+    dpc_operator::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
         None => run(cli.run).await,
@@ -201,7 +207,7 @@ async fn main() -> ExitCode {
 
 async fn sandbox(args: SandboxArgs) -> ExitCode {
     // The sandbox prints its own account of what happens; operator logs only for problems.
-    telemetry::init_with_default(LogFormat::Text, "warn");
+    let _telemetry = telemetry::init_with(LogFormat::Text, "warn", None);
     let options = SandboxOptions {
         once: args.once,
         timeout: args.timeout,
@@ -311,7 +317,17 @@ fn shutdown_on_signals() -> CancellationToken {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
-    telemetry::init(args.log_format);
+    let telemetry = telemetry::init_with(
+        args.log_format,
+        "info",
+        args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()),
+    );
+    let code = run_operator(args).await;
+    telemetry.shutdown().await;
+    code
+}
+
+async fn run_operator(args: RunArgs) -> ExitCode {
     let client = match kube_client(args.kubeconfig.as_ref()).await {
         Ok(client) => client,
         Err(e) => {

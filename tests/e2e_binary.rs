@@ -646,3 +646,70 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     wait_status(&format!("{admin}/readyz"), 503).await;
     assert!(operator.wait_exit(Duration::from_secs(8)).await.success());
 }
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_only_when_configured() {
+    let received: Arc<Mutex<Vec<(String, String, bytes::Bytes)>>> = Arc::default();
+    let sink = received.clone();
+    let collector =
+        dpc_operator::http::bind_and_serve("127.0.0.1:0".parse().unwrap(), move |req| {
+            let sink = sink.clone();
+            async move {
+                let content_type = req.header("content-type").unwrap_or("").to_string();
+                sink.lock().unwrap().push((
+                    req.uri.path().to_string(),
+                    content_type,
+                    req.body.clone(),
+                ));
+                Ok(dpc_operator::http::text(hyper::StatusCode::OK, ""))
+            }
+        })
+        .await
+        .unwrap();
+    let h = Harness::start().await;
+    let endpoint = format!("http://{}", collector.addr);
+    let mut operator = Operator::start(
+        &kubeconfig_file(&h),
+        &["--allow-insecure-http", "--otlp-endpoint", &endpoint],
+    );
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    h.wait_ready("sf").await;
+    operator.terminate();
+    assert!(operator.wait_exit(Duration::from_secs(10)).await.success());
+
+    let exports = received.lock().unwrap().clone();
+    assert!(
+        !exports.is_empty(),
+        "shutdown flushed the spans:\n{}",
+        operator
+            .output()
+            .lines()
+            .filter(|l| !l.contains("DEBUG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let mut all = Vec::new();
+    for (path, content_type, body) in &exports {
+        assert_eq!(path, "/v1/traces");
+        assert_eq!(content_type, "application/x-protobuf");
+        all.extend_from_slice(body);
+    }
+    let contains = |needle: &str| all.windows(needle.len()).any(|w| w == needle.as_bytes());
+    for name in ["reconcile", "dpc_request", "dpc-operator", "create", "sf"] {
+        assert!(contains(name), "the exported spans lack {name:?}");
+    }
+    let mut secrets = vec![CLIENT_SECRET.to_string()];
+    secrets.extend(h.sim.issued_tokens());
+    for secret in &secrets {
+        assert!(!contains(secret), "a secret value was exported in a span");
+    }
+
+    // Without an endpoint nothing is exported (and nothing tries to).
+    let before = received.lock().unwrap().len();
+    let mut quiet = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+    h.apply(&Cov::new("other", "Other")).await;
+    h.wait_ready("other").await;
+    quiet.terminate();
+    assert!(quiet.wait_exit(Duration::from_secs(10)).await.success());
+    assert_eq!(received.lock().unwrap().len(), before);
+}

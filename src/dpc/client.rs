@@ -12,6 +12,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
+use tracing::Instrument;
 use url::Url;
 
 use super::error::{DpcError, Operation, transport_kind};
@@ -699,6 +700,7 @@ impl AccountHandle {
         self.check_gate(operation)?;
         self.admit(operation).await?;
         self.check_gate(operation)?;
+        let span = tracing::info_span!("dpc_request", operation = operation.as_str(), account = %self.state.key, outcome = tracing::field::Empty);
         let started = std::time::Instant::now();
         let result = async {
             let response = request.send().await?;
@@ -715,6 +717,7 @@ impl AccountHandle {
                 body,
             })
         }
+        .instrument(span.clone())
         .await;
         let outcome = match &result {
             Ok(answer) if answer.status.is_success() => "success",
@@ -726,6 +729,7 @@ impl AccountHandle {
                 super::error::TransportKind::Other => "transport_error",
             },
         };
+        span.record("outcome", outcome);
         if let Some(observer) = &self.client.inner.observer {
             observer.observe(operation, outcome, started.elapsed());
         }
