@@ -11,6 +11,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 pub mod admin;
+pub mod bench;
 pub mod claims;
 pub mod controller;
 pub mod drift;
@@ -21,4 +22,5 @@ pub mod metrics;
 pub mod reconcile;
 pub mod sandbox;
 pub mod sim;
+pub mod soak;
 pub mod telemetry;

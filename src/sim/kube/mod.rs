@@ -180,6 +180,15 @@ impl KubeEmulator {
         }
     }
 
+    /// How many stored objects of `(group, plural)` satisfy `pred`, without copying them.
+    pub fn count_where(&self, group: &str, plural: &str, pred: impl Fn(&Value) -> bool) -> usize {
+        self.state
+            .store
+            .lock()
+            .expect("store lock")
+            .count_where(group, plural, pred)
+    }
+
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.state

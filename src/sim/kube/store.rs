@@ -389,6 +389,14 @@ impl Store {
             .cloned()
     }
 
+    /// How many objects of `(group, plural)` satisfy `pred` (for harnesses; no copies made).
+    pub fn count_where(&self, group: &str, plural: &str, pred: impl Fn(&Value) -> bool) -> usize {
+        self.types
+            .get(&(group.to_string(), plural.to_string()))
+            .map(|t| t.objects.values().filter(|o| pred(o)).count())
+            .unwrap_or(0)
+    }
+
     /// Changes after `rv` of one type, or `None` when `rv` is older than the history.
     pub fn changes_since(&self, type_key: &TypeKey, rv: u64) -> Option<Vec<Arc<Change>>> {
         if rv < self.compacted_rv {
