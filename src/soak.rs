@@ -98,7 +98,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
 
     let new_value = |rng: &mut StdRng, i: usize| format!("sv-{i}-{:08x}", rng.random::<u32>());
     for i in 0..options.objects {
-        let value = (i % 2 == 0).then(|| new_value(&mut rng, i));
+        let value = i.is_multiple_of(2).then(|| new_value(&mut rng, i));
         if let Some(v) = &value {
             world.put_secret(&secret_name(i), &[("key", v)]).await;
             secret_values.insert(v.clone());
@@ -112,7 +112,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
         );
     }
     let objects = options.objects;
-    bench::create_objects(&world.client, 0..objects, |i| soak_spec(i)).await;
+    bench::create_objects(&world.client, 0..objects, soak_spec).await;
 
     let log = |n: usize| options.work_dir.join(format!("operator-{n}.log"));
     let flags: Vec<String> = [
@@ -214,12 +214,12 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
             60..70 => {
                 let i = next_object;
                 next_object += 1;
-                let value = (i % 2 == 0).then(|| new_value(&mut rng, i));
+                let value = i.is_multiple_of(2).then(|| new_value(&mut rng, i));
                 if let Some(v) = &value {
                     world.put_secret(&secret_name(i), &[("key", v)]).await;
                     secret_values.insert(v.clone());
                 }
-                bench::create_objects(&world.client, i..i + 1, |i| soak_spec(i)).await;
+                bench::create_objects(&world.client, i..i + 1, soak_spec).await;
                 desired.insert(
                     i,
                     Desired {
@@ -378,7 +378,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
 
 fn soak_spec(i: usize) -> crate::api::ConnectionOverrideSpec {
     let mut spec = bench::spec_of(i, 3, Some(SYNC), 0);
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         spec.connection_overrides
             .connection_properties_from
             .push(crate::api::PropertyFrom {
