@@ -62,10 +62,15 @@ pub struct BenchReport {
     pub dpc_calls_to_converge: usize,
     pub ideal_seconds: f64,
     pub ratio_to_ideal: f64,
+    /// From the operator's start to its first write.
+    pub seconds_to_first_write: f64,
+    /// From the first write to the last.
+    pub seconds_of_writes: f64,
     pub writes_per_object: f64,
     pub sync_interval_secs: f64,
     pub quiet_intervals: u32,
     pub quiet_reads: usize,
+    pub quiet_list_pages: usize,
     pub quiet_reads_allowed: usize,
     pub quiet_writes: usize,
     pub too_many_requests: usize,
@@ -430,6 +435,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         "--min-sync-interval".into(),
         "1s".into(),
     ];
+    let started_ms = world.sim.now_ms();
     let mut operator =
         OperatorProcess::start(&options.operator, &world.kubeconfig, &log, "warn", &extra)
             .map_err(|e| format!("starting {}: {e}", options.operator.display()))?;
@@ -439,6 +445,23 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
     let took = world.wait_ready(options.objects, converge_timeout).await?;
     let calls = world.sim.calls();
     let dpc_calls = calls.len();
+    let write_times: Vec<u64> = calls
+        .iter()
+        .filter(|c| c.is_write())
+        .map(|c| c.at_ms)
+        .collect();
+    let first_write_ms = write_times
+        .iter()
+        .min()
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(started_ms);
+    let write_span_ms = write_times
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(write_times.iter().min().copied().unwrap_or(0));
     let writes = calls.iter().filter(|c| c.is_write()).count();
     let mut too_many = calls.iter().filter(|c| c.status == Some(429)).count();
     let ideal = dpc_calls as f64 * options.latency.as_secs_f64() / f64::from(options.concurrency);
@@ -457,7 +480,12 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
     let quiet_elapsed = quiet_started.elapsed();
     let (_, cpu_after) = process_stats(pid).ok_or("reading /proc")?;
     let quiet = world.sim.calls();
-    let quiet_reads = quiet.iter().filter(|c| c.op == SimOp::List).count();
+    // A list is one read however many pages it takes; pages are reported too.
+    let quiet_pages = quiet.iter().filter(|c| c.op == SimOp::List).count();
+    let quiet_reads = quiet
+        .iter()
+        .filter(|c| c.op == SimOp::List && c.param("page").is_none_or(|p| p == "0"))
+        .count();
     let quiet_writes = quiet.iter().filter(|c| c.is_write()).count();
     too_many += quiet.iter().filter(|c| c.status == Some(429)).count();
     // One list per environment per interval; the ±10 % jitter can fit one more in.
@@ -532,10 +560,13 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         dpc_calls_to_converge: dpc_calls,
         ideal_seconds: ideal,
         ratio_to_ideal: took.as_secs_f64() / ideal.max(f64::EPSILON),
+        seconds_to_first_write: first_write_ms as f64 / 1000.0,
+        seconds_of_writes: write_span_ms as f64 / 1000.0,
         writes_per_object: writes as f64 / options.objects.max(1) as f64,
         sync_interval_secs: options.sync_interval.as_secs_f64(),
         quiet_intervals,
         quiet_reads,
+        quiet_list_pages: quiet_pages,
         quiet_reads_allowed,
         quiet_writes,
         too_many_requests: too_many,
@@ -575,14 +606,21 @@ pub fn table(r: &BenchReport) -> String {
         ),
         ("ratio to ideal", format!("{:.2}", r.ratio_to_ideal)),
         (
+            "start to first write / first to last write",
+            format!(
+                "{:.2} s / {:.2} s",
+                r.seconds_to_first_write, r.seconds_of_writes
+            ),
+        ),
+        (
             "DPC writes per object",
             format!("{:.3}", r.writes_per_object),
         ),
         (
-            "quiet: reads / writes over 3 sync intervals",
+            "quiet: list reads / writes over 3 sync intervals",
             format!(
-                "{} (at most {}) / {}",
-                r.quiet_reads, r.quiet_reads_allowed, r.quiet_writes
+                "{} (at most {}; {} pages) / {}",
+                r.quiet_reads, r.quiet_reads_allowed, r.quiet_list_pages, r.quiet_writes
             ),
         ),
         ("429s received", r.too_many_requests.to_string()),

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event as KubeEvent, Recorder, Reporter};
+use kube::runtime::events::Event as KubeEvent;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
 use kube::runtime::{WatchStreamExt, predicates};
@@ -275,16 +275,16 @@ impl Context {
             },
             Some(observer),
         );
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: config.reporter.clone(),
-                instance: config.instance.clone(),
-            },
-        );
+        let reporter = Reporter {
+            controller: config.reporter.clone(),
+            instance: config
+                .instance
+                .clone()
+                .unwrap_or_else(|| config.reporter.clone()),
+        };
         let config_share_window = config.drift_share_window;
         let (events, queue) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(publish_events(recorder, queue));
+        tokio::spawn(publish_events(client.clone(), reporter, queue));
         Arc::new(Self {
             events,
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
@@ -429,13 +429,55 @@ impl Context {
     }
 }
 
-/// Publishes queued Events in order until every sender is gone.
+/// Who reports Events.
+#[derive(Clone)]
+struct Reporter {
+    controller: String,
+    instance: String,
+}
+
+/// Publishes queued Events (`events.k8s.io/v1`) in order until every sender is gone. Nothing
+/// is cached: Events are published on transitions, so there is little to aggregate, and a
+/// cache of every object's last Event would grow with the number of objects.
 async fn publish_events(
-    recorder: Recorder,
+    client: Client,
+    reporter: Reporter,
     mut queue: tokio::sync::mpsc::Receiver<(KubeEvent, ObjectReference)>,
 ) {
+    use k8s_openapi::api::events::v1::Event;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     while let Some((event, reference)) = queue.recv().await {
-        if let Err(e) = recorder.publish(&event, &reference).await {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let namespace = reference
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = format!(
+            "{}.{:x}",
+            reference.name.as_deref().unwrap_or(&reporter.controller),
+            now.as_nanosecond()
+        );
+        let record = Event {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            action: Some(event.action),
+            reason: Some(event.reason),
+            note: event.note,
+            type_: Some(match event.type_ {
+                kube::runtime::events::EventType::Normal => "Normal".into(),
+                kube::runtime::events::EventType::Warning => "Warning".into(),
+            }),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(reference),
+            reporting_controller: Some(reporter.controller.clone()),
+            reporting_instance: Some(reporter.instance.clone()),
+            ..Default::default()
+        };
+        let api: Api<Event> = Api::namespaced(client.clone(), &namespace);
+        if let Err(e) = api.create(&kube::api::PostParams::default(), &record).await {
             warn!(error = %e, "could not publish an Event");
         }
     }
@@ -500,6 +542,17 @@ fn trigger_hash(obj: &DeserializeGuard<ConnectionOverride>) -> Option<u64> {
 }
 
 type GuardRef = ObjectRef<DeserializeGuard<ConnectionOverride>>;
+
+/// Drops what the operator never reads from a watched object before it is stored:
+/// `managedFields`, and annotations other than the operator's own (kubectl's
+/// last-applied-configuration alone repeats the whole spec).
+fn slim(obj: &mut DeserializeGuard<ConnectionOverride>) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|k, _| k.starts_with("dpc-operator.io/"));
+    }
+}
 
 fn to_refs(users: Vec<ObjKey>) -> Vec<GuardRef> {
     users
@@ -576,6 +629,8 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     let first_sync = AtomicBool::new(false);
     let main = watcher::watcher(api, config)
         .default_backoff()
+        // Keep only what reconciles read: the store holds every object.
+        .modify(slim)
         .map_ok(move |event| {
             hook.observe_event(hook_scope.as_deref(), &event, &relist, &first_sync);
             event

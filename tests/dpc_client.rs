@@ -135,7 +135,10 @@ async fn token_is_fetched_once_with_the_documented_form_and_reused() {
             }
         })
     );
-    assert_eq!(calls[2].query.as_deref(), Some("environmentName=PROD"));
+    assert_eq!(
+        calls[2].query.as_deref(),
+        Some("environmentName=PROD&size=100")
+    );
 }
 
 #[tokio::test]
@@ -271,7 +274,7 @@ async fn list_reads_arrays_single_objects_and_every_envelope_page() {
     for shape in [ListShape::Array, ListShape::Single, ListShape::Envelope] {
         let config = SimConfig {
             list_shape: shape,
-            page_size: 2,
+            max_page_size: 2,
             ..SimConfig::default()
         };
         let (sim, dpc) = setup(config).await;

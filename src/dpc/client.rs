@@ -27,6 +27,8 @@ pub const DEFAULT_TOKEN_URL: &str = "https://id.core.matillion.com/oauth/dpc/tok
 pub const DEFAULT_AUDIENCE: &str = "https://api.matillion.com";
 /// Token lifetime assumed when the token answer has no `expires_in` (the documented 30 min).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(1800);
+/// The page size asked of list calls: the documented maximum of DPC's list endpoints.
+const LIST_PAGE_SIZE: u64 = 100;
 /// Longest URL we send; longer DELETEs are split (DPC answers 400 to over-long URLs).
 const MAX_URL_LEN: usize = 2000;
 /// Characters left as they are in a query value (RFC 3986 unreserved); everything else,
@@ -412,9 +414,14 @@ impl AccountHandle {
         let mut page_params: Option<(u64, u64)> = None;
         for _ in 0..1000 {
             let mut query = vec![("environmentName", environment.to_string())];
-            if let Some((page, size)) = page_params {
-                query.push(("page", page.to_string()));
-                query.push(("size", size.to_string()));
+            match page_params {
+                Some((page, size)) => {
+                    query.push(("page", page.to_string()));
+                    query.push(("size", size.to_string()));
+                }
+                // Ask for the largest page list endpoints document, so one call usually
+                // answers for a whole environment.
+                None => query.push(("size", LIST_PAGE_SIZE.to_string())),
             }
             let url = self.overrides_url(project_id, &query);
             let answer = self.send(Operation::List, Method::GET, url, None).await?;

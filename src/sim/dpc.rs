@@ -149,7 +149,10 @@ pub struct SimConfig {
     /// The older documented behaviour: POST creates or updates (never 409).
     pub post_upserts: bool,
     pub list_shape: ListShape,
+    /// Envelope page size when the request asks for none.
     pub page_size: usize,
+    /// The largest page an envelope answer holds, whatever was asked.
+    pub max_page_size: usize,
     pub create_status: u16,
     pub update_status: u16,
     pub delete_status: u16,
@@ -172,6 +175,7 @@ impl Default for SimConfig {
             post_upserts: false,
             list_shape: ListShape::Envelope,
             page_size: 25,
+            max_page_size: 100,
             create_status: 201,
             update_status: 200,
             delete_status: 204,
@@ -1186,7 +1190,7 @@ fn list(inner: &Inner, project: &str, req: &Req) -> Response<Body> {
                 .param("size")
                 .and_then(|s| s.parse::<usize>().ok())
                 .unwrap_or(inner.config.page_size)
-                .clamp(1, 100);
+                .clamp(1, inner.config.max_page_size.max(1));
             let page = req
                 .param("page")
                 .and_then(|s| s.parse::<usize>().ok())
