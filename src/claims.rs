@@ -3,7 +3,7 @@
 //! creation time, then namespace and name) manages it, the others report `Conflict` and never
 //! write. The index is fed from the watch, so it knows every object before any reconcile acts.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::api::{AccountKind, ConnectionOverride};
@@ -51,13 +51,27 @@ impl std::fmt::Display for RemoteKey {
     }
 }
 
-/// `(creation time, namespace, name)`: oldest first.
-type Claimant = (String, String, String);
+/// `(creation time in seconds, namespace, name)`: oldest first.
+type Claimant = (i64, ObjKey);
+
+/// A remote key as a 64-bit digest: the index holds one per object, so it stays small at
+/// tens of thousands of objects (the key itself is rebuilt from an object when needed).
+type RemoteId = u64;
+
+impl RemoteKey {
+    fn id(&self) -> RemoteId {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
+}
 
 #[derive(Default)]
 struct Inner {
-    by_remote: HashMap<RemoteKey, BTreeSet<Claimant>>,
-    by_object: HashMap<ObjKey, (RemoteKey, Claimant)>,
+    /// Claimants of each remote override, oldest first (almost always just one).
+    by_remote: HashMap<RemoteId, Vec<Claimant>>,
+    by_object: HashMap<ObjKey, (RemoteId, i64)>,
 }
 
 /// The claims of all watched ConnectionOverrides.
@@ -66,9 +80,8 @@ pub struct Claims {
     inner: Mutex<Inner>,
 }
 
-fn owner_of(set: Option<&BTreeSet<Claimant>>) -> Option<ObjKey> {
-    set.and_then(|s| s.iter().next())
-        .map(|(_, ns, name)| (ns.clone(), name.clone()))
+fn owner_of(set: Option<&Vec<Claimant>>) -> Option<ObjKey> {
+    set.and_then(|s| s.first()).map(|(_, key)| key.clone())
 }
 
 impl Claims {
@@ -79,33 +92,27 @@ impl Claims {
             obj.metadata.namespace.clone().unwrap_or_default(),
             obj.metadata.name.clone().unwrap_or_default(),
         );
-        let remote = RemoteKey::of(obj);
+        let remote = RemoteKey::of(obj).id();
         let created = obj
             .metadata
             .creation_timestamp
             .as_ref()
-            .map(|t| t.0.to_string())
-            .unwrap_or_default();
-        let claimant = (created, key.0.clone(), key.1.clone());
+            .map(|t| t.0.as_second())
+            .unwrap_or(0);
         let mut inner = self.inner.lock().expect("claims lock");
-        if inner.by_object.get(&key) == Some(&(remote.clone(), claimant.clone())) {
+        if inner.by_object.get(&key) == Some(&(remote, created)) {
             return Vec::new();
         }
         let mut triggers = self.remove_locked(&mut inner, &key);
         let before = owner_of(inner.by_remote.get(&remote));
-        inner
-            .by_remote
-            .entry(remote.clone())
-            .or_default()
-            .insert(claimant.clone());
-        inner.by_object.insert(key, (remote.clone(), claimant));
+        let claimants = inner.by_remote.entry(remote).or_default();
+        let claimant = (created, key.clone());
+        let at = claimants.binary_search(&claimant).unwrap_or_else(|at| at);
+        claimants.insert(at, claimant);
+        inner.by_object.insert(key, (remote, created));
         let after = owner_of(inner.by_remote.get(&remote));
         if before != after {
-            triggers.extend(
-                inner.by_remote[&remote]
-                    .iter()
-                    .map(|(_, ns, name)| (ns.clone(), name.clone())),
-            );
+            triggers.extend(inner.by_remote[&remote].iter().map(|(_, key)| key.clone()));
         }
         triggers
     }
@@ -117,12 +124,12 @@ impl Claims {
     }
 
     fn remove_locked(&self, inner: &mut Inner, key: &ObjKey) -> Vec<ObjKey> {
-        let Some((remote, claimant)) = inner.by_object.remove(key) else {
+        let Some((remote, created)) = inner.by_object.remove(key) else {
             return Vec::new();
         };
         let before = owner_of(inner.by_remote.get(&remote));
         if let Some(set) = inner.by_remote.get_mut(&remote) {
-            set.remove(&claimant);
+            set.retain(|c| *c != (created, key.clone()));
             if set.is_empty() {
                 inner.by_remote.remove(&remote);
             }
@@ -148,7 +155,7 @@ impl Claims {
     /// The object that manages `remote`, when it is not `me`.
     pub fn other_owner(&self, remote: &RemoteKey, me: &ObjKey) -> Option<ObjKey> {
         let inner = self.inner.lock().expect("claims lock");
-        owner_of(inner.by_remote.get(remote)).filter(|owner| owner != me)
+        owner_of(inner.by_remote.get(&remote.id())).filter(|owner| owner != me)
     }
 }
 

@@ -2,8 +2,14 @@
 //! environment) per sync interval, shared by every object in that environment, and compared
 //! with what each object last applied. Objects that drifted (or stopped drifting) are handed
 //! back to the controller, which corrects or reports per the object's `driftPolicy`.
+//!
+//! Memory matters here (tens of thousands of objects): an object is remembered by the field
+//! names it sets and hashes of their values, and a list answer is kept only in that form and
+//! only as long as other objects may share it.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::api::RemoteStatus;
 use crate::controller::ObjKey;
 use crate::dpc::{AccountHandle, AccountKey, DpcError, OverrideRequest, RemoteOverride};
 
@@ -52,48 +59,135 @@ impl Finding {
     }
 }
 
-/// Compares what DPC holds with the desired request. Properties must match exactly (an extra
-/// property in DPC is drift: a PUT would remove it); `secretsLocation` and `authType` are
-/// compared only where the spec sets them (DPC may fill in defaults).
-pub fn compare(desired: &OverrideRequest, remote: Option<&RemoteOverride>) -> Finding {
-    let Some(remote) = remote else {
+fn digest<T: Hash + ?Sized>(value: &T) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn json_digest(value: &Value) -> u64 {
+    digest(&crate::dpc::types::canonical_json(value))
+}
+
+/// What an object wants DPC to hold, as field names and hashes of their values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    auth_type: Option<u64>,
+    /// Every property, by name (sorted).
+    properties: Box<[(Box<str>, u64)]>,
+    /// The `secretsLocation` fields the spec sets.
+    location: Box<[(Box<str>, u64)]>,
+}
+
+impl Expected {
+    pub fn of(request: &OverrideRequest) -> Self {
+        let properties = request
+            .connection_overrides
+            .connection_properties
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().into(),
+                    digest(&Value::String(v.clone()).to_string()),
+                )
+            })
+            .collect();
+        let location = match &request.connection_overrides.secrets_location {
+            Some(Value::Object(map)) => {
+                let mut fields: Vec<(Box<str>, u64)> = map
+                    .iter()
+                    .map(|(k, v)| (k.as_str().into(), json_digest(v)))
+                    .collect();
+                fields.sort();
+                fields.into_boxed_slice()
+            }
+            _ => Vec::new().into_boxed_slice(),
+        };
+        Self {
+            auth_type: request.auth_type.as_deref().map(digest),
+            properties,
+            location,
+        }
+    }
+}
+
+/// An override as the last list answer showed it: the same form as [`Expected`], plus what
+/// status reports about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Seen {
+    auth_type: Option<u64>,
+    properties: Box<[(Box<str>, u64)]>,
+    location: BTreeMap<Box<str>, u64>,
+    /// What DPC reported, for status.
+    pub status: RemoteStatus,
+}
+
+impl Seen {
+    pub fn of(remote: &RemoteOverride) -> Self {
+        let overrides = remote
+            .connection_overrides
+            .as_ref()
+            .and_then(Value::as_object);
+        let mut properties: Vec<(Box<str>, u64)> = overrides
+            .and_then(|o| o.get("connectionProperties"))
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.as_str().into(), digest(&v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        properties.sort();
+        let location = overrides
+            .and_then(|o| o.get("secretsLocation"))
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.as_str().into(), json_digest(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            auth_type: remote.auth_type.as_deref().map(digest),
+            properties: properties.into(),
+            location,
+            status: crate::reconcile::report::remote_status(remote),
+        }
+    }
+}
+
+/// Compares what DPC holds with what an object wants. Properties must match exactly (an
+/// extra property in DPC is drift: a PUT would remove it); `secretsLocation` and `authType`
+/// are compared only where the spec sets them (DPC may fill in defaults).
+pub fn compare(expected: &Expected, seen: Option<&Seen>) -> Finding {
+    let Some(seen) = seen else {
         return Finding::Missing;
     };
     let mut fields = Vec::new();
-    if let Some(auth) = &desired.auth_type
-        && remote.auth_type.as_deref() != Some(auth.as_str())
+    if let Some(auth) = expected.auth_type
+        && seen.auth_type != Some(auth)
     {
         fields.push("authType".to_string());
     }
-    let empty = serde_json::Map::new();
-    let remote_overrides = remote
-        .connection_overrides
-        .as_ref()
-        .and_then(Value::as_object)
-        .unwrap_or(&empty);
-    let remote_props: BTreeMap<String, Value> = remote_overrides
-        .get("connectionProperties")
-        .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
-    let desired_props = &desired.connection_overrides.connection_properties;
-    let mut keys: Vec<&String> = desired_props.keys().chain(remote_props.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    for key in keys {
-        let want = desired_props.get(key).map(|v| Value::String(v.clone()));
-        if want.as_ref() != remote_props.get(key) {
-            fields.push(format!("connectionOverrides.connectionProperties.{key}"));
+    let mut names: Vec<&str> = expected
+        .properties
+        .iter()
+        .chain(seen.properties.iter())
+        .map(|(k, _)| &**k)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let value = |list: &[(Box<str>, u64)], name: &str| {
+        list.iter().find(|(k, _)| &**k == name).map(|(_, v)| *v)
+    };
+    for name in names {
+        if value(&expected.properties, name) != value(&seen.properties, name) {
+            fields.push(format!("connectionOverrides.connectionProperties.{name}"));
         }
     }
-    if let Some(Value::Object(location)) = &desired.connection_overrides.secrets_location {
-        let remote_location = remote_overrides
-            .get("secretsLocation")
-            .and_then(Value::as_object);
-        for (key, want) in location {
-            if remote_location.and_then(|l| l.get(key)) != Some(want) {
-                fields.push(format!("connectionOverrides.secretsLocation.{key}"));
-            }
+    for (key, want) in expected.location.iter() {
+        if seen.location.get(key) != Some(want) {
+            fields.push(format!("connectionOverrides.secretsLocation.{key}"));
         }
     }
     if fields.is_empty() {
@@ -107,12 +201,22 @@ pub fn compare(desired: &OverrideRequest, remote: Option<&RemoteOverride>) -> Fi
 #[derive(Clone, Debug)]
 pub struct Member {
     pub connection: String,
-    /// The request the object wants DPC to hold.
-    pub desired: OverrideRequest,
+    pub expected: Expected,
     pub interval: Duration,
 }
 
-type Listing = Arc<Vec<RemoteOverride>>;
+impl Member {
+    pub fn new(connection: &str, desired: &OverrideRequest, interval: Duration) -> Self {
+        Self {
+            connection: connection.into(),
+            expected: Expected::of(desired),
+            interval,
+        }
+    }
+}
+
+/// A list answer: the overrides of one environment by connection name.
+type Listing = Arc<HashMap<String, Seen>>;
 
 struct Group {
     members: HashMap<ObjKey, Member>,
@@ -138,13 +242,15 @@ pub type Trigger = Arc<dyn Fn(&ObjKey) + Send + Sync>;
 
 /// The shared drift checker.
 pub struct DriftChecker {
-    groups: Mutex<HashMap<GroupKey, Group>>,
-    member_groups: Mutex<HashMap<ObjKey, GroupKey>>,
+    groups: Mutex<HashMap<Arc<GroupKey>, Group>>,
+    member_groups: Mutex<HashMap<ObjKey, Arc<GroupKey>>>,
     findings: Mutex<HashMap<ObjKey, Finding>>,
-    last: Mutex<HashMap<ObjKey, Finding>>,
+    last: Mutex<HashMap<ObjKey, bool>>,
     changed: tokio::sync::Notify,
     /// A list answer younger than this serves immediate reads too.
     share_window: Duration,
+    /// Periodic checks in flight at once: environments tend to come due together.
+    checks: Arc<tokio::sync::Semaphore>,
     lists: std::sync::atomic::AtomicU64,
 }
 
@@ -161,6 +267,7 @@ impl DriftChecker {
             last: Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
             share_window,
+            checks: Arc::new(tokio::sync::Semaphore::new(2)),
             lists: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -168,6 +275,13 @@ impl DriftChecker {
     /// How many list calls the checker has made.
     pub fn list_calls(&self) -> u64 {
         self.lists.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn shared_key(&self, groups: &HashMap<Arc<GroupKey>, Group>, key: GroupKey) -> Arc<GroupKey> {
+        groups
+            .get_key_value(&key)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| Arc::new(key))
     }
 
     /// Registers (or updates) an object: it is checked at least every `member.interval`.
@@ -179,13 +293,14 @@ impl DriftChecker {
         handle: AccountHandle,
         member: Member,
     ) {
+        let mut groups = self.groups.lock().expect("drift lock");
+        let group_key = self.shared_key(&groups, group_key);
         let mut member_groups = self.member_groups.lock().expect("drift lock");
         if let Some(old) = member_groups.get(key).filter(|g| **g != group_key).cloned() {
-            self.remove_from_group(&old, key);
+            remove_member(&mut groups, &old, key);
         }
         member_groups.insert(key.clone(), group_key.clone());
         drop(member_groups);
-        let mut groups = self.groups.lock().expect("drift lock");
         let due = Instant::now() + jittered(member.interval);
         let group = groups.entry(group_key).or_insert_with(|| Group {
             members: HashMap::new(),
@@ -194,28 +309,26 @@ impl DriftChecker {
             cache: Arc::new(tokio::sync::Mutex::new(None)),
         });
         group.handle = handle;
-        if member.interval < group.interval() || group.members.is_empty() {
+        let new_member = !group.members.contains_key(key);
+        if group.members.is_empty() || member.interval < group.interval() {
             group.next_due = group.next_due.min(due);
         }
         group.members.insert(key.clone(), member);
         drop(groups);
-        self.changed.notify_one();
-    }
-
-    fn remove_from_group(&self, group_key: &GroupKey, key: &ObjKey) {
-        let mut groups = self.groups.lock().expect("drift lock");
-        if let Some(group) = groups.get_mut(group_key) {
-            group.members.remove(key);
-            if group.members.is_empty() {
-                groups.remove(group_key);
-            }
+        if new_member {
+            self.changed.notify_one();
         }
     }
 
     /// Forgets an object (deleted, paused, or in conflict).
     pub fn unregister(&self, key: &ObjKey) {
-        if let Some(group_key) = self.member_groups.lock().expect("drift lock").remove(key) {
-            self.remove_from_group(&group_key, key);
+        let group_key = self.member_groups.lock().expect("drift lock").remove(key);
+        if let Some(group_key) = group_key {
+            remove_member(
+                &mut self.groups.lock().expect("drift lock"),
+                &group_key,
+                key,
+            );
         }
         self.findings.lock().expect("drift lock").remove(key);
         self.last.lock().expect("drift lock").remove(key);
@@ -226,6 +339,15 @@ impl DriftChecker {
         self.findings.lock().expect("drift lock").remove(key)
     }
 
+    /// Records a finding made by an immediate read, so the periodic check knows the object's
+    /// last state.
+    pub fn note(&self, key: &ObjKey, finding: &Finding) {
+        self.last
+            .lock()
+            .expect("drift lock")
+            .insert(key.clone(), finding.is_drift());
+    }
+
     /// Reads the override of `connection` now, sharing a list answer younger than the share
     /// window with other readers of the same environment.
     pub async fn read_now(
@@ -233,33 +355,24 @@ impl DriftChecker {
         group_key: &GroupKey,
         handle: &AccountHandle,
         connection: &str,
-    ) -> Result<Option<RemoteOverride>, DpcError> {
+    ) -> Result<Option<Seen>, DpcError> {
         let cache = {
             let mut groups = self.groups.lock().expect("drift lock");
-            match groups.get(group_key) {
-                Some(group) => group.cache.clone(),
-                None => {
-                    // Not registered yet: a group with no members holds the cache until the
-                    // object registers after this pass.
-                    let group = Group {
-                        members: HashMap::new(),
-                        handle: handle.clone(),
-                        next_due: Instant::now() + Duration::from_secs(3600),
-                        cache: Arc::new(tokio::sync::Mutex::new(None)),
-                    };
-                    let cache = group.cache.clone();
-                    groups.insert(group_key.clone(), group);
-                    cache
-                }
-            }
+            let shared = self.shared_key(&groups, group_key.clone());
+            // Not registered yet: a group without members holds the cache until the object
+            // registers after this pass.
+            let group = groups.entry(shared).or_insert_with(|| Group {
+                members: HashMap::new(),
+                handle: handle.clone(),
+                next_due: Instant::now() + Duration::from_secs(3600),
+                cache: Arc::new(tokio::sync::Mutex::new(None)),
+            });
+            group.cache.clone()
         };
         let listing = self
             .fetch(&cache, handle, group_key, self.share_window)
             .await?;
-        Ok(listing
-            .iter()
-            .find(|o| o.name.as_deref() == Some(connection))
-            .cloned())
+        Ok(listing.get(connection).cloned())
     }
 
     async fn fetch(
@@ -277,10 +390,14 @@ impl DriftChecker {
         }
         self.lists
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let listing = Arc::new(
-            handle
-                .list(&group_key.project, &group_key.environment)
-                .await?,
+        let answer = handle
+            .list(&group_key.project, &group_key.environment)
+            .await?;
+        let listing: Listing = Arc::new(
+            answer
+                .iter()
+                .filter_map(|remote| Some((remote.name.clone()?, Seen::of(remote))))
+                .collect(),
         );
         *cached = Some((Instant::now(), listing.clone()));
         Ok(listing)
@@ -295,28 +412,36 @@ impl DriftChecker {
             {
                 let mut groups = self.groups.lock().expect("drift lock");
                 for (key, group) in groups.iter_mut() {
+                    // A list answer is kept only while it may be shared.
+                    if let Ok(mut cached) = group.cache.try_lock()
+                        && cached
+                            .as_ref()
+                            .is_some_and(|(at, _)| at.elapsed() >= self.share_window)
+                    {
+                        *cached = None;
+                    }
                     if group.members.is_empty() {
                         continue;
                     }
                     if group.next_due <= now {
                         group.next_due = now + jittered(group.interval());
-                        due.push((
-                            key.clone(),
-                            group.handle.clone(),
-                            group.cache.clone(),
-                            group.members.clone(),
-                        ));
+                        due.push((key.clone(), group.handle.clone(), group.cache.clone()));
                     }
                     next = next.min(group.next_due);
                 }
             }
-            for (key, handle, cache, members) in due {
+            for (key, handle, cache) in due {
                 let checker = self.clone();
                 let trigger = trigger.clone();
-                tokio::spawn(
-                    async move { checker.check(key, handle, cache, members, trigger).await },
-                );
+                tokio::spawn(async move {
+                    let Ok(_slot) = checker.checks.clone().acquire_owned().await else {
+                        return;
+                    };
+                    checker.check(&key, &handle, &cache, &trigger).await
+                });
             }
+            // Wake at least once per share window to drop listings no longer shared.
+            let next = next.min(Instant::now() + self.share_window.max(Duration::from_millis(100)));
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = self.changed.notified() => {}
@@ -327,49 +452,47 @@ impl DriftChecker {
 
     async fn check(
         &self,
-        key: GroupKey,
-        handle: AccountHandle,
-        cache: Arc<tokio::sync::Mutex<Option<(Instant, Listing)>>>,
-        members: HashMap<ObjKey, Member>,
-        trigger: Trigger,
+        key: &Arc<GroupKey>,
+        handle: &AccountHandle,
+        cache: &tokio::sync::Mutex<Option<(Instant, Listing)>>,
+        trigger: &Trigger,
     ) {
         // A periodic check always reads afresh (an immediate read may share the answer).
-        let listing = match self.fetch(&cache, &handle, &key, Duration::ZERO).await {
+        let listing = match self.fetch(cache, handle, key, Duration::ZERO).await {
             Ok(listing) => listing,
             Err(e) => {
                 warn!(account = %key.account, project = %key.project, environment = %key.environment, error = %e, "drift check failed");
                 return;
             }
         };
-        debug!(account = %key.account, project = %key.project, environment = %key.environment, objects = members.len(), "drift check");
-        for (object, member) in members {
-            let remote = listing
-                .iter()
-                .find(|o| o.name.as_deref() == Some(member.connection.as_str()));
-            let finding = compare(&member.desired, remote);
-            let previous = self
-                .last
-                .lock()
-                .expect("drift lock")
-                .insert(object.clone(), finding.clone());
-            let changed = previous.as_ref() != Some(&finding);
-            if finding.is_drift() || (changed && previous.is_some_and(|p| p.is_drift())) {
-                self.findings
-                    .lock()
-                    .expect("drift lock")
-                    .insert(object.clone(), finding);
-                trigger(&object);
+        let mut attention = Vec::new();
+        {
+            let groups = self.groups.lock().expect("drift lock");
+            let Some(group) = groups.get(key) else { return };
+            debug!(account = %key.account, project = %key.project, environment = %key.environment, objects = group.members.len(), "drift check");
+            let mut last = self.last.lock().expect("drift lock");
+            let mut findings = self.findings.lock().expect("drift lock");
+            for (object, member) in &group.members {
+                let finding = compare(&member.expected, listing.get(&member.connection));
+                let was_drift = last.insert(object.clone(), finding.is_drift());
+                if finding.is_drift() || was_drift == Some(true) {
+                    findings.insert(object.clone(), finding);
+                    attention.push(object.clone());
+                }
             }
         }
+        for object in attention {
+            trigger(&object);
+        }
     }
+}
 
-    /// Records a finding made by an immediate read, so the periodic check knows the object's
-    /// last state.
-    pub fn note(&self, key: &ObjKey, finding: &Finding) {
-        self.last
-            .lock()
-            .expect("drift lock")
-            .insert(key.clone(), finding.clone());
+fn remove_member(groups: &mut HashMap<Arc<GroupKey>, Group>, group_key: &GroupKey, key: &ObjKey) {
+    if let Some(group) = groups.get_mut(group_key) {
+        group.members.remove(key);
+        if group.members.is_empty() {
+            groups.remove(group_key);
+        }
     }
 }
 
@@ -393,31 +516,34 @@ mod tests {
         }
     }
 
-    fn remote(overrides: Value, auth: Option<&str>) -> RemoteOverride {
-        RemoteOverride {
+    fn seen(overrides: Value, auth: Option<&str>) -> Seen {
+        Seen::of(&RemoteOverride {
             name: Some("C".into()),
             auth_type: auth.map(String::from),
             connection_overrides: Some(overrides),
             ..RemoteOverride::default()
-        }
+        })
     }
 
     #[test]
     fn equal_state_is_in_sync_and_server_defaults_are_ignored() {
-        let same = remote(
+        let same = seen(
             json!({"secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1", "addedByServer": 1}, "connectionProperties": {"secretName": "s"}}),
             Some("GENERIC_SECRET"),
         );
-        assert_eq!(compare(&desired(), Some(&same)), Finding::InSync);
+        assert_eq!(
+            compare(&Expected::of(&desired()), Some(&same)),
+            Finding::InSync
+        );
         let mut no_auth = desired();
         no_auth.auth_type = None;
         no_auth.connection_overrides.secrets_location = None;
-        let other_auth = remote(
+        let other_auth = seen(
             json!({"connectionProperties": {"secretName": "s"}, "secretsLocation": {"type": "X"}}),
             Some("OAUTH_CLIENT_CRED"),
         );
         assert_eq!(
-            compare(&no_auth, Some(&other_auth)),
+            compare(&Expected::of(&no_auth), Some(&other_auth)),
             Finding::InSync,
             "unset fields are not compared"
         );
@@ -425,11 +551,11 @@ mod tests {
 
     #[test]
     fn differences_are_named_by_field_without_values() {
-        let changed = remote(
+        let changed = seen(
             json!({"secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "us-east-1"}, "connectionProperties": {"secretName": "other", "extra": "x"}}),
             Some("OAUTH_CLIENT_CRED"),
         );
-        let finding = compare(&desired(), Some(&changed));
+        let finding = compare(&Expected::of(&desired()), Some(&changed));
         assert_eq!(
             finding,
             Finding::Differs(vec![
@@ -444,6 +570,20 @@ mod tests {
             !text.contains("other") && !text.contains("us-east-1"),
             "{text}"
         );
-        assert_eq!(compare(&desired(), None), Finding::Missing);
+        assert_eq!(compare(&Expected::of(&desired()), None), Finding::Missing);
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_string_in_dpc_differs() {
+        let number = seen(
+            json!({"connectionProperties": {"secretName": 5}, "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}}),
+            Some("GENERIC_SECRET"),
+        );
+        assert_eq!(
+            compare(&Expected::of(&desired()), Some(&number)),
+            Finding::Differs(vec![
+                "connectionOverrides.connectionProperties.secretName".into()
+            ])
+        );
     }
 }

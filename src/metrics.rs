@@ -49,11 +49,31 @@ struct ConditionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConditionKey {
-    r#type: String,
-    status: String,
+    r#type: &'static str,
+    status: &'static str,
+}
+
+/// Condition types and statuses come from fixed sets; series labels borrow them.
+fn static_type(type_: &str) -> Option<&'static str> {
+    ["Ready", "Synced", "Drifted"]
+        .into_iter()
+        .find(|t| *t == type_)
+}
+
+fn static_status(status: &str) -> &'static str {
+    match status {
+        "True" => "True",
+        "False" => "False",
+        _ => "Unknown",
+    }
 }
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// An object as namespace and name.
+type ObjectKey = (String, String);
+/// A condition type and the status exported for it.
+type ExportedCondition = (&'static str, &'static str);
 
 /// Every metric of the operator.
 pub struct Metrics {
@@ -65,8 +85,9 @@ pub struct Metrics {
     dpc_duration: Histograms<OperationLabels>,
     rate_limit_wait: Counter<f64, AtomicU64>,
     conditions: Family<ConditionLabels, Gauge>,
-    /// The status last exported per (namespace, name, type), to drop the old series.
-    condition_state: Mutex<HashMap<(String, String, String), String>>,
+    /// The statuses last exported per object (in the order of its conditions), to drop the
+    /// old series.
+    condition_state: Mutex<HashMap<ObjectKey, Vec<ExportedCondition>>>,
     per_object: bool,
 }
 
@@ -170,51 +191,56 @@ impl Metrics {
         if !self.per_object {
             return;
         }
+        let now: Vec<(&'static str, &'static str)> = conditions
+            .iter()
+            .filter_map(|c| static_type(&c.type_).map(|t| (t, static_status(&c.status))))
+            .collect();
         let mut state = self.condition_state.lock().expect("metrics lock");
-        for condition in conditions {
-            let key = (
-                namespace.to_string(),
-                name.to_string(),
-                condition.type_.clone(),
-            );
-            if state.get(&key) == Some(&condition.status) {
-                continue;
-            }
-            if let Some(old) = state.insert(key, condition.status.clone()) {
-                self.conditions
-                    .remove(&labels(namespace, name, &condition.type_, &old));
-            }
-            self.conditions
-                .get_or_create(&labels(
-                    namespace,
-                    name,
-                    &condition.type_,
-                    &condition.status,
-                ))
-                .set(1);
+        let key = (namespace.to_string(), name.to_string());
+        let before = state.get(&key).cloned().unwrap_or_default();
+        if before == now {
+            return;
         }
+        for (type_, status) in &before {
+            if !now.contains(&(type_, status)) {
+                self.conditions
+                    .remove(&labels(namespace, name, type_, status));
+            }
+        }
+        for (type_, status) in &now {
+            if !before.contains(&(type_, status)) {
+                self.conditions
+                    .get_or_create(&labels(namespace, name, type_, status))
+                    .set(1);
+            }
+        }
+        state.insert(key, now);
     }
 
     /// Drops the series of an object that is gone.
     pub fn forget_object(&self, namespace: &str, name: &str) {
         let mut state = self.condition_state.lock().expect("metrics lock");
-        state.retain(|(ns, n, type_), status| {
-            let gone = ns == namespace && n == name;
-            if gone {
-                self.conditions.remove(&labels(ns, n, type_, status));
+        if let Some(series) = state.remove(&(namespace.to_string(), name.to_string())) {
+            for (type_, status) in series {
+                self.conditions
+                    .remove(&labels(namespace, name, type_, status));
             }
-            !gone
-        });
+        }
     }
 }
 
-fn labels(namespace: &str, name: &str, type_: &str, status: &str) -> ConditionLabels {
+fn labels(
+    namespace: &str,
+    name: &str,
+    type_: &'static str,
+    status: &'static str,
+) -> ConditionLabels {
     ConditionLabels {
         namespace: namespace.into(),
         name: name.into(),
         condition: ConditionKey {
-            r#type: type_.into(),
-            status: status.into(),
+            r#type: type_,
+            status,
         },
     }
 }
