@@ -155,19 +155,26 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         return Ok(Action::await_change());
     }
     let observe_only = spec.management_policy() == ManagementPolicy::ObserveOnly;
-    if !observe_only {
-        ensure_finalizer(obj, ctx).await?;
-    }
-
-    let (resolved, refs) = resolve::resolve(
+    // The finalizer and the referenced objects are independent reads and writes: both go out at
+    // once, and nothing reaches DPC unless the finalizer is in place.
+    let finalizer = async {
+        if observe_only {
+            Ok(())
+        } else {
+            ensure_finalizer(obj, ctx).await
+        }
+    };
+    let resolving = resolve::resolve(
         &ctx.client,
         &ctx.accounts,
         &key.0,
         spec,
         ctx.config.allow_insecure_http,
-    )
-    .await;
+    );
+    let (finalizer, (resolved, refs)) = tokio::join!(finalizer, resolving);
     ctx.index.set(key, refs);
+    finalizer?;
+
     let resolved = match resolved {
         Ok(resolved) => resolved,
         Err(e) => match e.reason() {
@@ -213,11 +220,11 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         project: spec.project_id.clone(),
         environment: spec.environment_name.clone(),
     };
-    let member = Member {
-        connection: spec.connection_name.clone(),
-        desired: desired.request.clone(),
-        interval: sync_interval(spec, ctx),
-    };
+    let member = Member::new(
+        &spec.connection_name,
+        &desired.request,
+        sync_interval(spec, ctx),
+    );
 
     // Read DPC now when observing, or when a reconcile was requested; otherwise use what the
     // last periodic check found, if it needs attention.
@@ -230,7 +237,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
             .await
         {
             Ok(remote) => {
-                let finding = drift::compare(&desired.request, remote.as_ref());
+                let finding = drift::compare(&member.expected, remote.as_ref());
                 ctx.drift.note(key, &finding);
                 Some((finding, remote))
             }
@@ -254,7 +261,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
             Finding::InSync => Outcome::Ready {
                 desired_hash: None,
                 applied: None,
-                remote: remote.as_ref().map(report::remote_status),
+                remote: remote.map(|seen| seen.status),
                 corrected: None,
                 observed: true,
             },
@@ -265,7 +272,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         };
         ctx.backoff.reset(key);
         finish(obj, ctx, &old, outcome, handled).await?;
-        return Ok(ctx.resync());
+        return Ok(Action::await_change());
     }
 
     let mut plan = act::plan(old.applied_hash.as_deref(), &desired.hash);
@@ -290,7 +297,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
                     observed: false,
                 };
                 finish(obj, ctx, &old, outcome, handled).await?;
-                return Ok(ctx.resync());
+                return Ok(Action::await_change());
             }
         }
     }
@@ -317,7 +324,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
                 observed: false,
             };
             finish(obj, ctx, &old, outcome, handled).await?;
-            Ok(ctx.resync())
+            Ok(Action::await_change())
         }
         Err(failure) => {
             report_failure(obj, key, ctx, &old, failure, &resolved, gate, handled).await
