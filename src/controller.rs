@@ -678,6 +678,11 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     .predicate_filter(predicates::labels, Default::default());
 
     let (tx, rx) = futures::channel::mpsc::unbounded();
+    let sweeper = tokio::spawn(sweep(
+        reader.clone(),
+        tx.clone(),
+        ctx.config.resync_interval,
+    ));
     ctx.triggers
         .lock()
         .expect("triggers lock")
@@ -749,6 +754,35 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
         )
         .for_each(log_result("ConnectionOverride"))
         .await;
+    sweeper.abort();
+}
+
+/// How many parts the stored objects are split into, one part swept per
+/// `resync_interval / SWEEP_PARTS`.
+const SWEEP_PARTS: u64 = 64;
+
+/// Asks once per resync interval for a reconcile of every stored ConnectionOverride, a
+/// sixty-fourth of them (by a hash of the key) at a time: one timer for all objects rather than a
+/// scheduled requeue per object, and the work spread evenly over the interval.
+async fn sweep(
+    reader: reflector::Store<DeserializeGuard<ConnectionOverride>>,
+    tx: UnboundedSender<GuardRef>,
+    interval: Duration,
+) {
+    let tick = (interval / SWEEP_PARTS as u32).max(Duration::from_millis(10));
+    let mut part = 0;
+    loop {
+        tokio::time::sleep(tick).await;
+        for obj in reader.state() {
+            let key = ObjectRef::from_obj(&*obj);
+            if hash_of(&(&key.namespace, &key.name)) % SWEEP_PARTS == part
+                && tx.unbounded_send(key).is_err()
+            {
+                return;
+            }
+        }
+        part = (part + 1) % SWEEP_PARTS;
+    }
 }
 
 async fn run_accounts<K: AccountObject>(

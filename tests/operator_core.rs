@@ -544,3 +544,50 @@ async fn a_malformed_write_answer_still_counts_as_written() {
     assert_eq!(obj.status.unwrap().remote, None);
     h.stop().await;
 }
+
+/// The Ready objects' reconcile count, read from the operator's metrics.
+fn reconciliations(h: &Harness) -> u64 {
+    let text = h.ctx.metrics.encode();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"dpc_operator_reconciliations_total{kind="connectionoverride"} "#)
+        })
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn ready_objects_are_looked_at_again_every_resync_interval_without_dpc_calls() {
+    // 64 parts of 10 ms: every object is swept about every 0.64 s.
+    let config = dpc_operator::controller::OperatorConfig {
+        resync_interval: Duration::from_millis(640),
+        ..test_config()
+    };
+    let h = Harness::start_with(config, Default::default()).await.run();
+    h.apply(&Cov::new("sf", "Salesforce").property("secretKey", "key"))
+        .await;
+    h.apply(&Cov::new("pg", "Postgres").property("user", "u"))
+        .await;
+    h.wait_ready("sf").await;
+    h.wait_ready("pg").await;
+    let calls = h.sim.calls().len();
+    let before = reconciliations(&h);
+
+    // Polled: the sweep has no event to wait on. Two objects, each swept twice.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reconciliations(&h) < before + 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep reconciled {} times in 10 s",
+            reconciliations(&h) - before
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        h.sim.calls().len(),
+        calls,
+        "a resync of a Ready object calls DPC"
+    );
+    for name in ["sf", "pg"] {
+        assert!(is_ready(&h.covs().get(name).await.unwrap()));
+    }
+}
