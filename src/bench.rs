@@ -19,6 +19,7 @@ use crate::api::{
     CredentialsSecretRef, DpcAccount, DpcAccountSpec, KeySelector, PropertyFrom, SecretsLocation,
 };
 use crate::sim::dpc::{DpcSim, RateLimit, SimConfig, SimOp};
+use crate::sim::kube::store::ChangeKind;
 use crate::sim::kube::{EmulatorConfig, KubeEmulator};
 
 pub const NAMESPACE: &str = "bench";
@@ -45,6 +46,8 @@ pub struct BenchOptions {
     pub rotations: usize,
     /// The operator binary (a release build).
     pub operator: PathBuf,
+    /// More arguments for the operator, after the bench's own.
+    pub operator_args: Vec<String>,
     /// Where to keep the operator's log.
     pub work_dir: PathBuf,
 }
@@ -54,6 +57,8 @@ pub struct BenchOptions {
 pub struct BenchReport {
     pub objects: usize,
     pub environments: usize,
+    /// Arguments given to the operator beyond the bench's own.
+    pub operator_args: Vec<String>,
     pub latency_ms: u64,
     pub concurrency: u16,
     pub requests_per_minute: u32,
@@ -66,6 +71,10 @@ pub struct BenchReport {
     pub seconds_to_first_write: f64,
     /// From the first write to the last.
     pub seconds_of_writes: f64,
+    /// CPU seconds of the operator, and of the emulator and simulator (this process), until
+    /// every object was Ready: the two share the machine's cores.
+    pub operator_cpu_seconds_converging: f64,
+    pub doubles_cpu_seconds_converging: f64,
     pub writes_per_object: f64,
     pub sync_interval_secs: f64,
     pub quiet_intervals: u32,
@@ -276,21 +285,47 @@ impl World {
             .count_where("dpc-operator.io", "connectionoverrides", is_ready)
     }
 
-    /// Waits until `done` holds for the Ready count, checking every 50 ms.
+    /// Waits until `expected` ConnectionOverrides are Ready, following the emulator's changes
+    /// (a scan of every object per look would hold the store lock the operator needs).
     pub async fn wait_ready(&self, expected: usize, timeout: Duration) -> Result<Duration, String> {
+        use tokio::sync::broadcast::error::RecvError;
         let started = Instant::now();
-        loop {
-            let ready = self.ready_count();
-            if ready >= expected {
-                return Ok(started.elapsed());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let follow = || {
+            self.emu
+                .select_and_follow("dpc-operator.io", "connectionoverrides", is_ready)
+        };
+        let (mut ready, mut changes) = follow();
+        while ready.len() < expected {
+            let change = match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => {
+                    let ready = ready.len();
+                    return Err(format!(
+                        "only {ready} of {expected} objects became Ready within {timeout:?}"
+                    ));
+                }
+                Ok(Err(RecvError::Lagged(_))) => {
+                    (ready, changes) = follow();
+                    continue;
+                }
+                Ok(Err(RecvError::Closed)) => return Err("the emulator stopped".to_string()),
+                Ok(Ok(change)) => change,
+            };
+            if change.type_key.1 != "connectionoverrides" {
+                continue;
             }
-            if started.elapsed() > timeout {
-                return Err(format!(
-                    "only {ready} of {expected} objects became Ready within {timeout:?}"
-                ));
+            let meta = &change.object["metadata"];
+            let key = (
+                meta["namespace"].as_str().unwrap_or_default().to_string(),
+                meta["name"].as_str().unwrap_or_default().to_string(),
+            );
+            if change.kind != ChangeKind::Deleted && is_ready(&change.object) {
+                ready.insert(key);
+            } else {
+                ready.remove(&key);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(started.elapsed())
     }
 }
 
@@ -429,13 +464,15 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
 
     let log = options.work_dir.join("operator.log");
     let _ = std::fs::remove_file(&log);
-    let extra = vec![
+    let mut extra = vec![
         "--concurrency".to_string(),
         options.concurrency.to_string(),
         "--min-sync-interval".into(),
         "1s".into(),
     ];
+    extra.extend(options.operator_args.iter().cloned());
     let started_ms = world.sim.now_ms();
+    let (_, bench_cpu_before) = process_stats(std::process::id()).ok_or("reading /proc")?;
     let mut operator =
         OperatorProcess::start(&options.operator, &world.kubeconfig, &log, "warn", &extra)
             .map_err(|e| format!("starting {}: {e}", options.operator.display()))?;
@@ -443,6 +480,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
 
     let converge_timeout = Duration::from_secs(60 + (options.objects as u64) * 50 / 1000);
     let took = world.wait_ready(options.objects, converge_timeout).await?;
+    let (_, operator_cpu_converging) = process_stats(pid).ok_or("reading /proc")?;
+    let (_, bench_cpu_after) = process_stats(std::process::id()).ok_or("reading /proc")?;
     let calls = world.sim.calls();
     let dpc_calls = calls.len();
     let write_times: Vec<u64> = calls
@@ -554,6 +593,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         environments: options.environments,
         latency_ms: options.latency.as_millis() as u64,
         concurrency: options.concurrency,
+        operator_args: options.operator_args.clone(),
         requests_per_minute: options.requests_per_minute,
         seconds_to_create_objects,
         seconds_to_all_ready: took.as_secs_f64(),
@@ -562,6 +602,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         ratio_to_ideal: took.as_secs_f64() / ideal.max(f64::EPSILON),
         seconds_to_first_write: first_write_ms as f64 / 1000.0,
         seconds_of_writes: write_span_ms as f64 / 1000.0,
+        operator_cpu_seconds_converging: operator_cpu_converging,
+        doubles_cpu_seconds_converging: bench_cpu_after - bench_cpu_before,
         writes_per_object: writes as f64 / options.objects.max(1) as f64,
         sync_interval_secs: options.sync_interval.as_secs_f64(),
         quiet_intervals,
@@ -594,6 +636,14 @@ pub fn table(r: &BenchReport) -> String {
             r.requests_per_minute.to_string(),
         ),
         (
+            "more operator arguments",
+            if r.operator_args.is_empty() {
+                "none".to_string()
+            } else {
+                r.operator_args.join(" ")
+            },
+        ),
+        (
             "time until every object is Ready",
             format!("{:.2} s", r.seconds_to_all_ready),
         ),
@@ -610,6 +660,13 @@ pub fn table(r: &BenchReport) -> String {
             format!(
                 "{:.2} s / {:.2} s",
                 r.seconds_to_first_write, r.seconds_of_writes
+            ),
+        ),
+        (
+            "CPU while converging: operator / emulator+simulator",
+            format!(
+                "{:.1} s / {:.1} s",
+                r.operator_cpu_seconds_converging, r.doubles_cpu_seconds_converging
             ),
         ),
         (

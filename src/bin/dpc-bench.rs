@@ -78,6 +78,10 @@ struct Args {
     /// The operator binary (default: dpc-operator next to this program).
     #[arg(long)]
     operator: Option<PathBuf>,
+    /// One more argument for the operator (repeat for several), e.g.
+    /// `--operator-arg=--no-per-object-metrics`.
+    #[arg(long = "operator-arg", allow_hyphen_values = true)]
+    operator_args: Vec<String>,
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -150,6 +154,7 @@ async fn main() -> ExitCode {
         sync_interval: args.sync_interval,
         rotations: args.rotations,
         operator,
+        operator_args: args.operator_args,
         work_dir,
     };
     match bench::run(&options).await {

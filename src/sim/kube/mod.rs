@@ -189,6 +189,24 @@ impl KubeEmulator {
             .count_where(group, plural, pred)
     }
 
+    /// The objects of `(group, plural)` satisfying `pred` now, and every change after that
+    /// (see [`store::Store::select_and_follow`]).
+    pub fn select_and_follow(
+        &self,
+        group: &str,
+        plural: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (
+        std::collections::HashSet<(String, String)>,
+        broadcast::Receiver<Arc<store::Change>>,
+    ) {
+        self.state
+            .store
+            .lock()
+            .expect("store lock")
+            .select_and_follow(group, plural, pred)
+    }
+
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.state

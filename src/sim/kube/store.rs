@@ -3,7 +3,7 @@
 //! status subresource kept apart from the main resource, patches, finalizers with
 //! `deletionTimestamp`, namespace termination, and CRDs that start serving their resource.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
@@ -395,6 +395,29 @@ impl Store {
             .get(&(group.to_string(), plural.to_string()))
             .map(|t| t.objects.values().filter(|o| pred(o)).count())
             .unwrap_or(0)
+    }
+
+    /// The keys (namespace, name) of objects of `(group, plural)` satisfying `pred`, and a
+    /// receiver of every change made after them: a harness follows a condition without
+    /// rescanning the store.
+    pub fn select_and_follow(
+        &self,
+        group: &str,
+        plural: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (HashSet<(String, String)>, broadcast::Receiver<Arc<Change>>) {
+        let selected = self
+            .types
+            .get(&(group.to_string(), plural.to_string()))
+            .map(|t| {
+                t.objects
+                    .iter()
+                    .filter(|(_, o)| pred(o))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (selected, self.tx.subscribe())
     }
 
     /// Changes after `rv` of one type, or `None` when `rv` is older than the history.
