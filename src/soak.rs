@@ -350,7 +350,11 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
     }
     for call in &chaos_calls {
         if let Some(fault) = &call.fault {
-            *report.faults_by_kind.entry(fault.clone()).or_default() += 1;
+            let kind = match call.op {
+                SimOp::Token => format!("token endpoint: {fault}"),
+                _ => fault.clone(),
+            };
+            *report.faults_by_kind.entry(kind).or_default() += 1;
         }
     }
     report.dpc_calls = world.sim.calls().len();

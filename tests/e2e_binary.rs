@@ -21,6 +21,8 @@ struct Operator {
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
     printed: Arc<tokio::sync::Notify>,
+    /// The tasks copying stdout and stderr; they end at the pipes' end.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn kubeconfig_file(h: &Harness) -> PathBuf {
@@ -68,13 +70,14 @@ impl Operator {
         let mut child = command.spawn().expect("the operator binary starts");
         let output = Arc::new(Mutex::new(Vec::new()));
         let printed = Arc::new(tokio::sync::Notify::new());
+        let mut readers = Vec::new();
         for mut stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let sink = output.clone();
             let notify = printed.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut buf = [0u8; 8192];
                 while let Ok(n) = stream.read(&mut buf).await {
                     if n == 0 {
@@ -83,12 +86,13 @@ impl Operator {
                     sink.lock().unwrap().extend_from_slice(&buf[..n]);
                     notify.notify_waiters();
                 }
-            });
+            }));
         }
         Self {
             child,
             output,
             printed,
+            readers,
         }
     }
 
@@ -130,7 +134,7 @@ impl Operator {
 
     async fn kill(&mut self) {
         self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
+        self.wait_exit(WAIT).await;
     }
 
     fn terminate(&self) {
@@ -142,11 +146,19 @@ impl Operator {
         assert!(status.success());
     }
 
+    /// Waits for the process to exit and for everything it printed.
     async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        tokio::time::timeout(within, self.child.wait())
+        let status = tokio::time::timeout(within, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("the operator did not exit within {within:?}"))
-            .unwrap()
+            .unwrap();
+        for reader in self.readers.drain(..) {
+            tokio::time::timeout(within, reader)
+                .await
+                .expect("the output pipes close after the exit")
+                .unwrap();
+        }
+        status
     }
 }
 
