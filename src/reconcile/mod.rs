@@ -20,7 +20,7 @@ use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use rand::Rng;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
@@ -689,19 +689,40 @@ async fn patch_status(
     status: &serde_json::Value,
 ) -> Result<(), kube::Error> {
     let (namespace, name) = key_of(meta);
-    let api: Api<Guarded> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = json!({
         "apiVersion": ConnectionOverride::api_version(&()),
         "kind": ConnectionOverride::kind(&()),
         "status": status,
     });
-    api.patch_status(
+    send_patch(
+        ctx,
+        &namespace,
         &name,
+        Some("status"),
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await?;
-    Ok(())
+    .await
+}
+
+/// Patches a ConnectionOverride (or its `subresource`) and drops the answer unread: the
+/// watch brings the new object, and parsing every answer was a tenth of the operator's CPU
+/// while 10,000 objects converged. Errors are the API's, as `Api::patch` returns them.
+async fn send_patch<P: serde::Serialize + std::fmt::Debug>(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    subresource: Option<&str>,
+    params: &PatchParams,
+    patch: &Patch<P>,
+) -> Result<(), kube::Error> {
+    let request = kube::core::Request::new(ConnectionOverride::url_path(&(), Some(namespace)));
+    let request = match subresource {
+        Some(sub) => request.patch_subresource(sub, name, params, patch),
+        None => request.patch(name, params, patch),
+    }
+    .map_err(kube::Error::BuildRequest)?;
+    ctx.client.request_text(request).await.map(drop)
 }
 
 pub(crate) async fn publish(ctx: &Context, reference: &ObjectReference, event: EventSpec) {
@@ -743,11 +764,24 @@ async fn ensure_finalizer(obj: &ConnectionOverride, ctx: &Context) -> Result<(),
             {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
         ]),
     };
-    let api: Api<Guarded> = Api::namespaced(ctx.client.clone(), &namespace);
-    api.patch(
-        &name,
+    patch_finalizers(ctx, &namespace, &name, patch).await
+}
+
+/// Sends a JSON patch of the finalizers (guarded by its `test` operations).
+async fn patch_finalizers(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    operations: serde_json::Value,
+) -> Result<(), Error> {
+    let operations: Patch<()> = Patch::Json(serde_json::from_value(operations)?);
+    send_patch(
+        ctx,
+        namespace,
+        name,
+        None,
         &PatchParams::default(),
-        &Patch::Json::<()>(serde_json::from_value(patch)?),
+        &operations,
     )
     .await?;
     Ok(())
@@ -765,19 +799,10 @@ async fn remove_finalizer_of(meta: &ObjectMeta, ctx: &Context) -> Result<(), Err
         {"op": "test", "path": "/metadata/finalizers", "value": list},
         {"op": "replace", "path": "/metadata/finalizers", "value": remaining}
     ]);
-    let api: Api<Guarded> = Api::namespaced(ctx.client.clone(), &namespace);
-    match api
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Json::<()>(serde_json::from_value(patch)?),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
+    match patch_finalizers(ctx, &namespace, &name, patch).await {
         // Already gone: nothing left to release.
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => Ok(()),
+        other => other,
     }
 }
 
@@ -835,9 +860,15 @@ async fn report_invalid(
     // A merge patch, not an apply: what DPC last accepted (appliedHash, remote) stays as it
     // is, since this write cannot read it.
     let patch = json!({"status": {"conditions": status.conditions, "observedGeneration": status.observed_generation}});
-    let api: Api<Guarded> = Api::namespaced(ctx.client.clone(), &key.0);
-    api.patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    send_patch(
+        ctx,
+        &key.0,
+        &key.1,
+        Some("status"),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     let reference = ObjectReference {
         api_version: Some(ConnectionOverride::api_version(&()).into()),
         kind: Some(ConnectionOverride::kind(&()).into()),
