@@ -139,6 +139,55 @@ async fn generation_moves_only_on_spec_changes_and_status_is_a_subresource() {
 }
 
 #[tokio::test]
+async fn a_write_that_changes_nothing_keeps_the_resource_version_and_sends_no_event() {
+    let (_emu, client) = setup().await;
+    let created = create(&client, "a").await;
+    let rv = created.metadata.resource_version.clone();
+    let mut events = api(&client)
+        .watch(&WatchParams::default(), rv.as_deref().unwrap())
+        .await
+        .unwrap()
+        .boxed();
+
+    // The same spec again, by merge patch and by status patch: nothing moves.
+    let same = json!({"spec": {"environmentName": "PROD"}, "metadata": {"labels": null}});
+    let after = api(&client)
+        .patch("a", &PatchParams::default(), &Patch::Merge(&same))
+        .await
+        .unwrap();
+    assert_eq!(after.metadata.resource_version, rv);
+    let empty_status = json!({"status": null});
+    let after = api(&client)
+        .patch_status("a", &PatchParams::default(), &Patch::Merge(&empty_status))
+        .await
+        .unwrap();
+    assert_eq!(after.metadata.resource_version, rv);
+
+    // A label is a change: the version moves, and the watch's first event is that write.
+    let label = json!({"metadata": {"labels": {"x": "y"}}});
+    let labelled = api(&client)
+        .patch("a", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    assert_ne!(labelled.metadata.resource_version, rv);
+    let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("an event for the label")
+        .unwrap()
+        .unwrap();
+    match first {
+        WatchEvent::Modified(o) => {
+            assert_eq!(
+                o.metadata.resource_version,
+                labelled.metadata.resource_version
+            );
+            assert_eq!(o.metadata.labels.unwrap()["x"], "y");
+        }
+        other => panic!("expected the label's Modified event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn server_side_apply_merges_list_maps_and_drops_what_a_manager_stops_applying() {
     let (_emu, client) = setup().await;
     create(&client, "a").await;

@@ -291,6 +291,34 @@ fn meta_mut(object: &mut Value) -> &mut Map<String, Value> {
         .expect("metadata is an object")
 }
 
+/// Whether a write changes nothing but what the server keeps itself (`resourceVersion`,
+/// `managedFields`): such a write is a no-op, as on a real API server. Compared in place,
+/// since cloning both objects per write was most of the emulator's time at 10,000 objects.
+fn same_but_bookkeeping(a: &Value, b: &Value) -> bool {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return a == b;
+    };
+    let empty = Map::new();
+    fn meta_of(o: &Map<String, Value>) -> Option<&Map<String, Value>> {
+        o.get("metadata").and_then(Value::as_object)
+    }
+    same_fields_except(a, b, &["metadata"])
+        && same_fields_except(
+            meta_of(a).unwrap_or(&empty),
+            meta_of(b).unwrap_or(&empty),
+            &["resourceVersion", "managedFields"],
+        )
+}
+
+/// Whether two maps hold the same fields, leaving out `skipped`.
+fn same_fields_except(a: &Map<String, Value>, b: &Map<String, Value>, skipped: &[&str]) -> bool {
+    let kept = |m: &Map<String, Value>| m.keys().filter(|k| !skipped.contains(&k.as_str())).count();
+    kept(a) == kept(b)
+        && a.iter()
+            .filter(|(k, _)| !skipped.contains(&k.as_str()))
+            .all(|(k, v)| b.get(k) == Some(v))
+}
+
 fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
     meta(object)?.get(field)?.as_str()
 }
@@ -475,10 +503,13 @@ impl Store {
 
     /// Renders a stored object at a served version.
     fn present(rt: &ResourceType, object: &Value) -> Value {
-        let mut out = object.clone();
-        out["apiVersion"] = Value::String(rt.api_version());
-        out["kind"] = Value::String(rt.kind.clone());
-        out
+        Self::present_owned(rt, object.clone())
+    }
+
+    fn present_owned(rt: &ResourceType, mut object: Value) -> Value {
+        object["apiVersion"] = Value::String(rt.api_version());
+        object["kind"] = Value::String(rt.kind.clone());
+        object
     }
 
     fn namespace_of(rt: &ResourceType, ns: Option<&str>) -> String {
@@ -1010,24 +1041,17 @@ impl Store {
         if rt.is_crd() {
             crd_status(&mut new);
         }
-        if let Some(old) = &old {
-            let mut a = old.clone();
-            let mut b = new.clone();
-            for v in [&mut a, &mut b] {
-                let m = meta_mut(v);
-                m.remove("resourceVersion");
-                m.remove("managedFields");
-            }
-            if a == b {
-                return Ok(Self::present(rt, old));
-            }
+        if let Some(old) = &old
+            && same_but_bookkeeping(old, &new)
+        {
+            return Ok(Self::present(rt, old));
         }
         if options.dry_run {
             return Ok(Self::present(rt, &new));
         }
         self.rv += 1;
         meta_mut(&mut new).insert("resourceVersion".into(), Value::String(self.rv.to_string()));
-        let stored = Self::present(rt, &new);
+        let stored = Self::present_owned(rt, new);
         self.objects_mut(rt).insert(key.clone(), stored.clone());
         let kind = if old.is_some() {
             ChangeKind::Modified
