@@ -345,19 +345,25 @@ pub fn is_ready(obj: &Value) -> bool {
             })
 }
 
-/// The spec of bench object `i`.
+/// The Secret bench object `i` reads.
+fn secret_of(i: usize) -> String {
+    format!("sec-{i}")
+}
+
+/// The spec of bench object `i`: objects below `with_secret` read `secretKey` from their
+/// own Secret.
 pub fn spec_of(
     i: usize,
     environments: usize,
     sync_interval: Option<Duration>,
-    rotated: usize,
+    with_secret: usize,
 ) -> ConnectionOverrideSpec {
     let mut from = Vec::new();
-    if i < rotated {
+    if i < with_secret {
         from.push(PropertyFrom {
             property: "secretKey".into(),
             secret_key_ref: Some(KeySelector {
-                name: format!("rot-{i}"),
+                name: secret_of(i),
                 key: "key".into(),
                 namespace: None,
             }),
@@ -444,16 +450,20 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
     .await
     .map_err(|e| format!("starting the test doubles: {e}"))?;
     let rotated = options.rotations.min(options.objects);
-    for i in 0..rotated {
-        world
-            .put_secret(&format!("rot-{i}"), &[("key", "first")])
-            .await;
-    }
+    // Every object reads one key of its own Secret, as DESIGN §5 counts "objects and their
+    // Secrets"; the first `rotated` of them are rotated later.
+    futures::stream::iter((0..options.objects).map(|i| {
+        let world = &world;
+        async move { world.put_secret(&secret_of(i), &[("key", "first")]).await }
+    }))
+    .buffer_unordered(64)
+    .for_each(|_| async {})
+    .await;
     let created = Instant::now();
     let envs = options.environments;
     let sync = options.sync_interval;
     create_objects(&world.client, 0..options.objects, |i| {
-        spec_of(i, envs, Some(sync), rotated)
+        spec_of(i, envs, Some(sync), options.objects)
     })
     .await;
     let seconds_to_create_objects = created.elapsed().as_secs_f64();
@@ -540,7 +550,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
             let api: Api<Secret> = Api::namespaced(world.client.clone(), NAMESPACE);
             let patch = json!({"stringData": {"key": "second"}});
             api.patch(
-                &format!("rot-{i}"),
+                &secret_of(i),
                 &PatchParams::default(),
                 &Patch::Merge(&patch),
             )
