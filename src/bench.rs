@@ -7,8 +7,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -203,23 +203,8 @@ impl World {
         let kubeconfig = work_dir.join("kubeconfig");
         std::fs::write(&kubeconfig, emu.kubeconfig())?;
         let client = emu.client();
-        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-            Api::all(client.clone());
-        for crd in crate::api::crds() {
-            crds.create(&PostParams::default(), &crd)
-                .await
-                .map_err(std::io::Error::other)?;
-        }
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(NAMESPACE.into()),
-                ..ObjectMeta::default()
-            },
-            ..Namespace::default()
-        };
-        namespaces
-            .create(&PostParams::default(), &ns)
+        emu.install_crds().await.map_err(std::io::Error::other)?;
+        emu.create_namespace(NAMESPACE)
             .await
             .map_err(std::io::Error::other)?;
         let world = Self {

@@ -15,7 +15,6 @@ use dpc_operator::sandbox::SandboxOptions;
 use dpc_operator::sim::dpc::{DpcSim, SimConfig};
 use dpc_operator::sim::kube::{EmulatorConfig, KubeEmulator};
 use dpc_operator::telemetry::{self, LogFormat, parse_duration};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -247,14 +246,9 @@ async fn sim(which: SimCommand) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if install_crds {
-                let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(emu.client());
-                for crd in dpc_operator::api::crds() {
-                    if let Err(e) = crds.create(&Default::default(), &crd).await {
-                        eprintln!("installing the CRDs: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
+            if install_crds && let Err(e) = emu.install_crds().await {
+                eprintln!("installing the CRDs: {e}");
+                return ExitCode::from(2);
             }
             if let Some(path) = kubeconfig_out
                 && let Err(e) = std::fs::write(&path, emu.kubeconfig())

@@ -5,7 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::{create_namespace, install_crds};
 use dpc_operator::api::ConnectionOverride;
 use dpc_operator::sim::kube::{EmulatorConfig, KubeEmulator};
 use futures::{StreamExt, TryStreamExt};
@@ -19,8 +18,8 @@ use serde_json::{Value, json};
 async fn setup() -> (KubeEmulator, Client) {
     let emu = KubeEmulator::start().await.unwrap();
     let client = emu.client();
-    install_crds(&client).await;
-    create_namespace(&client, "ns").await;
+    emu.install_crds().await.unwrap();
+    emu.create_namespace("ns").await.unwrap();
     (emu, client)
 }
 
@@ -397,8 +396,8 @@ async fn watches_resume_from_a_resource_version_and_too_old_ones_are_gone() {
     .await
     .unwrap();
     let client = emu.client();
-    install_crds(&client).await;
-    create_namespace(&client, "ns").await;
+    emu.install_crds().await.unwrap();
+    emu.create_namespace("ns").await.unwrap();
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "ns");
     let start = maps
         .list(&ListParams::default())

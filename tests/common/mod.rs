@@ -16,8 +16,7 @@ use dpc_operator::api::{
 use dpc_operator::controller::{self, Context, OperatorConfig};
 use dpc_operator::sim::dpc::{DpcSim, SimConfig};
 use dpc_operator::sim::kube::KubeEmulator;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
@@ -100,8 +99,8 @@ impl Harness {
         let sim = DpcSim::start(sim_config).await.unwrap();
         sim.add_client(CLIENT_ID, CLIENT_SECRET);
         let client = emu.client();
-        install_crds(&client).await;
-        create_namespace(&client, NS).await;
+        emu.install_crds().await.unwrap();
+        emu.create_namespace(NS).await.unwrap();
         let h = Self {
             requests_per_minute: 60_000,
             ctx: Context::new(client.clone(), config),
@@ -350,28 +349,6 @@ impl Harness {
             .await
             .unwrap_or_else(|c| panic!("fewer than {n} {key} requests: {c:?}"));
     }
-}
-
-pub async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in dpc_operator::api::crds() {
-        crds.create(&PostParams::default(), &crd).await.unwrap();
-    }
-}
-
-pub async fn create_namespace(client: &Client, name: &str) {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
 }
 
 pub async fn put_secret_in(client: &Client, namespace: &str, name: &str, data: &[(&str, &str)]) {

@@ -127,6 +127,26 @@ impl KubeEmulator {
         kube::Client::try_from(config).expect("a client for the emulator")
     }
 
+    /// Creates the operator's CustomResourceDefinitions, as `kubectl apply -f crds/` would.
+    pub async fn install_crds(&self) -> Result<(), kube::Error> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(self.client());
+        for crd in crate::api::crds() {
+            crds.create(&Default::default(), &crd).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates namespace `name`.
+    pub async fn create_namespace(&self, name: &str) -> Result<(), kube::Error> {
+        use k8s_openapi::api::core::v1::Namespace;
+        let namespaces: kube::Api<Namespace> = kube::Api::all(self.client());
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.into());
+        namespaces.create(&Default::default(), &ns).await?;
+        Ok(())
+    }
+
     /// Forgets the change history: watches that resume from before now get `410 Gone`.
     pub fn compact(&self) {
         self.state.store.lock().expect("store lock").compact();
