@@ -234,6 +234,48 @@ impl TerminalFailures {
     }
 }
 
+/// The request hash this process last wrote to each object's `status.appliedHash`.
+///
+/// The watch cache delivers our own status write back some milliseconds later (on a real API
+/// server; the emulator hid it by answering at once). A reconcile that runs in that window —
+/// a sweep, a Secret change — would read the object as it was before the write, take the
+/// override for unwritten and send it to DPC again. A reconcile therefore takes the hash from
+/// here when it has one for the same object (same uid). Only one process writes status
+/// (leader election); a new term starts empty.
+#[derive(Default)]
+pub struct AppliedHashes {
+    inner: Mutex<HashMap<u64, (u64, Box<str>)>>,
+}
+
+impl AppliedHashes {
+    pub fn record(&self, key: &ObjKey, uid: &str, hash: &str) {
+        self.inner
+            .lock()
+            .expect("applied lock")
+            .insert(hash_of(key), (hash_of(&uid), hash.into()));
+    }
+
+    /// The hash last written for this object, if this process wrote one.
+    pub fn get(&self, key: &ObjKey, uid: &str) -> Option<String> {
+        let inner = self.inner.lock().expect("applied lock");
+        inner
+            .get(&hash_of(key))
+            .filter(|(u, _)| *u == hash_of(&uid))
+            .map(|(_, hash)| hash.to_string())
+    }
+
+    pub fn forget(&self, key: &ObjKey) {
+        self.inner
+            .lock()
+            .expect("applied lock")
+            .remove(&hash_of(key));
+    }
+
+    pub fn clear(&self) {
+        self.inner.lock().expect("applied lock").clear();
+    }
+}
+
 /// Everything a reconcile needs, built once by [`Context::new`] for the binary and the tests.
 pub struct Context {
     pub client: Client,
@@ -247,6 +289,8 @@ pub struct Context {
     pub account_index: RefIndex,
     pub backoff: Backoff,
     pub failures: TerminalFailures,
+    /// What this process last wrote as each object's applied hash.
+    pub applied: AppliedHashes,
     pub metrics: Arc<Metrics>,
     /// Which object manages which remote override.
     pub claims: Claims,
@@ -284,7 +328,20 @@ impl Context {
         };
         let config_share_window = config.drift_share_window;
         let (events, queue) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(publish_events(client.clone(), reporter, queue));
+        // Events about a cluster-scoped object (a ClusterDpcAccount) go to `default`, as
+        // Kubernetes does, or to the first watched namespace in an install that may write
+        // nowhere else; `kubectl describe` finds them in any namespace.
+        let cluster_events_namespace = config
+            .namespaces
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "default".into());
+        tokio::spawn(publish_events(
+            client.clone(),
+            reporter,
+            cluster_events_namespace,
+            queue,
+        ));
         Arc::new(Self {
             events,
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
@@ -294,6 +351,7 @@ impl Context {
             index: RefIndex::default(),
             account_index: RefIndex::default(),
             failures: TerminalFailures::default(),
+            applied: AppliedHashes::default(),
             metrics,
             running: AtomicBool::new(false),
             claims: Claims::default(),
@@ -354,6 +412,7 @@ impl Context {
         self.index.remove(key);
         self.backoff.reset(key);
         self.failures.clear(key);
+        self.applied.forget(key);
         self.drift.unregister(key);
         self.metrics.forget_object(&key.0, &key.1);
     }
@@ -442,6 +501,7 @@ struct Reporter {
 async fn publish_events(
     client: Client,
     reporter: Reporter,
+    cluster_events_namespace: String,
     mut queue: tokio::sync::mpsc::Receiver<(KubeEvent, ObjectReference)>,
 ) {
     use k8s_openapi::api::events::v1::Event;
@@ -451,7 +511,7 @@ async fn publish_events(
         let namespace = reference
             .namespace
             .clone()
-            .unwrap_or_else(|| "default".into());
+            .unwrap_or_else(|| cluster_events_namespace.clone());
         let name = format!(
             "{}.{:x}",
             reference.name.as_deref().unwrap_or(&reporter.controller),
@@ -484,32 +544,30 @@ async fn publish_events(
 }
 
 /// Checks that the CRDs are installed; the error says how to install them.
+///
+/// It asks API discovery (`GET /apis/dpc-operator.io/v1alpha1`), which every authenticated
+/// user may read: an install that watches some namespaces only has no right to list the
+/// resources cluster-wide.
 pub async fn check_crds(client: &Client) -> Result<(), String> {
-    let params = kube::api::ListParams::default().limit(1);
-    for (kind, result) in [
-        (
-            "ConnectionOverride",
-            Api::<ConnectionOverride>::all(client.clone())
-                .list_metadata(&params)
-                .await
-                .map(|_| ()),
-        ),
-        (
-            "DpcAccount",
-            Api::<DpcAccount>::all(client.clone())
-                .list_metadata(&params)
-                .await
-                .map(|_| ()),
-        ),
+    let api_version = ConnectionOverride::api_version(&());
+    let resources = match client.list_api_group_resources(&api_version).await {
+        Ok(list) => list.resources,
+        Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+        Err(e) => {
+            return Err(format!(
+                "could not check for the CRDs of {api_version}: {e}"
+            ));
+        }
+    };
+    for (kind, plural) in [
+        ("ConnectionOverride", ConnectionOverride::plural(&())),
+        ("DpcAccount", DpcAccount::plural(&())),
+        ("ClusterDpcAccount", ClusterDpcAccount::plural(&())),
     ] {
-        match result {
-            Ok(()) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {
-                return Err(format!(
-                    "the {kind} CustomResourceDefinition (dpc-operator.io/v1alpha1) is not installed in this cluster; install the CRDs with `kubectl apply -f crds/crds.yaml` from the dpc-operator repository (or `cargo run --bin crdgen | kubectl apply -f -`), then start the operator again"
-                ));
-            }
-            Err(e) => return Err(format!("could not check for the {kind} CRD: {e}")),
+        if !resources.iter().any(|r| r.name == plural) {
+            return Err(format!(
+                "the {kind} CustomResourceDefinition ({api_version}) is not installed in this cluster; install the CRDs with `kubectl apply -f crds/crds.yaml` from the dpc-operator repository (or `cargo run --bin crdgen | kubectl apply -f -`), then start the operator again"
+            ));
         }
     }
     Ok(())
@@ -581,16 +639,31 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         ctx.config.namespaces.iter().cloned().map(Some).collect()
     };
     ctx.expect_scopes(scopes.len());
+    // Another replica may have written status while this one was not leading.
+    ctx.applied.clear();
     ctx.running.store(true, Ordering::Release);
     let mut tasks = Vec::new();
     let trigger_ctx = ctx.clone();
     let trigger: crate::drift::Trigger = Arc::new(move |key: &ObjKey| trigger_ctx.trigger(key));
     tasks.push(ctx.drift.clone().run(trigger, shutdown.clone()).boxed());
-    for scope in scopes {
+    for scope in &scopes {
         tasks.push(run_overrides(ctx.clone(), scope.clone(), shutdown.clone()).boxed());
-        tasks.push(run_accounts::<DpcAccount>(ctx.clone(), scope, shutdown.clone()).boxed());
+        tasks.push(
+            run_accounts::<DpcAccount>(
+                ctx.clone(),
+                scope.clone(),
+                vec![scope.clone()],
+                shutdown.clone(),
+            )
+            .boxed(),
+        );
     }
-    tasks.push(run_accounts::<ClusterDpcAccount>(ctx.clone(), None, shutdown.clone()).boxed());
+    // A ClusterDpcAccount's credentials Secret is in a watched namespace: its Secrets are
+    // watched there only (a namespaced install may not read Secrets anywhere else).
+    tasks.push(
+        run_accounts::<ClusterDpcAccount>(ctx.clone(), None, scopes.clone(), shutdown.clone())
+            .boxed(),
+    );
     futures::future::join_all(tasks).await;
     ctx.running.store(false, Ordering::Release);
     info!("controllers stopped");
@@ -701,7 +774,8 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
         ctx.clone(),
     );
     let stop = shutdown.clone();
-    Controller::for_stream(main, reader)
+    let store = reader.clone();
+    let controller = Controller::for_stream(main, reader)
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
         .reconcile_on(rx)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
@@ -752,8 +826,8 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
             reconcile::error_policy,
             ctx,
         )
-        .for_each(log_result("ConnectionOverride"))
-        .await;
+        .for_each(log_result("ConnectionOverride"));
+    run_until_stopped(controller, store, shutdown).await;
     sweeper.abort();
 }
 
@@ -785,9 +859,12 @@ async fn sweep(
     }
 }
 
+/// Runs the controller of one account kind in `scope`, watching the Secrets of
+/// `secret_scopes` (`None`: every namespace) for credential changes.
 async fn run_accounts<K: AccountObject>(
     ctx: Arc<Context>,
     scope: Option<String>,
+    secret_scopes: Vec<Option<String>>,
     shutdown: CancellationToken,
 ) {
     let client = ctx.client.clone();
@@ -798,16 +875,20 @@ async fn run_accounts<K: AccountObject>(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
-    let secrets = watcher::watcher(
-        scoped::<PartialObjectMeta<Secret>>(&client, scope.as_deref()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects();
+    let secrets = futures::stream::select_all(secret_scopes.iter().map(|ns| {
+        watcher::watcher(
+            scoped::<PartialObjectMeta<Secret>>(&client, ns.as_deref()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed()
+    }));
     let index_ctx = ctx.clone();
     let cluster = K::KIND == "ClusterDpcAccount";
     let stop = shutdown.clone();
-    Controller::for_stream(main, reader)
+    let store = reader.clone();
+    let controller = Controller::for_stream(main, reader)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
             index_ctx
                 .account_index
@@ -842,6 +923,33 @@ async fn run_accounts<K: AccountObject>(
             reconcile::account::error_policy::<K>,
             ctx,
         )
-        .for_each(log_result(K::KIND))
-        .await;
+        .for_each(log_result(K::KIND));
+    run_until_stopped(controller, store, shutdown).await;
+}
+
+/// Runs a controller until it ends after `shutdown`.
+///
+/// kube-runtime holds every reconcile until the controller's store has listed once, and a
+/// graceful shutdown stops the watch that would fill it: a shutdown before the first list
+/// (a slow API server, RBAC refusing the list) would wait for ever, and a SIGTERM would never
+/// end the process. Before that first list nothing can be in flight, so the controller is
+/// dropped; after it, in-flight reconciles finish.
+async fn run_until_stopped<K>(
+    controller: impl std::future::Future<Output = ()>,
+    store: reflector::Store<K>,
+    shutdown: CancellationToken,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let mut controller = std::pin::pin!(controller);
+    tokio::select! {
+        () = &mut controller => return,
+        () = shutdown.cancelled() => {}
+    }
+    if store.wait_until_ready().now_or_never().is_some() {
+        controller.await;
+    } else {
+        info!("stopping before the first list: nothing was in flight");
+    }
 }

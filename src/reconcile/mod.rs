@@ -120,7 +120,14 @@ fn sync_interval(spec: &crate::api::ConnectionOverrideSpec, ctx: &Context) -> Du
 
 async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<Action, Error> {
     let spec = &obj.spec;
-    let old = obj.status.clone().unwrap_or_default();
+    let mut old = obj.status.clone().unwrap_or_default();
+    // The cache may not have our last status write yet (see `AppliedHashes`).
+    if let Some(hash) = ctx
+        .applied
+        .get(key, obj.metadata.uid.as_deref().unwrap_or_default())
+    {
+        old.applied_hash = Some(hash);
+    }
     let requested = annotation(obj, RECONCILE_REQUESTED_ANNOTATION).map(String::from);
     let handled = requested.clone();
     if annotation(obj, PAUSED_ANNOTATION) == Some("true") {
@@ -676,6 +683,13 @@ async fn finish(
         .set_conditions(&namespace, &name, &new.conditions);
     if new != *old {
         patch_status(ctx, &obj.metadata, &serde_json::to_value(&new)?).await?;
+    }
+    if let Some(hash) = &new.applied_hash {
+        ctx.applied.record(
+            &(namespace.clone(), name.clone()),
+            obj.metadata.uid.as_deref().unwrap_or_default(),
+            hash,
+        );
     }
     if let Some(event) = report::event_for(old, &obj.spec, &outcome) {
         publish(ctx, &obj.object_ref(&()), event).await;
