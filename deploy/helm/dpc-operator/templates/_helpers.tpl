@@ -45,17 +45,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The rules on namespaced resources: what the operator reads and writes in a watched namespace. */}}
 {{- define "dpc-operator.namespacedRules" -}}
 - apiGroups: ["dpc-operator.io"]
-  resources: ["connectionoverrides", "dpcaccounts"]
-  verbs: ["get", "list", "watch", "patch"]
+  resources: ["connectionoverrides"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["dpc-operator.io"]
+  resources: ["dpcaccounts"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["dpc-operator.io"]
   resources: ["connectionoverrides/status", "dpcaccounts/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["secrets", "configmaps"]
   verbs: ["get", "list", "watch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* The rules on cluster-scoped resources. */}}
@@ -65,8 +68,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: ["get", "list", "watch"]
 - apiGroups: ["dpc-operator.io"]
   resources: ["clusterdpcaccounts/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
