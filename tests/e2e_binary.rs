@@ -1,7 +1,8 @@
 //! End to end through the built binary: `dpc-operator run` as a separate process against the
-//! Kubernetes API emulator and the DPC simulator (both in this test process), checked
-//! through the emulator and the simulator's call log — including SIGKILL at the worst moment
-//! and SIGTERM with work in flight.
+//! real API server of the test run and the DPC simulator (in this test process), signed in as
+//! the chart's ServiceAccount with exactly the RBAC the chart renders, checked through the
+//! API server, the simulator's call log and the API server's audit log — including SIGKILL
+//! at the worst moment and SIGTERM with work in flight.
 
 mod common;
 
@@ -10,6 +11,8 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::audit;
+use common::identity::{self, Identity, Scope};
 use common::*;
 use dpc_operator::sim::dpc::{Call, Fault, FaultKind, SimOp};
 use kube::api::DeleteParams;
@@ -25,21 +28,31 @@ struct Operator {
     readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn kubeconfig_file(h: &Harness) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "dpc-e2e-{}-{}",
-        std::process::id(),
-        h.emu.addr().port()
-    ));
+/// Writes `kubeconfig` to a file of the test's own.
+fn kubeconfig_file(h: &Harness, kubeconfig: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dpc-e2e-{}", h.ns));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("kubeconfig");
-    std::fs::write(&path, h.emu.kubeconfig()).unwrap();
+    let path = dir.join(format!("kubeconfig-{:08x}", rand::random::<u32>()));
+    std::fs::write(&path, kubeconfig).unwrap();
     path
+}
+
+/// The chart's identity for the test's namespace (its Role there), and a kubeconfig file of it.
+async fn namespaced_operator(h: &Harness) -> (PathBuf, Identity) {
+    let id = identity::install(&h.client, h.cluster, &h.ns, Scope::Namespaced).await;
+    (kubeconfig_file(h, &id.kubeconfig), id)
 }
 
 impl Operator {
     fn start(kubeconfig: &PathBuf, extra: &[&str]) -> Self {
         Self::start_as("dpc-operator-test", kubeconfig, extra)
+    }
+
+    /// Starts the operator on the test's namespace only (`--namespaces`).
+    fn scoped(h: &Harness, kubeconfig: &PathBuf, extra: &[&str]) -> Self {
+        let mut args = vec!["--namespaces", h.ns.as_str()];
+        args.extend_from_slice(extra);
+        Self::start(kubeconfig, &args)
     }
 
     /// Starts a replica whose pod name (its lease identity) is `pod`.
@@ -199,13 +212,49 @@ fn assert_no_secrets(output: &str, h: &Harness, extra: &[&str]) {
 }
 
 #[tokio::test]
-async fn create_rotate_and_delete_through_the_binary() {
-    let h = Harness::start().await;
-    h.put_secret("refs", &[("key", "value-one-6c1d")]).await;
-    let mut operator = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+async fn the_full_flow_as_the_charts_namespaced_service_account() {
+    full_flow(Scope::Namespaced).await;
+}
 
-    h.apply(&Cov::new("sf", "Salesforce").property_from_secret("secretKey", "refs", "key"))
-        .await;
+#[tokio::test]
+async fn the_full_flow_as_the_charts_cluster_wide_service_account() {
+    full_flow(Scope::AllNamespaces).await;
+}
+
+/// The life of objects through the binary, signed in as the chart's ServiceAccount with
+/// leader election on: create, a Secret rotated, drift corrected, a ClusterDpcAccount used,
+/// deletion; then the audit log shows the operator used every rule the chart grants, and
+/// nothing else.
+async fn full_flow(scope: Scope) {
+    let h = match scope {
+        Scope::Namespaced => Harness::start().await,
+        Scope::AllNamespaces => Harness::start_alone(test_config(), Default::default()).await,
+    };
+    let id = identity::install(&h.client, h.cluster, &h.ns, scope).await;
+    h.put_secret("refs", &[("key", "value-one-6c1d")]).await;
+    h.put_config_map("names", &[("region", "eu-west-1")]).await;
+    let mut args = vec![
+        "--allow-insecure-http",
+        "--leader-election",
+        "--leader-election-namespace",
+        &h.ns,
+        "--lease-duration",
+        "2s",
+        "--lease-renew-period",
+        "500ms",
+        "--lease-retry-period",
+        "200ms",
+    ];
+    if scope == Scope::Namespaced {
+        args.extend(["--namespaces", &h.ns]);
+    }
+    let mut operator = Operator::start(&kubeconfig_file(&h, &id.kubeconfig), &args);
+    operator.wait_output("became the leader").await;
+
+    let cov = Cov::new("sf", "Salesforce")
+        .property_from_secret("secretKey", "refs", "key")
+        .property_from_config_map("region", "names", "region");
+    h.apply(&cov).await;
     let ready = h.wait_ready("sf").await;
     assert_eq!(writes(&h.sim.calls()), [(SimOp::Create, Some(201))]);
 
@@ -233,35 +282,113 @@ async fn create_rotate_and_delete_through_the_binary() {
         after.metadata.generation, ready.metadata.generation,
         "the ConnectionOverride itself did not change"
     );
-    assert_eq!(after.spec, ready.spec);
     assert_eq!(writes(&h.sim.calls()), [(SimOp::Update, Some(200))]);
 
-    // Deletion: one DELETE, then the object is gone.
+    // Drift: changed in DPC; a reconcile request reads DPC and writes the spec back.
     h.sim.clear_calls();
-    h.covs()
-        .delete("sf", &DeleteParams::default())
+    h.sim.put_override(
+        PROJECT,
+        "PROD",
+        "Salesforce",
+        None,
+        serde_json::json!({"connectionProperties": {"secretName": "changed-in-the-ui"}}),
+    );
+    h.apply(
+        &cov.clone()
+            .annotation("dpc-operator.io/reconcile-requested-at", "drift-1"),
+    )
+    .await;
+    wait_call(&h, SimOp::Update, 1).await;
+    h.wait_for("sf", "the reconcile request handled", |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.last_handled_reconcile_at.as_deref())
+            == Some("drift-1")
+    })
+    .await;
+    let stored = h.sim.get_override(PROJECT, "PROD", "Salesforce").unwrap();
+    assert_eq!(
+        stored.connection_overrides["connectionProperties"]["secretName"],
+        "prod/Salesforce"
+    );
+
+    // A ClusterDpcAccount that allows this namespace.
+    let shared = unique_name("shared-");
+    let account = dpc_operator::api::ClusterDpcAccount::new(
+        &shared,
+        dpc_operator::api::ClusterDpcAccountSpec {
+            account: dpc_operator::api::DpcAccountSpec {
+                region: None,
+                api_url: Some(h.sim.api_url()),
+                token_url: Some(h.sim.token_url()),
+                audience: None,
+                credentials_secret_ref: dpc_operator::api::CredentialsSecretRef {
+                    name: CREDS.into(),
+                    namespace: Some(h.ns.clone()),
+                    client_id_key: "client_id".into(),
+                    client_secret_key: "client_secret".into(),
+                },
+                account_id: None,
+                requests_per_minute: Some(60_000),
+                request_burst: Some(100),
+            },
+            allowed_namespaces: serde_json::from_value(serde_json::json!({"names": [&h.ns]}))
+                .unwrap(),
+        },
+    );
+    let cluster_accounts: kube::Api<dpc_operator::api::ClusterDpcAccount> =
+        kube::Api::all(h.client.clone());
+    cluster_accounts
+        .create(&Default::default(), &account)
         .await
         .unwrap();
-    h.wait_gone("sf").await;
-    assert_eq!(writes(&h.sim.calls()), [(SimOp::Delete, Some(204))]);
-    assert!(h.sim.overrides().is_empty());
+    let mut via_cluster = Cov::new("via-cluster", "Snowflake");
+    via_cluster.spec.account_ref.name = shared.clone();
+    via_cluster.spec.account_ref.kind = Some(dpc_operator::api::AccountKind::ClusterDpcAccount);
+    h.apply(&via_cluster).await;
+    h.wait_ready("via-cluster").await;
 
-    operator.kill().await;
+    // Deletion: one DELETE each, then the objects are gone.
+    h.sim.clear_calls();
+    for name in ["sf", "via-cluster"] {
+        h.covs()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+        h.wait_gone(name).await;
+    }
+    assert_eq!(
+        writes(&h.sim.calls()),
+        [(SimOp::Delete, Some(204)), (SimOp::Delete, Some(204))]
+    );
+    assert!(h.sim.overrides().is_empty());
+    cluster_accounts
+        .delete(&shared, &Default::default())
+        .await
+        .unwrap();
+
+    // A graceful stop releases the lease.
+    operator.terminate();
+    assert!(operator.wait_exit(Duration::from_secs(10)).await.success());
+    assert_eq!(lease_holder(&h).await, None);
     assert_no_secrets(
         &operator.output(),
         &h,
         &["value-one-6c1d", "value-two-9f2e"],
     );
+
+    audit::assert_rules_match_use(&h, &id, scope);
+    h.stop().await;
 }
 
 #[tokio::test]
 async fn sigkill_between_the_dpc_write_and_the_status_write_converges() {
     let h = Harness::start().await;
-    let kubeconfig = kubeconfig_file(&h);
+    let (kubeconfig, _) = namespaced_operator(&h).await;
     // DPC applies the POST but answers late: the operator is killed before it can write status.
     h.sim
         .push_fault(Fault::on(SimOp::Create, FaultKind::Delay { ms: 4000 }));
-    let mut operator = Operator::start(&kubeconfig, &["--allow-insecure-http"]);
+    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
     h.apply(&Cov::new("sf", "Salesforce")).await;
     wait_call(&h, SimOp::Create, 1).await;
     assert!(
@@ -276,7 +403,7 @@ async fn sigkill_between_the_dpc_write_and_the_status_write_converges() {
     );
 
     h.sim.clear_calls();
-    let mut operator = Operator::start(&kubeconfig, &["--allow-insecure-http"]);
+    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
     h.wait_ready("sf").await;
     assert_eq!(
         writes(&h.sim.calls()),
@@ -301,7 +428,7 @@ async fn sigkill_between_the_dpc_write_and_the_status_write_converges() {
     );
 
     h.sim.clear_calls();
-    let mut operator = Operator::start(&kubeconfig, &["--allow-insecure-http"]);
+    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
     h.wait_gone("sf").await;
     assert_eq!(
         writes(&h.sim.calls()),
@@ -316,7 +443,8 @@ async fn sigterm_lets_in_flight_work_finish_and_exits_zero() {
     let h = Harness::start().await;
     h.sim
         .push_fault(Fault::on(SimOp::Create, FaultKind::Delay { ms: 1500 }));
-    let mut operator = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+    let (kubeconfig, _) = namespaced_operator(&h).await;
+    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
     h.apply(&Cov::new("sf", "Salesforce")).await;
     wait_call(&h, SimOp::Create, 1).await;
 
@@ -336,6 +464,9 @@ async fn sigterm_lets_in_flight_work_finish_and_exits_zero() {
     assert!(operator.output().contains("SIGTERM received"));
 }
 
+/// On the emulator: the real API server of the test run is shared, and has the CRDs the
+/// other tests need; a server without them would be a second control plane started for this
+/// one check of a plain 404 on an unknown resource.
 #[tokio::test]
 async fn without_the_crds_the_binary_says_how_to_install_them() {
     let emu = dpc_operator::sim::kube::KubeEmulator::start()
@@ -361,7 +492,8 @@ async fn without_the_crds_the_binary_says_how_to_install_them() {
 #[tokio::test]
 async fn plain_http_dpc_urls_are_refused_without_the_flag() {
     let h = Harness::start().await;
-    let mut operator = Operator::start(&kubeconfig_file(&h), &[]);
+    let (kubeconfig, _) = namespaced_operator(&h).await;
+    let mut operator = Operator::scoped(&h, &kubeconfig, &[]);
     h.apply(&Cov::new("sf", "Salesforce")).await;
     let obj = h.wait_reason("sf", "AccountNotReady").await;
     let message = ready_condition(&obj).message;
@@ -485,7 +617,7 @@ async fn the_test_doubles_run_as_processes() {
 
 async fn lease_holder(h: &Harness) -> Option<String> {
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(h.client.clone(), NS);
+        kube::Api::namespaced(h.client.clone(), &h.ns);
     leases
         .get_opt("dpc-operator")
         .await
@@ -497,12 +629,14 @@ async fn lease_holder(h: &Harness) -> Option<String> {
 #[tokio::test]
 async fn with_two_replicas_exactly_one_writes_and_killing_it_hands_over() {
     let h = Harness::start().await;
-    let kubeconfig = kubeconfig_file(&h);
+    let (kubeconfig, _) = namespaced_operator(&h).await;
     let election = [
+        "--namespaces",
+        &h.ns,
         "--allow-insecure-http",
         "--leader-election",
         "--leader-election-namespace",
-        NS,
+        &h.ns,
         "--lease-duration",
         "2s",
         "--lease-renew-period",
@@ -597,8 +731,11 @@ fn samples(text: &str) -> Vec<(String, f64)> {
 #[tokio::test]
 async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     let h = Harness::start().await;
-    h.emu.hold_lists("connectionoverrides");
-    let mut operator = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+    // The ServiceAccount is not granted its Role yet: every list is refused, so the caches
+    // stay cold and the operator is live but not ready.
+    let id = identity::service_account_only(&h.client, h.cluster, &h.ns, Scope::Namespaced).await;
+    let kubeconfig = kubeconfig_file(&h, &id.kubeconfig);
+    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
     let admin = operator.admin_url().await;
     wait_status(&format!("{admin}/livez"), 200).await;
     let why = wait_status(&format!("{admin}/readyz"), 503).await;
@@ -607,7 +744,7 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         "{why}"
     );
 
-    h.emu.release("connectionoverrides");
+    identity::grant(&h.client, &id).await;
     wait_status(&format!("{admin}/readyz"), 200).await;
     h.apply(&Cov::new("missing", "M").property_from_secret("secretKey", "absent", "k"))
         .await;
@@ -637,13 +774,15 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     assert!(value("dpc_operator_rate_limit_wait_seconds_total").is_some());
     assert_eq!(
         value(&format!(
-            r#"dpc_operator_condition{{namespace="{NS}",name="sf",type="Ready",status="True"}}"#
+            r#"dpc_operator_condition{{namespace="{}",name="sf",type="Ready",status="True"}}"#,
+            h.ns
         )),
         Some(1.0)
     );
     assert_eq!(
         value(&format!(
-            r#"dpc_operator_condition{{namespace="{NS}",name="missing",type="Ready",status="False"}}"#
+            r#"dpc_operator_condition{{namespace="{}",name="missing",type="Ready",status="False"}}"#,
+            h.ns
         )),
         Some(1.0)
     );
@@ -680,8 +819,10 @@ async fn spans_are_exported_over_otlp_only_when_configured() {
         .unwrap();
     let h = Harness::start().await;
     let endpoint = format!("http://{}", collector.addr);
-    let mut operator = Operator::start(
-        &kubeconfig_file(&h),
+    let (kubeconfig, _) = namespaced_operator(&h).await;
+    let mut operator = Operator::scoped(
+        &h,
+        &kubeconfig,
         &["--allow-insecure-http", "--otlp-endpoint", &endpoint],
     );
     h.apply(&Cov::new("sf", "Salesforce")).await;
@@ -718,7 +859,7 @@ async fn spans_are_exported_over_otlp_only_when_configured() {
 
     // Without an endpoint nothing is exported (and nothing tries to).
     let before = received.lock().unwrap().len();
-    let mut quiet = Operator::start(&kubeconfig_file(&h), &["--allow-insecure-http"]);
+    let mut quiet = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
     h.apply(&Cov::new("other", "Other")).await;
     h.wait_ready("other").await;
     quiet.terminate();

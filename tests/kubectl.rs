@@ -1,12 +1,15 @@
-//! The emulator's fidelity test: kubectl — a real client nobody here wrote — against the
-//! Kubernetes API emulator, with the operator running. kubectl applies the CRDs and the
-//! shipped examples, reads them with their printer columns, waits for Ready, selects,
-//! applies server-side, explains, and deletes.
+//! kubectl — a real client nobody here wrote — with the operator running, against a real
+//! kube-apiserver (a fresh control plane of its own: the quickstart's namespace and the CRDs'
+//! first install are the test) and against the Kubernetes API emulator that `dpc-operator
+//! sandbox` runs on, which must behave the same. kubectl applies the CRDs and the shipped
+//! examples, reads them with their printer columns, waits for Ready, selects, applies
+//! server-side, explains, and deletes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dpc_operator::controller::{self, Context, OperatorConfig};
+use dpc_operator::sim::control_plane::ControlPlane;
 use dpc_operator::sim::dpc::{DpcSim, SimConfig, SimOp};
 use dpc_operator::sim::kube::KubeEmulator;
 use tokio::process::Command;
@@ -63,9 +66,28 @@ fn table(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_drives_the_real_api_server_and_the_operator() {
+    let plane = ControlPlane::start(None).await.expect("a control plane");
+    let kubeconfig = std::fs::read_to_string(&plane.endpoint.kubeconfig).unwrap();
+    let client = plane.endpoint.client().await;
+    let version = format!("\"gitVersion\": \"{}\"", plane.endpoint.version);
+    assert_eq!(plane.endpoint.version, "v1.36.3");
+    kubectl_drives(&kubeconfig, client, &version).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_drives_the_emulator_and_the_operator() {
     let emu = KubeEmulator::start().await.unwrap();
+    kubectl_drives(
+        &emu.kubeconfig(),
+        emu.client(),
+        "\"gitVersion\": \"v1.32.0-dpc-operator-emulator\"",
+    )
+    .await;
+}
+
+async fn kubectl_drives(kubeconfig_text: &str, client: kube::Client, version_line: &str) {
     let sim = DpcSim::start(SimConfig::default()).await.unwrap();
     // The example's placeholder credentials are what the simulator accepts.
     sim.add_client(
@@ -73,20 +95,17 @@ async fn kubectl_drives_the_emulator_and_the_operator() {
         "replace-with-your-client-secret",
     );
     let dir = std::env::temp_dir().join(format!(
-        "dpc-kubectl-{}-{}",
+        "dpc-kubectl-{}-{:08x}",
         std::process::id(),
-        emu.addr().port()
+        rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, emu.kubeconfig()).unwrap();
+    std::fs::write(&kubeconfig, kubeconfig_text).unwrap();
     let k = Kubectl { kubeconfig };
 
     let version = k.ok(&["version", "-o", "json"]).await;
-    assert!(
-        version.contains("\"gitVersion\": \"v1.32.0-dpc-operator-emulator\""),
-        "{version}"
-    );
+    assert!(version.contains(version_line), "{version}");
 
     // CRDs, then the examples, all by kubectl apply.
     let out = k.ok(&["apply", "-f", &repo("crds/crds.yaml")]).await;
@@ -153,7 +172,7 @@ async fn kubectl_drives_the_emulator_and_the_operator() {
     assert_eq!(before.len(), 3);
 
     let ctx = Context::new(
-        emu.client(),
+        client,
         OperatorConfig {
             allow_insecure_http: true,
             backoff_base: Duration::from_millis(200),

@@ -62,7 +62,7 @@ async fn no_secret_value_reaches_logs_status_or_events() {
     // An account whose secret DPC refuses.
     put_secret_in(
         &h.client,
-        NS,
+        &h.ns,
         "bad-creds",
         &[
             ("client_id", CLIENT_ID),
@@ -107,13 +107,13 @@ async fn no_secret_value_reaches_logs_status_or_events() {
     }
 
     let api: kube::Api<k8s_openapi::api::events::v1::Event> =
-        kube::Api::namespaced(h.client.clone(), NS);
+        kube::Api::namespaced(h.client.clone(), &h.ns);
     let events =
         serde_json::to_string(&api.list(&Default::default()).await.unwrap().items).unwrap();
     let statuses =
         serde_json::to_string(&h.covs().list(&Default::default()).await.unwrap().items).unwrap();
     let accounts: kube::Api<dpc_operator::api::DpcAccount> =
-        kube::Api::namespaced(h.client.clone(), NS);
+        kube::Api::namespaced(h.client.clone(), &h.ns);
     let accounts =
         serde_json::to_string(&accounts.list(&Default::default()).await.unwrap().items).unwrap();
     assert!(events.contains("ApiRejected") && statuses.contains("CredentialsRejected"));

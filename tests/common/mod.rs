@@ -1,7 +1,16 @@
-//! The harness of the controller tests: a Kubernetes API emulator and a DPC simulator over
-//! real HTTP on loopback, the CRDs installed, a DpcAccount pointed at the simulator, and the
-//! real controller running in-process — assembled by the same `Context::new` as the binary.
+//! The harness of the controller tests: the real Kubernetes API server of the test run
+//! (kube-apiserver and etcd built from their Go modules, see `dpc_operator::sim::control_plane`)
+//! with the CRDs installed and a namespace of the test's own, a DPC simulator over real HTTP
+//! on loopback, a DpcAccount pointed at the simulator, and the real controller running
+//! in-process, watching only that namespace — assembled by the same `Context::new` as the
+//! binary.
 #![allow(dead_code)]
+
+pub mod audit;
+pub mod counting;
+pub mod identity;
+#[path = "../tools/mod.rs"]
+pub mod tools;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -14,8 +23,8 @@ use dpc_operator::api::{
     SecretsLocation, conditions,
 };
 use dpc_operator::controller::{self, Context, OperatorConfig};
+use dpc_operator::sim::control_plane::{self, Endpoint};
 use dpc_operator::sim::dpc::{DpcSim, SimConfig};
-use dpc_operator::sim::kube::KubeEmulator;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
@@ -23,16 +32,14 @@ use kube::{Api, Client};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const NS: &str = "team-a";
 pub const PROJECT: &str = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
 pub const ACCOUNT: &str = "dpc";
 pub const CREDS: &str = "dpc-creds";
 pub const CLIENT_ID: &str = "client-7f3a9";
 pub const CLIENT_SECRET: &str = "cs-9d8e7f6a5b4c3d2e1f";
-pub const WAIT: Duration = Duration::from_secs(15);
-
-/// Held by the tests that measure time, so two of them never share the machine's cores.
-pub static TIMING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// How long a test waits for the controller: generous, as the API server shares two cores with
+/// the tests.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Every log line of this test process, for the secret-leak checks.
 pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
@@ -81,12 +88,93 @@ pub fn test_config() -> OperatorConfig {
 pub struct Harness {
     /// The request rate of the accounts this harness creates.
     pub requests_per_minute: u32,
-    pub emu: KubeEmulator,
+    /// The test's own namespace; the controller watches it (and what `also_watch` adds).
+    pub ns: String,
+    pub cluster: &'static Endpoint,
     pub sim: DpcSim,
+    /// An admin client whose requests (the test's and the in-process controller's) are counted.
     pub client: Client,
+    pub counter: counting::RequestCounter,
     pub ctx: Arc<Context>,
+    config: OperatorConfig,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
+    _scope: ScopeGuard,
+}
+
+/// Held shared by every harness, exclusively by `Harness::start_alone`.
+static SCOPE: std::sync::LazyLock<Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(Default::default);
+
+enum ScopeGuard {
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+/// Installs (or upgrades to) the CRDs on an API server, once per server and test process, and
+/// waits until they are established.
+pub async fn install_crds(client: &Client, server: &str) {
+    static DONE: std::sync::LazyLock<Mutex<BTreeMap<String, Arc<tokio::sync::OnceCell<()>>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let once = DONE
+        .lock()
+        .unwrap()
+        .entry(server.to_string())
+        .or_default()
+        .clone();
+    once.get_or_init(|| async {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in dpc_operator::api::crds() {
+            let name = crd.metadata.name.clone().unwrap();
+            api.patch(
+                &name,
+                &PatchParams::apply("dpc-operator-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("installing the CRD {name}: {e}"));
+            tokio::time::timeout(
+                WAIT,
+                await_condition(api.clone(), &name, kube::runtime::conditions::is_crd_established()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("the CRD {name} was not established within {WAIT:?}"))
+            .unwrap();
+        }
+    })
+    .await;
+}
+
+/// A namespace name of this test's own: the test's name, made a DNS label, and a random tail.
+pub fn unique_name(prefix: &str) -> String {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let test = test.rsplit("::").next().unwrap_or(test);
+    let mut base: String = format!("{prefix}{test}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(50)
+        .collect();
+    while base.ends_with('-') {
+        base.pop();
+    }
+    format!("{base}-{:05x}", rand::random::<u32>() & 0xfffff)
+}
+
+/// Creates a namespace with `labels`.
+pub async fn create_namespace(client: &Client, name: &str, labels: serde_json::Value) {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}}))
+            .unwrap();
+    api.create(&PostParams::default(), &ns).await.unwrap();
 }
 
 impl Harness {
@@ -95,20 +183,59 @@ impl Harness {
     }
 
     pub async fn start_with(config: OperatorConfig, sim_config: SimConfig) -> Self {
-        let emu = KubeEmulator::start().await.unwrap();
+        let guard = ScopeGuard::Shared(SCOPE.clone().read_owned().await);
+        let cluster = control_plane::shared().await;
+        Self::start_guarded(cluster, config, sim_config, guard).await
+    }
+
+    /// A harness on another API server (a private control plane of the test).
+    pub async fn start_on(cluster: &'static Endpoint) -> Self {
+        let guard = ScopeGuard::Shared(SCOPE.clone().read_owned().await);
+        Self::start_guarded(cluster, test_config(), SimConfig::default(), guard).await
+    }
+
+    /// A harness no other harness of this process runs beside: for an operator that watches
+    /// every namespace (it would act on the other tests' objects), and for tests that measure
+    /// time or rates (two cores shared with the API server).
+    pub async fn start_alone(config: OperatorConfig, sim_config: SimConfig) -> Self {
+        let guard = ScopeGuard::Exclusive(SCOPE.clone().write_owned().await);
+        let cluster = control_plane::shared().await;
+        Self::start_guarded(cluster, config, sim_config, guard).await
+    }
+
+    async fn start_guarded(
+        cluster: &'static Endpoint,
+        config: OperatorConfig,
+        sim_config: SimConfig,
+        guard: ScopeGuard,
+    ) -> Self {
+        let ns = unique_name("");
+        let counter = counting::RequestCounter::default();
+        let client = counting::counted_client(
+            &cluster.kubeconfig_with_token("admin", &cluster.admin_token, &ns),
+            &counter,
+        )
+        .await;
+        install_crds(&client, &cluster.server).await;
+        create_namespace(&client, &ns, serde_json::json!({})).await;
         let sim = DpcSim::start(sim_config).await.unwrap();
         sim.add_client(CLIENT_ID, CLIENT_SECRET);
-        let client = emu.client();
-        emu.install_crds().await.unwrap();
-        emu.create_namespace(NS).await.unwrap();
+        let mut config = config;
+        if config.namespaces.is_empty() {
+            config.namespaces = vec![ns.clone()];
+        }
         let h = Self {
             requests_per_minute: 60_000,
-            ctx: Context::new(client.clone(), config),
-            emu,
+            ctx: Context::new(client.clone(), config.clone()),
+            config,
+            ns,
+            cluster,
             sim,
             client,
+            counter,
             shutdown: CancellationToken::new(),
             task: None,
+            _scope: guard,
         };
         h.put_secret(
             CREDS,
@@ -119,6 +246,22 @@ impl Harness {
         h
     }
 
+    /// Makes the controller watch `namespaces` too (before `run`).
+    pub fn also_watch(mut self, namespaces: &[&str]) -> Self {
+        assert!(self.task.is_none(), "also_watch before run");
+        self.config
+            .namespaces
+            .extend(namespaces.iter().map(|n| n.to_string()));
+        self.ctx = Context::new(self.client.clone(), self.config.clone());
+        self
+    }
+
+    /// An admin kubeconfig whose default namespace is the test's.
+    pub fn kubeconfig(&self) -> String {
+        self.cluster
+            .kubeconfig_with_token("admin", &self.cluster.admin_token, &self.ns)
+    }
+
     /// Starts the controller (tests may prepare objects first).
     pub fn run(mut self) -> Self {
         let ctx = self.ctx.clone();
@@ -127,6 +270,9 @@ impl Harness {
         self
     }
 
+    /// Stops the controller, then deletes the test's namespace (its objects' finalizers
+    /// dropped, as no controller will release them), so the shared API server does not fill
+    /// up with the objects of finished tests.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
@@ -135,18 +281,44 @@ impl Harness {
                 .expect("the controller stops")
                 .unwrap();
         }
+        for ns in &self.config.namespaces {
+            let covs: Api<ConnectionOverride> = Api::namespaced(self.client.clone(), ns);
+            let Ok(list) = covs.list_metadata(&Default::default()).await else {
+                continue;
+            };
+            for obj in list.items {
+                if obj
+                    .metadata
+                    .finalizers
+                    .as_ref()
+                    .is_some_and(|f| !f.is_empty())
+                {
+                    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+                    let _ = covs
+                        .patch(
+                            &obj.metadata.name.unwrap(),
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
+                        .await;
+                }
+            }
+            let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
+                Api::all(self.client.clone());
+            let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+        }
     }
 
     pub fn covs(&self) -> Api<ConnectionOverride> {
-        Api::namespaced(self.client.clone(), NS)
+        Api::namespaced(self.client.clone(), &self.ns)
     }
 
     pub async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
-        put_secret_in(&self.client, NS, name, data).await;
+        put_secret_in(&self.client, &self.ns, name, data).await;
     }
 
     pub async fn put_config_map(&self, name: &str, data: &[(&str, &str)]) {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), NS);
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.ns);
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -170,7 +342,7 @@ impl Harness {
 
     /// Rotates a value of an existing Secret with one write.
     pub async fn rotate_secret(&self, name: &str, key: &str, value: &str) {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
         let patch = serde_json::json!({"stringData": {key: value}});
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -179,7 +351,7 @@ impl Harness {
 
     /// Changes a label of a Secret: a metadata change that carries no new value.
     pub async fn touch_secret(&self, name: &str, label: &str) {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
         let patch = serde_json::json!({"metadata": {"labels": {"touched": label}}});
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -187,12 +359,12 @@ impl Harness {
     }
 
     pub async fn delete_secret(&self, name: &str) {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
 
     pub async fn put_account(&self, name: &str, creds: &str) {
-        let api: Api<DpcAccount> = Api::namespaced(self.client.clone(), NS);
+        let api: Api<DpcAccount> = Api::namespaced(self.client.clone(), &self.ns);
         let mut account = DpcAccount::new(
             name,
             DpcAccountSpec {
@@ -211,7 +383,7 @@ impl Harness {
                 request_burst: Some(100),
             },
         );
-        account.metadata.namespace = Some(NS.into());
+        account.metadata.namespace = Some(self.ns.clone());
         api.patch(
             name,
             &PatchParams::apply("test").force(),
@@ -224,7 +396,7 @@ impl Harness {
     /// Creates or updates a ConnectionOverride by apply.
     pub async fn apply(&self, cov: &Cov) -> ConnectionOverride {
         let mut object = ConnectionOverride::new(&cov.name, cov.spec.clone());
-        object.metadata.namespace = Some(NS.into());
+        object.metadata.namespace = Some(self.ns.clone());
         object.metadata.annotations =
             (!cov.annotations.is_empty()).then(|| cov.annotations.clone());
         self.covs()
@@ -282,7 +454,7 @@ impl Harness {
     /// Events about `name`, as (type, reason, note).
     pub async fn events(&self, name: &str) -> Vec<(String, String, String)> {
         let api: Api<k8s_openapi::api::events::v1::Event> =
-            Api::namespaced(self.client.clone(), NS);
+            Api::namespaced(self.client.clone(), &self.ns);
         let mut events: Vec<_> = api
             .list(&Default::default())
             .await
@@ -308,7 +480,7 @@ impl Harness {
     pub async fn wait_event(&self, name: &str, reason: &str) -> (String, String, String) {
         use futures::StreamExt;
         let api: Api<k8s_openapi::api::events::v1::Event> =
-            Api::namespaced(self.client.clone(), NS);
+            Api::namespaced(self.client.clone(), &self.ns);
         let stream = kube::runtime::watcher(api, Default::default());
         let stream = kube::runtime::WatchStreamExt::applied_objects(stream);
         let mut stream = std::pin::pin!(stream);
@@ -336,16 +508,16 @@ impl Harness {
         }
     }
 
-    /// Requests the emulator served for `verb resource`.
+    /// Requests of `verb resource` sent through this harness's client.
     pub fn requests(&self, key: &str) -> u64 {
-        self.emu.request_counts().get(key).copied().unwrap_or(0)
+        self.counter.get(key)
     }
 
-    /// Waits until the emulator has served at least `n` requests of `key`.
+    /// Waits until at least `n` requests of `key` were sent.
     pub async fn wait_requests(&self, key: &str, n: u64) {
         let key = key.to_string();
-        self.emu
-            .wait_for_requests(WAIT, |c| c.get(&key).copied().unwrap_or(0) >= n)
+        self.counter
+            .wait_for(WAIT, |c| c.get(&key).copied().unwrap_or(0) >= n)
             .await
             .unwrap_or_else(|c| panic!("fewer than {n} {key} requests: {c:?}"));
     }
