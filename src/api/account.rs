@@ -74,13 +74,15 @@ pub struct DpcAccountSpec {
     /// all its ConnectionOverrides. Default 60 (the lower of the documented limits); DPC's
     /// current documented limit is 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    // Kubernetes knows the formats int32 and int64, not schemars' uint32 (the API server
+    // warns about it on every CRD apply).
+    #[schemars(range(min = 1, max = 2147483647), extend("format" = "int32"))]
     pub requests_per_minute: Option<u32>,
 
     /// How many requests may go out at once before the per-minute rate applies. Default 5
     /// (the documented burst).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 2147483647), extend("format" = "int32"))]
     pub request_burst: Option<u32>,
 }
 
