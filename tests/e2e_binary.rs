@@ -866,3 +866,23 @@ async fn spans_are_exported_over_otlp_only_when_configured() {
     assert!(quiet.wait_exit(Duration::from_secs(10)).await.success());
     assert_eq!(received.lock().unwrap().len(), before);
 }
+
+#[tokio::test]
+async fn sigterm_before_the_first_list_exits_at_once() {
+    let h = Harness::start().await;
+    // Not granted its Role: the watches never list, so no controller's cache is ever filled.
+    let id = identity::service_account_only(&h.client, h.cluster, &h.ns, Scope::Namespaced).await;
+    let kubeconfig = kubeconfig_file(&h, &id.kubeconfig);
+    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
+    let admin = operator.admin_url().await;
+    wait_status(&format!("{admin}/readyz"), 503).await;
+    operator.terminate();
+    let status = operator.wait_exit(Duration::from_secs(8)).await;
+    assert!(status.success(), "{status:?}:\n{}", operator.output());
+    assert!(
+        operator.output().contains("stopping before the first list"),
+        "{}",
+        operator.output()
+    );
+    h.stop().await;
+}
