@@ -759,6 +759,7 @@ async fn a_malformed_object_is_reported_and_does_not_stop_the_others() {
     .unwrap();
     old.create(&PostParams::default(), &bad).await.unwrap();
 
+    let logs = captured_logs();
     // The harness upgrades the CRDs to today's; the stored object stays as it was.
     let h = Harness::start_on(&plane.endpoint)
         .await
@@ -768,32 +769,20 @@ async fn a_malformed_object_is_reported_and_does_not_stop_the_others() {
     h.apply(&Cov::new("good", "G")).await;
     h.wait_ready("good").await;
 
-    // Each status write is a chance the condition arrived: look again after each one.
-    let ready = tokio::time::timeout(WAIT, async {
-        loop {
-            let before = h.requests("patch connectionoverrides/status");
-            let obj = raw.get("bad").await.unwrap();
-            if let Some(conds) = obj
-                .data
-                .pointer("/status/conditions")
-                .and_then(|c| c.as_array())
-                && let Some(ready) = conds.iter().find(|c| c["type"] == "Ready")
-            {
-                return ready.clone();
-            }
-            h.wait_requests("patch connectionoverrides/status", before + 1)
-                .await;
-        }
-    })
-    .await
-    .expect("the malformed object gets a Ready condition");
-    assert_eq!(ready["reason"], "InvalidSpec");
+    // The API server refuses any status of such an object (it validates the whole object on
+    // a status write too): a Warning Event is the report.
+    let (kind, _, note) = h.wait_event_in("old", "bad", "InvalidSpec").await;
+    assert_eq!(kind, "Warning");
     assert!(
-        ready["message"]
-            .as_str()
-            .unwrap()
-            .contains("does not match the ConnectionOverride schema")
+        note.contains("does not match the ConnectionOverride schema"),
+        "{note}"
     );
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("the API server refuses any status of this object"),
+        "the refusal is logged"
+    );
+    assert!(raw.get("bad").await.unwrap().data.get("status").is_none());
     assert!(
         h.sim
             .calls()

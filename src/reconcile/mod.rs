@@ -874,7 +874,7 @@ async fn report_invalid(
     // A merge patch, not an apply: what DPC last accepted (appliedHash, remote) stays as it
     // is, since this write cannot read it.
     let patch = json!({"status": {"conditions": status.conditions, "observedGeneration": status.observed_generation}});
-    send_patch(
+    let written = send_patch(
         ctx,
         &key.0,
         &key.1,
@@ -882,7 +882,17 @@ async fn report_invalid(
         &PatchParams::default(),
         &Patch::Merge(&patch),
     )
-    .await?;
+    .await;
+    match written {
+        Ok(()) => {}
+        // An object stored under an older CRD that today's schema or CEL rules refuse: the API
+        // server validates the whole object on a status write too, so no condition can ever
+        // be written. The Event below is then the only report; retrying would loop.
+        Err(kube::Error::Api(status)) if status.code == 422 => {
+            warn!(refused = %status.message, "the API server refuses any status of this object; reporting it by an Event only");
+        }
+        Err(e) => return Err(e.into()),
+    }
     let reference = ObjectReference {
         api_version: Some(ConnectionOverride::api_version(&()).into()),
         kind: Some(ConnectionOverride::kind(&()).into()),

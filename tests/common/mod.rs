@@ -478,9 +478,19 @@ impl Harness {
 
     /// Waits until an Event with `reason` exists for `name` (watching Events).
     pub async fn wait_event(&self, name: &str, reason: &str) -> (String, String, String) {
+        self.wait_event_in(&self.ns, name, reason).await
+    }
+
+    /// Waits until an Event with `reason` exists for `name` in `namespace`.
+    pub async fn wait_event_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        reason: &str,
+    ) -> (String, String, String) {
         use futures::StreamExt;
         let api: Api<k8s_openapi::api::events::v1::Event> =
-            Api::namespaced(self.client.clone(), &self.ns);
+            Api::namespaced(self.client.clone(), namespace);
         let stream = kube::runtime::watcher(api, Default::default());
         let stream = kube::runtime::WatchStreamExt::applied_objects(stream);
         let mut stream = std::pin::pin!(stream);
