@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use dpc_operator::api::{
-    AccountKind, ClusterDpcAccount, ClusterDpcAccountSpec, CredentialsSecretRef, DpcAccountSpec,
-    DriftPolicy, ManagementPolicy, conditions,
+    AccountKind, ClusterDpcAccount, DriftPolicy, ManagementPolicy, conditions,
 };
 use dpc_operator::controller::OperatorConfig;
 use dpc_operator::sim::dpc::{Call, Fault, FaultKind, SimConfig, SimOp};
@@ -431,15 +430,13 @@ async fn the_accounts_request_rate_is_never_exceeded() {
         .await
         .unwrap();
     let h = h.run();
-    for i in 0..80 {
-        h.apply(&Cov::new(&format!("o{i}"), &format!("C{i}"))).await;
-    }
-    // Some objects wait for their slot longer than they may wait in place: they say so.
+    // Some objects wait for their slot longer than they may wait in place: they say so. The
+    // watch starts before the objects are created, so no passing state is missed.
     let waiting = {
         use futures::StreamExt;
         let stream = kube::runtime::watcher(h.covs(), Default::default());
-        let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::applied_objects(stream));
-        tokio::time::timeout(WAIT, async {
+        let mut stream = kube::runtime::WatchStreamExt::applied_objects(stream).boxed();
+        tokio::spawn(async move {
             while let Some(Ok(o)) = stream.next().await {
                 if ready_reason(&o).as_deref() == Some("Creating") {
                     return o;
@@ -447,9 +444,14 @@ async fn the_accounts_request_rate_is_never_exceeded() {
             }
             panic!("the watch ended");
         })
+    };
+    for i in 0..80 {
+        h.apply(&Cov::new(&format!("o{i}"), &format!("C{i}"))).await;
+    }
+    let waiting = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("an object waits for its turn")
-    };
+        .unwrap();
     assert!(
         ready_condition(&waiting)
             .message
@@ -560,29 +562,9 @@ async fn a_cluster_account_serves_only_the_namespaces_it_allows() {
     create_namespace(&h.client, team_c_ns, json!({&label: "yes"})).await;
 
     let shared: Api<ClusterDpcAccount> = Api::all(h.client.clone());
-    let account = ClusterDpcAccount::new(
+    let account = h.cluster_account(
         &shared_name,
-        ClusterDpcAccountSpec {
-            account: DpcAccountSpec {
-                region: None,
-                api_url: Some(h.sim.api_url()),
-                token_url: Some(h.sim.token_url()),
-                audience: None,
-                credentials_secret_ref: CredentialsSecretRef {
-                    name: CREDS.into(),
-                    namespace: Some(h.ns.clone()),
-                    client_id_key: "client_id".into(),
-                    client_secret_key: "client_secret".into(),
-                },
-                account_id: None,
-                requests_per_minute: Some(60_000),
-                request_burst: Some(100),
-            },
-            allowed_namespaces: serde_json::from_value(
-                json!({"names": [&h.ns], "selector": {"matchLabels": {&label: "yes"}}}),
-            )
-            .unwrap(),
-        },
+        json!({"names": [&h.ns], "selector": {"matchLabels": {&label: "yes"}}}),
     );
     shared
         .create(&PostParams::default(), &account)
