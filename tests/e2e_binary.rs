@@ -28,6 +28,22 @@ struct Operator {
     readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Leader election with a Lease in `namespace` and short timings (plain-http DPC allowed).
+fn election_args(namespace: &str) -> Vec<&str> {
+    vec![
+        "--allow-insecure-http",
+        "--leader-election",
+        "--leader-election-namespace",
+        namespace,
+        "--lease-duration",
+        "2s",
+        "--lease-renew-period",
+        "500ms",
+        "--lease-retry-period",
+        "200ms",
+    ]
+}
+
 /// Writes `kubeconfig` to a file of the test's own.
 fn kubeconfig_file(h: &Harness, kubeconfig: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dpc-e2e-{}", h.ns));
@@ -233,18 +249,7 @@ async fn full_flow(scope: Scope) {
     let id = identity::install(&h.client, h.cluster, &h.ns, scope).await;
     h.put_secret("refs", &[("key", "value-one-6c1d")]).await;
     h.put_config_map("names", &[("region", "eu-west-1")]).await;
-    let mut args = vec![
-        "--allow-insecure-http",
-        "--leader-election",
-        "--leader-election-namespace",
-        &h.ns,
-        "--lease-duration",
-        "2s",
-        "--lease-renew-period",
-        "500ms",
-        "--lease-retry-period",
-        "200ms",
-    ];
+    let mut args = election_args(&h.ns);
     if scope == Scope::Namespaced {
         args.extend(["--namespaces", &h.ns]);
     }
@@ -314,28 +319,7 @@ async fn full_flow(scope: Scope) {
 
     // A ClusterDpcAccount that allows this namespace.
     let shared = unique_name("shared-");
-    let account = dpc_operator::api::ClusterDpcAccount::new(
-        &shared,
-        dpc_operator::api::ClusterDpcAccountSpec {
-            account: dpc_operator::api::DpcAccountSpec {
-                region: None,
-                api_url: Some(h.sim.api_url()),
-                token_url: Some(h.sim.token_url()),
-                audience: None,
-                credentials_secret_ref: dpc_operator::api::CredentialsSecretRef {
-                    name: CREDS.into(),
-                    namespace: Some(h.ns.clone()),
-                    client_id_key: "client_id".into(),
-                    client_secret_key: "client_secret".into(),
-                },
-                account_id: None,
-                requests_per_minute: Some(60_000),
-                request_burst: Some(100),
-            },
-            allowed_namespaces: serde_json::from_value(serde_json::json!({"names": [&h.ns]}))
-                .unwrap(),
-        },
-    );
+    let account = h.cluster_account(&shared, serde_json::json!({"names": [&h.ns]}));
     let cluster_accounts: kube::Api<dpc_operator::api::ClusterDpcAccount> =
         kube::Api::all(h.client.clone());
     cluster_accounts
@@ -630,20 +614,8 @@ async fn lease_holder(h: &Harness) -> Option<String> {
 async fn with_two_replicas_exactly_one_writes_and_killing_it_hands_over() {
     let h = Harness::start().await;
     let (kubeconfig, _) = namespaced_operator(&h).await;
-    let election = [
-        "--namespaces",
-        &h.ns,
-        "--allow-insecure-http",
-        "--leader-election",
-        "--leader-election-namespace",
-        &h.ns,
-        "--lease-duration",
-        "2s",
-        "--lease-renew-period",
-        "500ms",
-        "--lease-retry-period",
-        "200ms",
-    ];
+    let mut election = election_args(&h.ns);
+    election.extend(["--namespaces", &h.ns]);
     let mut one = Operator::start_as("replica-one", &kubeconfig, &election);
     // The first replica leads before the second starts.
     one.wait_output("became the leader").await;

@@ -67,6 +67,16 @@ impl Cli {
         err
     }
 
+    /// Every object of a Helm release exists (`kubectl get -f` fails on any missing one),
+    /// among them `expected`.
+    fn assert_release_created(&self, release: &str, namespace: &str, expected: &[&str]) {
+        let manifest = self.helm(&["get", "manifest", release, "-n", namespace]);
+        let listed = self.kubectl_in(&["get", "-f", "-", "-o", "name"], Some(&manifest));
+        for object in expected {
+            assert!(listed.contains(object), "{object} not created:\n{listed}");
+        }
+    }
+
     fn helm(&self, args: &[&str]) -> String {
         let (code, out, err) = run(&tools::tool("helm"), &self.kubeconfig, args, None);
         assert_eq!(code, 0, "helm {} failed:\n{err}\n{out}", args.join(" "));
@@ -247,19 +257,18 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_and_keeps_the_crds_and_
         "--create-namespace",
         "--wait=false",
     ]);
-    let manifest = k.helm(&["get", "manifest", "dpc-operator", "-n", "dpc-operator"]);
-    // kubectl get -f fails if any object of the release is missing.
-    let listed = k.kubectl_in(&["get", "-f", "-", "-o", "name"], Some(&manifest));
-    for object in [
-        "customresourcedefinition.apiextensions.k8s.io/connectionoverrides.dpc-operator.io",
-        "deployment.apps/dpc-operator",
-        "serviceaccount/dpc-operator",
-        "clusterrole.rbac.authorization.k8s.io/dpc-operator",
-        "clusterrolebinding.rbac.authorization.k8s.io/dpc-operator",
-        "service/dpc-operator",
-    ] {
-        assert!(listed.contains(object), "{object} not created:\n{listed}");
-    }
+    k.assert_release_created(
+        "dpc-operator",
+        "dpc-operator",
+        &[
+            "customresourcedefinition.apiextensions.k8s.io/connectionoverrides.dpc-operator.io",
+            "deployment.apps/dpc-operator",
+            "serviceaccount/dpc-operator",
+            "clusterrole.rbac.authorization.k8s.io/dpc-operator",
+            "clusterrolebinding.rbac.authorization.k8s.io/dpc-operator",
+            "service/dpc-operator",
+        ],
+    );
     k.kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -348,17 +357,17 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_and_keeps_the_crds_and_
         "crds.install=false",
         "--wait=false",
     ]);
-    let manifest = k.helm(&["get", "manifest", "dpc-ha", "-n", "dpc-ha"]);
-    let listed = k.kubectl_in(&["get", "-f", "-", "-o", "name"], Some(&manifest));
-    for object in [
-        "deployment.apps/dpc-ha-dpc-operator",
-        "role.rbac.authorization.k8s.io/dpc-ha-dpc-operator-leader-election",
-        "servicemonitor.monitoring.coreos.com/dpc-ha-dpc-operator",
-        "prometheusrule.monitoring.coreos.com/dpc-ha-dpc-operator",
-        "networkpolicy.networking.k8s.io/dpc-ha-dpc-operator",
-    ] {
-        assert!(listed.contains(object), "{object} not created:\n{listed}");
-    }
+    k.assert_release_created(
+        "dpc-ha",
+        "dpc-ha",
+        &[
+            "deployment.apps/dpc-ha-dpc-operator",
+            "role.rbac.authorization.k8s.io/dpc-ha-dpc-operator-leader-election",
+            "servicemonitor.monitoring.coreos.com/dpc-ha-dpc-operator",
+            "prometheusrule.monitoring.coreos.com/dpc-ha-dpc-operator",
+            "networkpolicy.networking.k8s.io/dpc-ha-dpc-operator",
+        ],
+    );
     let roles = k.kubectl(&[
         "get",
         "role",

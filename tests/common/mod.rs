@@ -363,26 +363,45 @@ impl Harness {
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
 
+    /// An account spec pointed at this harness's simulator, with credentials from Secret
+    /// `creds` (in `namespace`, for a ClusterDpcAccount).
+    pub fn account_spec(&self, creds: &str, namespace: Option<&str>) -> DpcAccountSpec {
+        DpcAccountSpec {
+            region: None,
+            api_url: Some(self.sim.api_url()),
+            token_url: Some(self.sim.token_url()),
+            audience: None,
+            credentials_secret_ref: CredentialsSecretRef {
+                name: creds.into(),
+                namespace: namespace.map(str::to_string),
+                client_id_key: "client_id".into(),
+                client_secret_key: "client_secret".into(),
+            },
+            account_id: None,
+            requests_per_minute: Some(self.requests_per_minute),
+            request_burst: Some(100),
+        }
+    }
+
+    /// A ClusterDpcAccount named `name` with the harness's credentials and `allowed` as its
+    /// `allowedNamespaces`.
+    pub fn cluster_account(
+        &self,
+        name: &str,
+        allowed: serde_json::Value,
+    ) -> dpc_operator::api::ClusterDpcAccount {
+        dpc_operator::api::ClusterDpcAccount::new(
+            name,
+            dpc_operator::api::ClusterDpcAccountSpec {
+                account: self.account_spec(CREDS, Some(&self.ns)),
+                allowed_namespaces: serde_json::from_value(allowed).unwrap(),
+            },
+        )
+    }
+
     pub async fn put_account(&self, name: &str, creds: &str) {
         let api: Api<DpcAccount> = Api::namespaced(self.client.clone(), &self.ns);
-        let mut account = DpcAccount::new(
-            name,
-            DpcAccountSpec {
-                region: None,
-                api_url: Some(self.sim.api_url()),
-                token_url: Some(self.sim.token_url()),
-                audience: None,
-                credentials_secret_ref: CredentialsSecretRef {
-                    name: creds.into(),
-                    namespace: None,
-                    client_id_key: "client_id".into(),
-                    client_secret_key: "client_secret".into(),
-                },
-                account_id: None,
-                requests_per_minute: Some(self.requests_per_minute),
-                request_burst: Some(100),
-            },
-        );
+        let mut account = DpcAccount::new(name, self.account_spec(creds, None));
         account.metadata.namespace = Some(self.ns.clone());
         api.patch(
             name,
