@@ -435,7 +435,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
     .await
     .map_err(|e| format!("starting the test doubles: {e}"))?;
     let rotated = options.rotations.min(options.objects);
-    // Every object reads one key of its own Secret, as DESIGN §5 counts "objects and their
+    // Every object reads one key of its own Secret, as the design's memory target counts "objects and their
     // Secrets"; the first `rotated` of them are rotated later.
     futures::stream::iter((0..options.objects).map(|i| {
         let world = &world;

@@ -1,6 +1,6 @@
 //! The Data Productivity Cloud REST client: token cache, the environment connection override
 //! endpoints, wire types, problem details and error classes. What the API documents and what
-//! it leaves open is in `../shared/dpc-api.md`; where it is open, this client accepts every
+//! it leaves open is in `docs/dpc-api.md`; where it is open, this client accepts every
 //! plausible variant.
 
 pub mod client;

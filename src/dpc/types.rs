@@ -1,5 +1,5 @@
 //! Wire types of the environment connection override endpoints, and tolerant parsing of
-//! the shapes the API facts leave open (see `../shared/dpc-api.md` §3.3, §5).
+//! the shapes the API facts leave open (see `docs/dpc-api.md` §3.3, §5).
 
 use std::collections::BTreeMap;
 use std::fmt;
