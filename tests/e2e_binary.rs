@@ -28,6 +28,17 @@ struct Operator {
     readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The operator as the chart's ServiceAccount before its Role is granted: every list is
+/// refused, so no controller's cache fills and it is live but not ready. Returns the process,
+/// the identity (to grant later) and the admin endpoints' base URL.
+async fn ungranted_operator(h: &Harness) -> (Operator, Identity, String) {
+    let id = identity::service_account_only(&h.client, h.cluster, &h.ns, Scope::Namespaced).await;
+    let kubeconfig = kubeconfig_file(h, &id.kubeconfig);
+    let operator = Operator::scoped(h, &kubeconfig, &["--allow-insecure-http"]);
+    let admin = operator.admin_url().await;
+    (operator, id, admin)
+}
+
 /// Leader election with a Lease in `namespace` and short timings (plain-http DPC allowed).
 fn election_args(namespace: &str) -> Vec<&str> {
     vec![
@@ -703,12 +714,7 @@ fn samples(text: &str) -> Vec<(String, f64)> {
 #[tokio::test]
 async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     let h = Harness::start().await;
-    // The ServiceAccount is not granted its Role yet: every list is refused, so the caches
-    // stay cold and the operator is live but not ready.
-    let id = identity::service_account_only(&h.client, h.cluster, &h.ns, Scope::Namespaced).await;
-    let kubeconfig = kubeconfig_file(&h, &id.kubeconfig);
-    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
-    let admin = operator.admin_url().await;
+    let (mut operator, id, admin) = ungranted_operator(&h).await;
     wait_status(&format!("{admin}/livez"), 200).await;
     let why = wait_status(&format!("{admin}/readyz"), 503).await;
     assert!(
@@ -842,11 +848,7 @@ async fn spans_are_exported_over_otlp_only_when_configured() {
 #[tokio::test]
 async fn sigterm_before_the_first_list_exits_at_once() {
     let h = Harness::start().await;
-    // Not granted its Role: the watches never list, so no controller's cache is ever filled.
-    let id = identity::service_account_only(&h.client, h.cluster, &h.ns, Scope::Namespaced).await;
-    let kubeconfig = kubeconfig_file(&h, &id.kubeconfig);
-    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
-    let admin = operator.admin_url().await;
+    let (mut operator, _, admin) = ungranted_operator(&h).await;
     wait_status(&format!("{admin}/readyz"), 503).await;
     operator.terminate();
     let status = operator.wait_exit(Duration::from_secs(8)).await;

@@ -336,7 +336,7 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_and_keeps_the_crds_and_
     // The production-like values: two replicas, Roles in two namespaces, the Prometheus
     // Operator's kinds (their CRDs stand in for an installed Prometheus Operator).
     k.kubectl(&["create", "namespace", "analytics"]);
-    k.kubectl_in(&["apply", "-f", "-"], Some(PROMETHEUS_OPERATOR_CRDS));
+    k.kubectl_in(&["apply", "-f", "-"], Some(&prometheus_operator_crds()));
     k.kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -385,32 +385,31 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_and_keeps_the_crds_and_
     k.helm(&["uninstall", "dpc-ha", "-n", "dpc-ha", "--wait=false"]);
 }
 
-/// The two Prometheus Operator kinds the chart can create, with open schemas: enough for the API
-/// server to accept them, as on a cluster that runs the Prometheus Operator.
-const PROMETHEUS_OPERATOR_CRDS: &str = r#"
-apiVersion: apiextensions.k8s.io/v1
+/// The two Prometheus Operator kinds the chart can create, with open schemas: enough for the
+/// API server to accept them, as on a cluster that runs the Prometheus Operator.
+fn prometheus_operator_crds() -> String {
+    [
+        ("ServiceMonitor", "servicemonitor"),
+        ("PrometheusRule", "prometheusrule"),
+    ]
+    .iter()
+    .map(|(kind, singular)| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
-metadata: {name: servicemonitors.monitoring.coreos.com}
+metadata: {{name: {singular}s.monitoring.coreos.com}}
 spec:
   group: monitoring.coreos.com
   scope: Namespaced
-  names: {kind: ServiceMonitor, plural: servicemonitors, singular: servicemonitor, listKind: ServiceMonitorList}
+  names: {{kind: {kind}, plural: {singular}s, singular: {singular}, listKind: {kind}List}}
   versions:
   - name: v1
     served: true
     storage: true
-    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: prometheusrules.monitoring.coreos.com}
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names: {kind: PrometheusRule, plural: prometheusrules, singular: prometheusrule, listKind: PrometheusRuleList}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
-"#;
+    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
+"
+        )
+    })
+    .collect::<Vec<_>>()
+    .join("---\n")
+}

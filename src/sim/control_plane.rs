@@ -74,15 +74,18 @@ impl Endpoint {
     }
 }
 
-/// A kube client from kubeconfig text.
-pub async fn client_from(kubeconfig_yaml: &str) -> kube::Client {
+/// A kube client configuration from kubeconfig text.
+pub async fn config_from(kubeconfig_yaml: &str) -> kube::Config {
     crate::install_crypto_provider();
     let parsed = kube::config::Kubeconfig::from_yaml(kubeconfig_yaml).expect("a valid kubeconfig");
-    let config =
-        kube::Config::from_custom_kubeconfig(parsed, &kube::config::KubeConfigOptions::default())
-            .await
-            .expect("a client configuration from the kubeconfig");
-    kube::Client::try_from(config).expect("a kube client")
+    kube::Config::from_custom_kubeconfig(parsed, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("a client configuration from the kubeconfig")
+}
+
+/// A kube client from kubeconfig text.
+pub async fn client_from(kubeconfig_yaml: &str) -> kube::Client {
+    kube::Client::try_from(config_from(kubeconfig_yaml).await).expect("a kube client")
 }
 
 fn kubeconfig(server: &str, ca_pem: &[u8], user: &str, token: &str, namespace: &str) -> String {
@@ -240,14 +243,6 @@ impl ControlPlane {
     /// The folder that holds the control plane's files.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// The processes, by name, with their process ids.
-    pub fn pids(&self) -> Vec<(String, u32)> {
-        self.children
-            .iter()
-            .map(|(name, child)| (name.clone(), child.id()))
-            .collect()
     }
 
     fn write_files(&self) -> Result<(), String> {

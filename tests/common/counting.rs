@@ -124,12 +124,7 @@ where
 
 /// A kube client for `kubeconfig_yaml` whose requests `counter` counts.
 pub async fn counted_client(kubeconfig_yaml: &str, counter: &RequestCounter) -> kube::Client {
-    dpc_operator::install_crypto_provider();
-    let parsed = kube::config::Kubeconfig::from_yaml(kubeconfig_yaml).unwrap();
-    let config =
-        kube::Config::from_custom_kubeconfig(parsed, &kube::config::KubeConfigOptions::default())
-            .await
-            .unwrap();
+    let config = dpc_operator::sim::control_plane::config_from(kubeconfig_yaml).await;
     kube::client::ClientBuilder::try_from(config)
         .unwrap()
         .with_layer(&CountLayer(counter.clone()))
