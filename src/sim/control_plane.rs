@@ -33,7 +33,8 @@ pub const DESCRIPTION: &str = "control-plane.json";
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What a client needs to reach a running control plane.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// No `Debug`: it holds the admin token.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// `https://127.0.0.1:<port>`.
