@@ -280,7 +280,10 @@ async fn full_flow(scope: Scope) {
     let changed_at = h.sim.now_ms();
     h.put_secret("refs", &[("key", "value-two-9f2e")]).await;
     let put = wait_call(&h, SimOp::Update, 1).await;
-    println!("rotation to PUT: {} ms", put.at_ms.saturating_sub(changed_at));
+    println!(
+        "rotation to PUT: {} ms",
+        put.at_ms.saturating_sub(changed_at)
+    );
     assert_eq!(
         put.body.as_ref().unwrap()["connectionOverrides"]["connectionProperties"]["secretKey"],
         "value-two-9f2e"
