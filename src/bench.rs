@@ -116,6 +116,7 @@ impl OperatorProcess {
             .arg(kubeconfig)
             .args([
                 "--allow-insecure-http",
+                "--dpc-allowed-hosts=127.0.0.1",
                 "--log-format",
                 "json",
                 "--admin-addr",

@@ -41,6 +41,8 @@ pub struct OperatorConfig {
     pub concurrency: u16,
     /// Allow plain-http DPC endpoints (tests and the sandbox only).
     pub allow_insecure_http: bool,
+    /// The DPC hosts accounts may name (see [`ClientSettings::allowed_hosts`]).
+    pub allowed_hosts: Vec<String>,
     /// Export the per-object condition gauge (one series per object and condition).
     pub per_object_metrics: bool,
     /// How often a Ready object is reconciled again locally (no DPC call: drift detection
@@ -73,6 +75,7 @@ impl Default for OperatorConfig {
             namespaces: Vec::new(),
             concurrency: 8,
             allow_insecure_http: false,
+            allowed_hosts: ClientSettings::default().allowed_hosts,
             per_object_metrics: true,
             resync_interval: Duration::from_secs(3600),
             default_sync_interval: Duration::from_secs(600),
@@ -313,6 +316,7 @@ impl Context {
         let dpc = DpcClient::with_observer(
             ClientSettings {
                 allow_insecure_http: config.allow_insecure_http,
+                allowed_hosts: config.allowed_hosts.clone(),
                 request_timeout: config.dpc_request_timeout,
                 max_admission_wait: config.max_admission_wait,
                 ..ClientSettings::default()

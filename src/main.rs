@@ -107,6 +107,16 @@ struct RunArgs {
     /// Allow plain-http DPC endpoints in DpcAccounts (tests and sandboxes only).
     #[arg(long, env = "DPC_OPERATOR_ALLOW_INSECURE_HTTP")]
     allow_insecure_http: bool,
+    /// The DPC hosts a DpcAccount's apiUrl and tokenUrl may name, comma-separated: exact
+    /// names or *.domain. Accounts naming other hosts are refused, so a tenant who may create
+    /// a DpcAccount cannot send credentials or values read from Secrets anywhere else.
+    #[arg(
+        long,
+        env = "DPC_OPERATOR_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        default_value = "*.matillion.com"
+    )]
+    dpc_allowed_hosts: Vec<String>,
     /// Only ConnectionOverrides matching this label selector (to shard objects over several
     /// installs), e.g. shard=a.
     #[arg(long, env = "DPC_OPERATOR_SELECTOR")]
@@ -175,6 +185,12 @@ impl RunArgs {
                 .collect(),
             concurrency: self.concurrency.max(1),
             allow_insecure_http: self.allow_insecure_http,
+            allowed_hosts: self
+                .dpc_allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect(),
             resync_interval: self.resync_interval,
             min_sync_interval: self.min_sync_interval,
             label_selector: self.selector.clone().filter(|s| !s.is_empty()),

@@ -334,6 +334,7 @@ pub async fn run(options: SandboxOptions, shutdown: CancellationToken) -> Result
 
     let config = OperatorConfig {
         allow_insecure_http: true,
+        allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()],
         backoff_base: Duration::from_millis(500),
         backoff_max: Duration::from_secs(10),
         dpc_request_timeout: Duration::from_secs(5),

@@ -29,6 +29,7 @@ fn settings() -> ClientSettings {
         connect_timeout: Duration::from_millis(500),
         default_retry_after: Duration::from_secs(1),
         max_admission_wait: Duration::from_secs(5),
+        allowed_hosts: vec!["127.0.0.1".into()],
     }
 }
 
@@ -48,7 +49,7 @@ fn endpoint(sim: &DpcSim, account_id: Option<&str>) -> Endpoint {
         requests_per_minute: None,
         request_burst: None,
     };
-    Endpoint::for_account(&spec, true).unwrap()
+    Endpoint::for_account(&spec, &settings()).unwrap()
 }
 
 async fn setup(config: SimConfig) -> (DpcSim, AccountHandle) {

@@ -101,6 +101,9 @@ impl Operator {
                 "5s",
                 "--admin-addr",
                 "127.0.0.1:0",
+                // The DPC simulator listens on loopback.
+                "--dpc-allowed-hosts",
+                "127.0.0.1",
             ])
             .args(extra)
             .env("RUST_LOG", "debug")

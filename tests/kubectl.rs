@@ -175,6 +175,7 @@ async fn kubectl_drives(kubeconfig_text: &str, client: kube::Client, version_lin
         client,
         OperatorConfig {
             allow_insecure_http: true,
+            allowed_hosts: vec!["127.0.0.1".into()],
             backoff_base: Duration::from_millis(200),
             ..OperatorConfig::default()
         },

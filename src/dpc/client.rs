@@ -17,7 +17,7 @@ use url::Url;
 
 use super::error::{DpcError, Operation, transport_kind};
 use super::limiter::{Admission, RateLimiter, Requester};
-use super::secret::SecretString;
+use super::secret::{SecretString, redact};
 use super::types::{OverrideRequest, Problem, RemoteOverride, parse_list, parse_write_answer};
 use crate::api::DpcAccountSpec;
 
@@ -27,6 +27,16 @@ pub const DEFAULT_TOKEN_URL: &str = "https://id.core.matillion.com/oauth/dpc/tok
 pub const DEFAULT_AUDIENCE: &str = "https://api.matillion.com";
 /// Token lifetime assumed when the token answer has no `expires_in` (the documented 30 min).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(1800);
+/// The longest token lifetime believed: a larger `expires_in` (even `1e300`) means a day.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The longest `Retry-After` honoured: a larger one holds the account for an hour.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The largest token answer read; a longer one is refused unread.
+pub const MAX_TOKEN_BODY: usize = 64 * 1024;
+/// The largest API answer read (a list page of 100 overrides is a few tens of KiB).
+pub const MAX_API_BODY: usize = 8 * 1024 * 1024;
+/// The DPC hosts an account may name by default: Matillion's own.
+pub const DEFAULT_ALLOWED_HOSTS: &[&str] = &["*.matillion.com"];
 /// The page size asked of list calls: the documented maximum of DPC's list endpoints.
 const LIST_PAGE_SIZE: u64 = 100;
 /// Longest URL we send; longer DELETEs are split (DPC answers 400 to over-long URLs).
@@ -53,6 +63,10 @@ pub struct ClientSettings {
     /// A request whose rate-limit slot is further away than this is not waited for: its
     /// object is told when to come back.
     pub max_admission_wait: Duration,
+    /// The hosts an account's `apiUrl` and `tokenUrl` may name: exact names, or `*.domain`
+    /// for any host under a domain. An account is a way to send its credentials and the
+    /// values its objects read from Secrets to a host, so only these hosts are called.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ClientSettings {
@@ -63,7 +77,27 @@ impl Default for ClientSettings {
             connect_timeout: Duration::from_secs(5),
             default_retry_after: Duration::from_secs(5),
             max_admission_wait: Duration::from_secs(5),
+            allowed_hosts: DEFAULT_ALLOWED_HOSTS
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
         }
+    }
+}
+
+impl ClientSettings {
+    /// Whether `host` is one the operator may call.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.allowed_hosts.iter().any(|pattern| {
+            let pattern = pattern.trim().to_ascii_lowercase();
+            match pattern.strip_prefix("*.") {
+                Some(domain) => host
+                    .strip_suffix(domain)
+                    .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+                None => pattern == "*" || pattern == host,
+            }
+        })
     }
 }
 
@@ -78,8 +112,8 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// The endpoint of a DpcAccount spec: the region's URL unless `apiUrl` is set. Plain
-    /// http is refused unless `allow_insecure_http`.
-    pub fn for_account(spec: &DpcAccountSpec, allow_insecure_http: bool) -> Result<Self, String> {
+    /// http is refused unless the settings allow it, and so is a host not on their list.
+    pub fn for_account(spec: &DpcAccountSpec, settings: &ClientSettings) -> Result<Self, String> {
         let api = match (&spec.api_url, spec.region) {
             (Some(url), _) => url.clone(),
             (None, Some(region)) => format!("https://{}.api.matillion.com/dpc", region.as_str()),
@@ -89,8 +123,8 @@ impl Endpoint {
             .token_url
             .clone()
             .unwrap_or_else(|| DEFAULT_TOKEN_URL.into());
-        let api_url = parse_endpoint_url("apiUrl", &api, allow_insecure_http)?;
-        let token_url = parse_endpoint_url("tokenUrl", &token, allow_insecure_http)?;
+        let api_url = parse_endpoint_url("apiUrl", &api, settings)?;
+        let token_url = parse_endpoint_url("tokenUrl", &token, settings)?;
         Ok(Self {
             api_url,
             token_url,
@@ -103,11 +137,18 @@ impl Endpoint {
     }
 }
 
-fn parse_endpoint_url(field: &str, value: &str, allow_insecure_http: bool) -> Result<Url, String> {
+fn parse_endpoint_url(field: &str, value: &str, settings: &ClientSettings) -> Result<Url, String> {
     let url = Url::parse(value).map_err(|e| format!("{field} {value:?} is not a URL: {e}"))?;
+    let host = url.host_str().unwrap_or_default();
+    if !settings.host_allowed(host) {
+        return Err(format!(
+            "{field} names host {host:?}, which is not one of the DPC hosts this operator may call ({}); an operator administrator adds hosts with --dpc-allowed-hosts (chart value dpc.allowedHosts)",
+            settings.allowed_hosts.join(", ")
+        ));
+    }
     match url.scheme() {
         "https" => Ok(url),
-        "http" if allow_insecure_http => Ok(url),
+        "http" if settings.allow_insecure_http => Ok(url),
         "http" => Err(format!(
             "{field} {value} uses plain http, which is refused; use https, or start the operator with --allow-insecure-http (tests and sandboxes only)"
         )),
@@ -221,6 +262,10 @@ impl DpcClient {
             .user_agent(concat!("dpc-operator/", env!("CARGO_PKG_VERSION")))
             .timeout(settings.request_timeout)
             .connect_timeout(settings.connect_timeout)
+            // A redirect would carry the client secret, a token or values read from Secrets
+            // to wherever it points: none is followed.
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(!settings.allow_insecure_http)
             .build()
             .expect("the HTTP client builds with rustls");
         Self {
@@ -282,6 +327,7 @@ impl DpcClient {
             client: self.clone(),
             state,
             requester: None,
+            secrets: Arc::new([]),
         }
     }
 
@@ -318,6 +364,8 @@ pub struct AccountHandle {
     state: Arc<AccountState>,
     /// The object these calls are for: far rate-limit slots become its tickets.
     requester: Requester,
+    /// Values the calls send that were read from Secrets: removed from any text DPC answers.
+    secrets: Arc<[SecretString]>,
 }
 
 impl fmt::Debug for AccountHandle {
@@ -346,6 +394,16 @@ impl AccountHandle {
     pub fn for_object(&self, namespace: &str, name: &str) -> AccountHandle {
         AccountHandle {
             requester: Some((namespace.to_string(), name.to_string())),
+            ..self.clone()
+        }
+    }
+
+    /// The same handle, knowing the values read from Secrets that its calls send: every
+    /// text of an error answer comes back without them (and without the credentials and
+    /// token), in any encoding.
+    pub fn with_secrets(&self, secrets: impl IntoIterator<Item = SecretString>) -> AccountHandle {
+        AccountHandle {
+            secrets: secrets.into_iter().collect(),
             ..self.clone()
         }
     }
@@ -552,7 +610,7 @@ impl AccountHandle {
             .form(&form);
         let answer = self.execute(Operation::Token, request).await?;
         if !answer.status.is_success() {
-            return Err(self.api_error(Operation::Token, answer));
+            return Err(self.api_error(Operation::Token, answer, None));
         }
         let parsed: TokenAnswer =
             serde_json::from_slice(&answer.body).map_err(|_| DpcError::Decode {
@@ -566,8 +624,8 @@ impl AccountHandle {
                 v.as_f64()
                     .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
             })
-            .filter(|secs| *secs > 0.0)
-            .map(Duration::from_secs_f64)
+            .filter(|secs| secs.is_finite() && *secs > 0.0)
+            .map(|secs| Duration::from_secs_f64(secs.min(MAX_TOKEN_LIFETIME.as_secs_f64())))
             .unwrap_or(DEFAULT_TOKEN_LIFETIME);
         // Refresh shortly before expiry: 5 minutes early for the documented 30-minute tokens,
         // a fifth of the lifetime for short ones.
@@ -652,19 +710,21 @@ impl AccountHandle {
         let answer = self
             .send_with(operation, &method, &url, body, &token)
             .await?;
-        let answer = if answer.status == StatusCode::UNAUTHORIZED {
+        let (answer, token) = if answer.status == StatusCode::UNAUTHORIZED {
             // The token may have been revoked or expired early: one new token, one more try.
             self.invalidate_token(token_id).await;
             let (_, token) = self.token().await?;
-            self.send_with(operation, &method, &url, body, &token)
-                .await?
+            let answer = self
+                .send_with(operation, &method, &url, body, &token)
+                .await?;
+            (answer, token)
         } else {
-            answer
+            (answer, token)
         };
         if answer.status.is_success() {
             Ok(answer)
         } else {
-            Err(self.api_error(operation, answer))
+            Err(self.api_error(operation, answer, Some(&token)))
         }
     }
 
@@ -709,6 +769,10 @@ impl AccountHandle {
         self.check_gate(operation)?;
         let span = tracing::info_span!("dpc_request", operation = operation.as_str(), account = %self.state.key, outcome = tracing::field::Empty);
         let started = std::time::Instant::now();
+        let limit = match operation {
+            Operation::Token => MAX_TOKEN_BODY,
+            _ => MAX_API_BODY,
+        };
         let result = async {
             let response = request.send().await?;
             let status = response.status();
@@ -717,18 +781,14 @@ impl AccountHandle {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            let body = response.bytes().await?;
-            Ok::<_, reqwest::Error>(Answer {
-                status,
-                retry_after,
-                body,
-            })
+            let body = read_limited(response, limit).await?;
+            Ok::<_, reqwest::Error>((status, retry_after, body))
         }
         .instrument(span.clone())
         .await;
         let outcome = match &result {
-            Ok(answer) if answer.status.is_success() => "success",
-            Ok(answer) => status_outcome(answer.status.as_u16()),
+            Ok((status, _, _)) if status.is_success() => "success",
+            Ok((status, _, _)) => status_outcome(status.as_u16()),
             Err(e) => match transport_kind(e) {
                 super::error::TransportKind::Timeout => "timeout",
                 super::error::TransportKind::Reset => "reset",
@@ -740,11 +800,24 @@ impl AccountHandle {
         if let Some(observer) = &self.client.inner.observer {
             observer.observe(operation, outcome, started.elapsed());
         }
-        let answer = result.map_err(|source| DpcError::Transport {
+        let (status, retry_after, body) = result.map_err(|source| DpcError::Transport {
             operation,
             kind: transport_kind(&source),
             source: source.without_url(),
         })?;
+        let Some(body) = body else {
+            return Err(DpcError::Decode {
+                operation,
+                reason: format!(
+                    "the answer ({status}) is larger than {limit} bytes; it was not read"
+                ),
+            });
+        };
+        let answer = Answer {
+            status,
+            retry_after,
+            body,
+        };
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
             let wait = answer
                 .retry_after
@@ -754,11 +827,28 @@ impl AccountHandle {
         Ok(answer)
     }
 
-    fn api_error(&self, operation: Operation, answer: Answer) -> DpcError {
-        let problem = Problem::parse(&answer.body).map(Box::new);
+    /// The error of a non-success answer. Whatever DPC wrote back is cleaned of the
+    /// credentials, the token and the values read from Secrets first (in every encoding
+    /// they could be echoed in), before anything is parsed or cut short.
+    fn api_error(
+        &self,
+        operation: Operation,
+        answer: Answer,
+        token: Option<&SecretString>,
+    ) -> DpcError {
+        let credentials = &self.state.credentials;
+        let secrets = [&credentials.client_id, &credentials.client_secret]
+            .into_iter()
+            .chain(token)
+            .chain(self.secrets.iter());
+        let clean = redact(&String::from_utf8_lossy(&answer.body), secrets);
+        let problem = Problem::parse(clean.as_bytes()).map(Box::new);
         let body_excerpt = match problem {
             Some(_) => None,
-            None => excerpt(&answer.body),
+            None if answer.status.is_redirection() => Some(
+                "a redirect, which is never followed (it would carry the credentials and values along); set apiUrl or tokenUrl to the address that answers".into(),
+            ),
+            None => excerpt(clean.as_bytes()),
         };
         let retry_after = match answer.status {
             StatusCode::TOO_MANY_REQUESTS => Some(
@@ -827,18 +917,45 @@ fn excerpt(body: &[u8]) -> Option<String> {
     Some(short.replace(['\n', '\r'], " "))
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
+/// Reads an answer's body, at most `limit` bytes: `None` when it is longer (a declared
+/// `Content-Length` over the limit is refused before reading anything).
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<bytes::Bytes>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Ok(None);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date, at most [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
+        return (secs >= 0.0 && secs.is_finite())
+            .then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())));
     }
     let when = k8s_openapi::jiff::fmt::rfc2822::parse(value)
         .ok()?
         .timestamp();
     let now = k8s_openapi::jiff::Timestamp::now();
     let wait = when.duration_since(now);
-    Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
+    Some(
+        Duration::try_from(wait)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
 #[cfg(test)]
@@ -866,7 +983,7 @@ mod tests {
 
     #[test]
     fn region_gives_the_documented_urls() {
-        let endpoint = Endpoint::for_account(&spec(), false).unwrap();
+        let endpoint = Endpoint::for_account(&spec(), &ClientSettings::default()).unwrap();
         assert_eq!(
             endpoint.api_url.as_str(),
             "https://eu1.api.matillion.com/dpc"
@@ -879,16 +996,62 @@ mod tests {
     fn api_url_overrides_region_and_http_needs_the_flag() {
         let mut s = spec();
         s.api_url = Some("http://127.0.0.1:9/dpc".into());
-        let refused = Endpoint::for_account(&s, false).unwrap_err();
+        let local = |insecure| ClientSettings {
+            allow_insecure_http: insecure,
+            allowed_hosts: vec!["127.0.0.1".into(), "x".into(), "*.matillion.com".into()],
+            ..ClientSettings::default()
+        };
+        let refused = Endpoint::for_account(&s, &local(false)).unwrap_err();
         assert!(refused.contains("plain http"), "{refused}");
         assert!(refused.contains("--allow-insecure-http"), "{refused}");
-        let allowed = Endpoint::for_account(&s, true).unwrap();
+        let allowed = Endpoint::for_account(&s, &local(true)).unwrap();
         assert_eq!(allowed.api_url.as_str(), "http://127.0.0.1:9/dpc");
         s.api_url = Some("ftp://x".into());
         assert!(
-            Endpoint::for_account(&s, true)
+            Endpoint::for_account(&s, &local(true))
                 .unwrap_err()
                 .contains("scheme ftp")
+        );
+    }
+
+    #[test]
+    fn only_allowed_hosts_may_be_named() {
+        let settings = ClientSettings::default();
+        for host in [
+            "id.core.matillion.com",
+            "eu1.api.matillion.com",
+            "US1.API.Matillion.com.",
+        ] {
+            assert!(settings.host_allowed(host), "{host}");
+        }
+        for host in [
+            "matillion.com.evil.io",
+            "evilmatillion.com",
+            "127.0.0.1",
+            "",
+            "matillion.com",
+        ] {
+            assert!(!settings.host_allowed(host), "{host}");
+        }
+        let mut s = spec();
+        s.token_url = Some("https://collector.evil.example/token".into());
+        let refused = Endpoint::for_account(&s, &settings).unwrap_err();
+        assert!(
+            refused.contains("tokenUrl names host \"collector.evil.example\""),
+            "{refused}"
+        );
+        assert!(refused.contains("--dpc-allowed-hosts"), "{refused}");
+    }
+
+    #[test]
+    fn huge_retry_after_is_capped_at_an_hour() {
+        assert_eq!(parse_retry_after("1e300"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("99999999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("inf"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+        assert_eq!(
+            parse_retry_after("Tue, 31 Dec 2999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
         );
     }
 

@@ -207,7 +207,10 @@ pub fn classify_status(operation: Operation, status: u16) -> ErrorClass {
         (_, 429) => ErrorClass::RateLimited,
         (_, 400..=499) => ErrorClass::Rejected,
         (_, 500..=599) => ErrorClass::Transient,
-        // 1xx/3xx are unexpected here: something between us and DPC is misbehaving.
+        // A redirect is never followed (it would carry credentials and values along): the
+        // account names an address that is not where DPC answers.
+        (_, 300..=399) => ErrorClass::Misconfigured,
+        // 1xx are unexpected here: something between us and DPC is misbehaving.
         _ => ErrorClass::Transient,
     }
 }

@@ -36,20 +36,55 @@ impl From<String> for SecretString {
     }
 }
 
-/// Replaces every occurrence of each secret in `text` with `<redacted>`. Used on texts that
-/// come back from DPC (problem details may echo what was sent) before they reach status,
-/// Events or logs. Empty and one-character secrets are left alone: they would shred any text.
+/// Replaces every occurrence of each secret in `text` with `<redacted>`: as it is, and in
+/// the forms an answer may echo it in (form- and percent-encoded as a request sent it, with
+/// either hex case, and JSON-escaped). Used on texts that come back from DPC before they
+/// reach status, Events or logs. Empty and one-character secrets are left alone: they would
+/// shred any text.
 pub fn redact<'a>(text: &str, secrets: impl IntoIterator<Item = &'a SecretString>) -> String {
     let mut out = text.to_string();
-    let mut secrets: Vec<&str> = secrets
+    let mut secrets: Vec<String> = secrets
         .into_iter()
         .map(SecretString::expose)
         .filter(|s| s.chars().count() > 1)
+        .flat_map(encodings)
         .collect();
+    secrets.sort();
+    secrets.dedup();
     // Longest first, so a secret that contains another is removed whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     for secret in secrets {
-        out = out.replace(secret, "<redacted>");
+        out = out.replace(&secret, "<redacted>");
+    }
+    out
+}
+
+/// A value as it is, and as it looks form-encoded, percent-encoded (upper- and lower-case
+/// hex) and inside a JSON string.
+fn encodings(value: &str) -> Vec<String> {
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    let form: String = url::form_urlencoded::byte_serialize(value.as_bytes()).collect();
+    let percent = utf8_percent_encode(value, NON_ALPHANUMERIC).to_string();
+    let lower = lower_hex(&percent);
+    let json = serde_json::to_string(value).unwrap_or_default();
+    let json = json
+        .strip_prefix('"')
+        .and_then(|j| j.strip_suffix('"'))
+        .unwrap_or(value)
+        .to_string();
+    let form_lower = lower_hex(&form);
+    vec![value.to_string(), form, form_lower, percent, lower, json]
+}
+
+/// `%2F` → `%2f`: the hex digits of percent escapes in lower case.
+fn lower_hex(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut chars = encoded.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '%' {
+            out.extend(chars.by_ref().take(2).map(|h| h.to_ascii_lowercase()));
+        }
     }
     out
 }
@@ -75,5 +110,24 @@ mod tests {
             redact(text, [&a, &b, &x]),
             "value <redacted> and <redacted>, x stays"
         );
+    }
+
+    #[test]
+    fn redact_finds_the_encoded_forms_of_a_value() {
+        let s = SecretString::new("p@ss word/\"quoted\"+x");
+        let echoes = [
+            "client_secret=p%40ss+word%2F%22quoted%22%2Bx&audience=y",
+            "client_secret=p%40ss%20word%2F%22quoted%22%2Bx",
+            "client_secret=p%40ss%20word%2f%22quoted%22%2bx",
+            r#"{"detail":"bad secret p@ss word/\"quoted\"+x"}"#,
+            "raw p@ss word/\"quoted\"+x",
+        ];
+        for echo in echoes {
+            let clean = redact(echo, [&s]);
+            assert!(clean.contains("<redacted>"), "{echo} → {clean}");
+            for part in ["p@ss", "p%40ss", "quoted"] {
+                assert!(!clean.contains(part), "{echo} → {clean}");
+            }
+        }
     }
 }

@@ -19,7 +19,6 @@ use tracing::{Instrument, info_span, warn};
 use crate::api::conditions::{self, READY, Reason};
 use crate::api::{ClusterDpcAccount, DpcAccount, DpcAccountSpec, DpcAccountStatus, FIELD_MANAGER};
 use crate::controller::{Context, ObjKey};
-use crate::dpc::secret::redact;
 use crate::dpc::{AccountKey, ErrorClass};
 
 use super::report::EventSpec;
@@ -153,7 +152,7 @@ pub async fn reconcile<K: AccountObject>(
                     K::KIND,
                     spec,
                     &ns,
-                    ctx.config.allow_insecure_http,
+                    ctx.dpc.settings(),
                 )
                 .await
             }
@@ -192,7 +191,7 @@ pub async fn reconcile<K: AccountObject>(
                         )
                     }
                     Err(e) => {
-                        let message = redact(&e.to_string(), resolved.secrets());
+                        let message = e.to_string();
                         match e.class() {
                             ErrorClass::CredentialsRejected => (
                                 false,

@@ -33,7 +33,6 @@ use crate::api::{
 };
 use crate::claims::RemoteKey;
 use crate::controller::{Context, ObjKey};
-use crate::dpc::secret::redact;
 use crate::dpc::{DpcError, ErrorClass, Operation};
 use crate::drift::{self, Finding, GroupKey, Member};
 
@@ -171,13 +170,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
             ensure_finalizer(obj, ctx).await
         }
     };
-    let resolving = resolve::resolve(
-        &ctx.client,
-        &ctx.accounts,
-        &key.0,
-        spec,
-        ctx.config.allow_insecure_http,
-    );
+    let resolving = resolve::resolve(&ctx.client, &ctx.accounts, &key.0, spec, ctx.dpc.settings());
     let (finalizer, (resolved, refs)) = tokio::join!(finalizer, resolving);
     ctx.index.set(key, refs);
     finalizer?;
@@ -215,7 +208,9 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         account.credentials.clone(),
         account.rate,
     );
-    let dpc = shared.for_object(&key.0, &key.1);
+    let dpc = shared
+        .for_object(&key.0, &key.1)
+        .with_secrets(resolved.secret_values());
     // A request DPC refused is not sent again until it, or the account, changes.
     let gate = format!("{}|{}|{observe_only}", desired.hash, dpc.fingerprint());
     if let Some((reason, message)) = ctx.failures.matching(key, &gate) {
@@ -253,8 +248,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
                     error,
                     during: Operation::List,
                 };
-                return report_failure(obj, key, ctx, &old, failure, &resolved, gate, handled)
-                    .await;
+                return report_failure(obj, key, ctx, &old, failure, gate, handled).await;
             }
         }
     } else {
@@ -333,9 +327,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
             finish(obj, ctx, &old, outcome, handled).await?;
             Ok(Action::await_change())
         }
-        Err(failure) => {
-            report_failure(obj, key, ctx, &old, failure, &resolved, gate, handled).await
-        }
+        Err(failure) => report_failure(obj, key, ctx, &old, failure, gate, handled).await,
     }
 }
 
@@ -347,12 +339,12 @@ async fn report_failure(
     ctx: &Context,
     old: &ConnectionOverrideStatus,
     failure: ActError,
-    resolved: &resolve::Resolved,
     gate: String,
     handled: Option<String>,
 ) -> Result<Action, Error> {
     let ActError { error, during } = failure;
-    let message = redact(&error.to_string(), resolved.secrets());
+    // The client has removed credentials, token and values from whatever DPC wrote back.
+    let message = error.to_string();
     if error.class() == ErrorClass::Queued {
         // The account's request rate has a slot reserved for this object: come back then.
         let reason = if old.applied_hash.is_none() {
@@ -503,12 +495,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
     }
     let (account, account_refs) = ctx
         .accounts
-        .resolve(
-            &ctx.client,
-            &key.0,
-            &spec.account_ref,
-            ctx.config.allow_insecure_http,
-        )
+        .resolve(&ctx.client, &key.0, &spec.account_ref, ctx.dpc.settings())
         .await;
     let mut refs = resolve::spec_references(&key.0, spec);
     refs.extend(account_refs);
@@ -581,7 +568,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
             Ok(Action::await_change())
         }
         Err(error) => {
-            let detail = redact(&error.to_string(), account.secrets());
+            let detail = error.to_string();
             let delay = match error.class() {
                 ErrorClass::Queued => {
                     error.retry_after().unwrap_or(Duration::from_secs(1)) + Duration::from_millis(5)

@@ -18,7 +18,7 @@ use crate::api::{
     AccountKind, AccountRef, ClusterDpcAccount, ConnectionOverrideSpec, DpcAccount, DpcAccountSpec,
     KeySelector,
 };
-use crate::dpc::{AccountKey, Credentials, Endpoint, Rate, SecretString};
+use crate::dpc::{AccountKey, ClientSettings, Credentials, Endpoint, Rate, SecretString};
 
 /// Something an object refers to, for the reverse index that re-triggers it on a change.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,16 +69,13 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    /// Every secret value involved, for redaction.
-    pub fn secrets(&self) -> Vec<&SecretString> {
-        let mut secrets = self.account.secrets();
-        secrets.extend(
-            self.values
-                .values()
-                .filter(|v| v.from_secret)
-                .map(|v| &v.value),
-        );
-        secrets
+    /// The values read from Secrets, which the DPC client removes from any answer's text.
+    pub fn secret_values(&self) -> Vec<SecretString> {
+        self.values
+            .values()
+            .filter(|v| v.from_secret)
+            .map(|v| v.value.clone())
+            .collect()
     }
 
     /// The property values as plain strings, for building the request.
@@ -87,13 +84,6 @@ impl Resolved {
             .iter()
             .map(|(k, v)| (k.clone(), v.value.expose().to_string()))
             .collect()
-    }
-}
-
-impl ResolvedAccount {
-    /// The account's credentials, for redaction.
-    pub fn secrets(&self) -> Vec<&SecretString> {
-        vec![&self.credentials.client_id, &self.credentials.client_secret]
     }
 }
 
@@ -346,15 +336,14 @@ pub async fn account_from_spec(
     kind: &'static str,
     spec: &DpcAccountSpec,
     credentials_namespace: &str,
-    allow_insecure_http: bool,
+    settings: &ClientSettings,
 ) -> Result<ResolvedAccount, ResolveError> {
-    let endpoint = Endpoint::for_account(spec, allow_insecure_http).map_err(|reason| {
-        ResolveError::AccountInvalid {
+    let endpoint =
+        Endpoint::for_account(spec, settings).map_err(|reason| ResolveError::AccountInvalid {
             kind,
             name: key.to_string(),
             reason,
-        }
-    })?;
+        })?;
     let creds = &spec.credentials_secret_ref;
     let purpose = format!("credentials of {kind} {}", key.name);
     let mut reader = Reader::new(client, credentials_namespace);
@@ -389,7 +378,7 @@ pub async fn resolve_account_ref(
     client: &Client,
     namespace: &str,
     account_ref: &AccountRef,
-    allow_insecure_http: bool,
+    settings: &ClientSettings,
 ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
     let name = &account_ref.name;
     match account_ref.kind.unwrap_or_default() {
@@ -434,7 +423,7 @@ pub async fn resolve_account_ref(
                 "DpcAccount",
                 &account.spec,
                 namespace,
-                allow_insecure_http,
+                settings,
             )
             .await;
             (resolved, refs)
@@ -505,7 +494,7 @@ pub async fn resolve_account_ref(
                 "ClusterDpcAccount",
                 &account.spec.account,
                 &creds_namespace,
-                allow_insecure_http,
+                settings,
             )
             .await;
             (resolved, refs)
@@ -568,7 +557,7 @@ impl AccountCache {
         client: &Client,
         namespace: &str,
         account_ref: &AccountRef,
-        allow_insecure_http: bool,
+        settings: &ClientSettings,
     ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
         let key = Self::key(namespace, account_ref);
         if let Some(entry) = self.entries.lock().expect("account cache lock").get(&key)
@@ -576,8 +565,7 @@ impl AccountCache {
         {
             return (Ok(entry.account.clone()), entry.refs.clone());
         }
-        let (result, refs) =
-            resolve_account_ref(client, namespace, account_ref, allow_insecure_http).await;
+        let (result, refs) = resolve_account_ref(client, namespace, account_ref, settings).await;
         if let Ok(account) = &result {
             let entry = CachedAccount {
                 at: Instant::now(),
@@ -600,11 +588,11 @@ pub async fn resolve(
     accounts: &AccountCache,
     namespace: &str,
     spec: &ConnectionOverrideSpec,
-    allow_insecure_http: bool,
+    settings: &ClientSettings,
 ) -> (Result<Resolved, ResolveError>, Vec<Reference>) {
     let mut refs = spec_references(namespace, spec);
     let (account, account_refs) = accounts
-        .resolve(client, namespace, &spec.account_ref, allow_insecure_http)
+        .resolve(client, namespace, &spec.account_ref, settings)
         .await;
     refs.extend(account_refs);
     let account = match account {

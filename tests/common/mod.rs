@@ -77,6 +77,7 @@ impl Write for Capture {
 pub fn test_config() -> OperatorConfig {
     OperatorConfig {
         allow_insecure_http: true,
+        allowed_hosts: vec!["127.0.0.1".into()],
         backoff_base: Duration::from_millis(200),
         backoff_max: Duration::from_secs(5),
         dpc_request_timeout: Duration::from_secs(2),
