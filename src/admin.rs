@@ -19,7 +19,9 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     readiness: Readiness,
 ) -> std::io::Result<Server> {
-    http::bind_and_serve(addr, move |req| {
+    // GET only: nothing here reads a body, so none is read (a 1 GiB POST is answered 405
+    // at once), and a client has 10 s to send its headers.
+    http::bind_and_serve_with(addr, http::Limits::ADMIN, move |req| {
         let metrics = metrics.clone();
         let readiness = readiness.clone();
         async move {

@@ -138,8 +138,91 @@ impl std::ops::Drop for Server {
     }
 }
 
-/// Serves `handler` on `listener` until the returned server is stopped or dropped.
+/// What a server accepts before a handler sees a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The largest request body read; a longer one is answered 413 (a declared
+    /// `Content-Length` over it before anything is read).
+    pub max_body: usize,
+    /// Only GET and HEAD: other methods are answered 405 without reading their body.
+    pub read_only: bool,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: std::time::Duration,
+}
+
+impl Limits {
+    /// The admin endpoints: GET only, no body, headers within 10 s.
+    pub const ADMIN: Limits = Limits {
+        max_body: 0,
+        read_only: true,
+        header_timeout: std::time::Duration::from_secs(10),
+    };
+    /// The test doubles: bodies up to 32 MiB (CRDs, bulk applies).
+    pub const DOUBLES: Limits = Limits {
+        max_body: 32 * 1024 * 1024,
+        read_only: false,
+        header_timeout: std::time::Duration::from_secs(30),
+    };
+}
+
+/// Reads a request's body unless the limits refuse it: the refusal is the response.
+async fn read_body(
+    parts: &hyper::http::request::Parts,
+    body: Incoming,
+    limits: Limits,
+) -> Result<Result<Bytes, Response<Body>>, Drop> {
+    if limits.read_only && !matches!(parts.method, hyper::Method::GET | hyper::Method::HEAD) {
+        let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+        refused.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        refused.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return Ok(Err(refused));
+    }
+    let too_large = || {
+        let mut refused = text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request bodies are limited to {} bytes\n", limits.max_body),
+        );
+        refused.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        refused
+    };
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limits.max_body as u64) {
+        return Ok(Err(too_large()));
+    }
+    match http_body_util::Limited::new(body, limits.max_body)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(Ok(collected.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(Err(too_large())),
+        Err(_) => Err(Drop),
+    }
+}
+
+/// Serves `handler` on `listener` with the doubles' limits.
 pub fn serve<H, F>(listener: TcpListener, handler: H) -> Server
+where
+    H: Fn(Req) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+{
+    serve_with(listener, Limits::DOUBLES, handler)
+}
+
+/// Serves `handler` on `listener` until the returned server is stopped or dropped.
+pub fn serve_with<H, F>(listener: TcpListener, limits: Limits, handler: H) -> Server
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
@@ -165,9 +248,9 @@ where
                     let handler = handler.clone();
                     async move {
                         let (parts, body) = request.into_parts();
-                        let body = match body.collect().await {
-                            Ok(collected) => collected.to_bytes(),
-                            Err(_) => return Err(Drop),
+                        let body = match read_body(&parts, body, limits).await? {
+                            Ok(body) => body,
+                            Err(refused) => return Ok(refused),
                         };
                         handler(Req {
                             method: parts.method,
@@ -180,6 +263,8 @@ where
                 });
                 let conn = http1::Builder::new()
                     .keep_alive(true)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
                     _ = conn => {}
@@ -198,12 +283,26 @@ where
     }
 }
 
-/// Binds `addr` (port 0 picks a free port) and serves `handler` there.
+/// Binds `addr` (port 0 picks a free port) and serves `handler` there with the doubles'
+/// limits.
 pub async fn bind_and_serve<H, F>(addr: SocketAddr, handler: H) -> std::io::Result<Server>
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
 {
+    bind_and_serve_with(addr, Limits::DOUBLES, handler).await
+}
+
+/// Binds `addr` and serves `handler` there within `limits`.
+pub async fn bind_and_serve_with<H, F>(
+    addr: SocketAddr,
+    limits: Limits,
+    handler: H,
+) -> std::io::Result<Server>
+where
+    H: Fn(Req) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+{
     let listener = TcpListener::bind(addr).await?;
-    Ok(serve(listener, handler))
+    Ok(serve_with(listener, limits, handler))
 }

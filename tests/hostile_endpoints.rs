@@ -1,6 +1,7 @@
-//! The DPC client against servers that misbehave on purpose: redirects, endless or oversized
-//! answers, absurd `Retry-After` and `expires_in` values, and error texts that echo the
-//! credentials. Nothing may panic, grow without bound, follow a redirect or leak a secret.
+//! The DPC client against servers that misbehave on purpose (redirects, endless or oversized
+//! answers, absurd `Retry-After` and `expires_in` values, error texts that echo the
+//! credentials), and the admin server against bodies it must not read.
+//! Nothing may panic, grow without bound, follow a redirect or leak a secret.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -292,4 +293,95 @@ async fn error_answers_come_back_without_credentials_values_or_token_in_any_enco
     for leaked in ["db-p@ss", TOKEN] {
         assert!(!text.contains(leaked), "{text}");
     }
+}
+
+/// The admin server on a free port, always ready.
+async fn admin() -> http::Server {
+    let metrics = Arc::new(dpc_operator::metrics::Metrics::new(true));
+    dpc_operator::admin::serve(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics,
+        Arc::new(|| Ok(())),
+    )
+    .await
+    .unwrap()
+}
+
+/// Sends `head` (and then keeps sending `x` bytes when `stream_body`) and returns the first
+/// line the server answers.
+async fn raw_request(addr: SocketAddr, head: &str, stream_body: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    write.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        while stream_body && write.write_all(&chunk).await.is_ok() {}
+        write
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(15), read.read(&mut buf))
+            .await
+            .expect("the server answers")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    writer.abort();
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_admin_endpoints_refuse_bodies_without_reading_them() {
+    let server = admin().await;
+    let gib = 1u64 << 30;
+    let post = format!("POST /livez HTTP/1.1\r\nhost: x\r\ncontent-length: {gib}\r\n\r\n");
+    assert_eq!(
+        raw_request(server.addr, &post, true).await,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    let get = format!("GET /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: {gib}\r\n\r\n");
+    assert_eq!(
+        raw_request(server.addr, &get, true).await,
+        "HTTP/1.1 413 Payload Too Large"
+    );
+    let chunked = "GET /livez HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n10000\r\n";
+    assert_eq!(
+        raw_request(server.addr, chunked, true).await,
+        "HTTP/1.1 413 Payload Too Large"
+    );
+    // And still serves.
+    let get = "GET /livez HTTP/1.1\r\nhost: x\r\n\r\n";
+    assert_eq!(
+        raw_request(server.addr, get, false).await,
+        "HTTP/1.1 200 OK"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_server_closes_a_connection_whose_headers_never_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = admin().await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The header read timeout is 10 s: the server gives up on the request then.
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "the connection was still open after 20 s");
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
 }
