@@ -819,7 +819,7 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
         .run(
             |obj, ctx: Arc<Context>| async move {
                 let started = std::time::Instant::now();
-                let result = reconcile::reconcile(obj, ctx.clone()).await;
+                let result = reconcile::reconcile_guarded(obj, ctx.clone()).await;
                 ctx.metrics
                     .reconciled("connectionoverride", started.elapsed());
                 if let Err(e) = &result {
@@ -912,7 +912,10 @@ async fn run_accounts<K: AccountObject>(
         .run(
             |obj, ctx: Arc<Context>| async move {
                 let started = std::time::Instant::now();
-                let result = reconcile::account::reconcile::<K>(obj, ctx.clone()).await;
+                let result =
+                    reconcile::catch_panic(reconcile::account::reconcile::<K>(obj, ctx.clone()))
+                        .await
+                        .unwrap_or_else(|panic| Err(reconcile::Error::Panicked(panic)));
                 let kind = if K::KIND == "DpcAccount" {
                     "dpcaccount"
                 } else {

@@ -1,17 +1,33 @@
 //! Durations as Kubernetes and Go write them, for flags and spec fields.
 
+/// The longest duration read: a hundred years. Longer texts (`9999999999999999h`) are
+/// refused rather than overflowing.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86400);
+
 /// Parses durations as Kubernetes and Go write them: `500ms`, `30s`, `10m`, `1h30m`
-/// (a bare number is seconds).
+/// (a bare number is seconds). Anything longer than [`MAX_DURATION`] is refused.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
     let bad = || format!("{text:?} is not a duration like 30s, 10m, 1h30m or 500ms");
     if text.is_empty() {
         return Err(bad());
     }
+    let checked = |seconds: f64| {
+        std::time::Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|d| *d <= MAX_DURATION)
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is longer than {} hours",
+                    MAX_DURATION.as_secs() / 3600
+                )
+            })
+    };
     if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds >= 0.0 && seconds.is_finite())
-            .then(|| std::time::Duration::from_secs_f64(seconds))
-            .ok_or_else(bad);
+        if !(seconds >= 0.0 && seconds.is_finite()) {
+            return Err(bad());
+        }
+        return checked(seconds);
     }
     let mut total = 0.0;
     let mut rest = text;
@@ -34,7 +50,7 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         total += value * factor;
         rest = &rest[unit_len..];
     }
-    Ok(std::time::Duration::from_secs_f64(total))
+    checked(total)
 }
 
 #[cfg(test)]
@@ -55,5 +71,13 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("10x").is_err());
         assert!(parse_duration("m").is_err());
+        for huge in ["9999999999999999h", "1e300", "876001h", "1e400s"] {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(
+                err.contains("longer than") || err.contains("not a duration"),
+                "{err}"
+            );
+        }
+        assert_eq!(parse_duration("876000h"), Ok(MAX_DURATION));
     }
 }

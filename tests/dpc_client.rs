@@ -303,27 +303,75 @@ async fn list_reads_arrays_single_objects_and_every_envelope_page() {
 #[tokio::test]
 async fn delete_encodes_names_and_treats_404_as_done() {
     let (sim, dpc) = setup(SimConfig::default()).await;
-    dpc.create(PROJECT, &request("Sales, EU", "x"))
+    dpc.create(PROJECT, &request("Sales EU", "x"))
         .await
         .unwrap();
     sim.clear_calls();
 
-    dpc.delete(PROJECT, "PROD", &["Sales, EU".to_string()])
+    dpc.delete(PROJECT, "PROD", &["Sales EU".to_string()])
         .await
         .unwrap();
     let deletes = sim.calls_of(SimOp::Delete);
     assert_eq!(deletes.len(), 1);
     assert_eq!(
         deletes[0].query.as_deref(),
-        Some("environmentName=PROD&connectionNames=Sales%2C%20EU")
+        Some("environmentName=PROD&connectionNames=Sales%20EU")
     );
     assert_eq!(deletes[0].status, Some(204));
     assert!(sim.overrides().is_empty());
+    // A plain name needs no confirming list.
+    assert_eq!(sim.calls().len(), 1);
 
-    dpc.delete(PROJECT, "PROD", &["Sales, EU".to_string()])
+    dpc.delete(PROJECT, "PROD", &["Sales EU".to_string()])
         .await
         .unwrap();
     assert_eq!(sim.calls_of(SimOp::Delete)[1].status, Some(404));
+}
+
+#[tokio::test]
+async fn a_name_with_a_comma_is_never_sent_to_delete() {
+    let (sim, dpc) = setup(SimConfig::default()).await;
+    dpc.create(PROJECT, &request("Sales", "keep"))
+        .await
+        .unwrap();
+    dpc.create(PROJECT, &request("Sales, EU", "x"))
+        .await
+        .unwrap();
+    sim.clear_calls();
+    // The simulator decodes before it splits, as common frameworks do: `Sales%2C%20EU`
+    // would have deleted `Sales`.
+    let err = dpc
+        .delete(PROJECT, "PROD", &["Sales, EU".to_string()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Misconfigured);
+    assert!(err.to_string().contains("contains a comma"), "{err}");
+    assert!(sim.calls().is_empty(), "{:?}", sim.calls());
+    assert_eq!(sim.overrides().len(), 2);
+}
+
+#[tokio::test]
+async fn an_unusual_name_is_confirmed_gone_by_a_list_after_delete() {
+    let (sim, dpc) = setup(SimConfig::default()).await;
+    let name = "Sales & EU (100%)";
+    dpc.create(PROJECT, &request(name, "x")).await.unwrap();
+    dpc.create(PROJECT, &request("Other", "y")).await.unwrap();
+    sim.clear_calls();
+    dpc.delete(PROJECT, "PROD", &[name.to_string()])
+        .await
+        .unwrap();
+    let ops: Vec<SimOp> = sim.calls().iter().map(|c| c.op).collect();
+    assert_eq!(ops, [SimOp::Delete, SimOp::List]);
+    assert_eq!(
+        sim.calls()[0].query.as_deref(),
+        Some("environmentName=PROD&connectionNames=Sales%20%26%20EU%20%28100%25%29")
+    );
+    let left: Vec<String> = sim
+        .overrides()
+        .into_iter()
+        .map(|o| o.connection_name)
+        .collect();
+    assert_eq!(left, ["Other"]);
 }
 
 #[tokio::test]

@@ -385,3 +385,34 @@ async fn the_admin_server_closes_a_connection_whose_headers_never_finish() {
         String::from_utf8_lossy(&buf)
     );
 }
+
+#[tokio::test]
+async fn a_delete_dpc_accepts_but_does_not_carry_out_is_not_taken_as_done() {
+    let (_token, token_url, _) = server(|_| token_answer("1800")).await;
+    let name = "Sales+EU";
+    let (_api, api_url, seen) = server(move |req| match req.method {
+        hyper::Method::DELETE => Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(http::full(""))
+            .unwrap(),
+        _ => http::json(
+            StatusCode::OK,
+            &serde_json::json!([{"name": name, "environmentName": "PROD"}]),
+        ),
+    })
+    .await;
+    let dpc = handle(&format!("{api_url}/dpc"), &format!("{token_url}/token"));
+    let err = dpc
+        .delete(PROJECT, "PROD", &[name.to_string()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Transient);
+    assert!(err.to_string().contains("still lists"), "{err}");
+    let methods: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(m, _, _)| m.clone())
+        .collect();
+    assert_eq!(methods, ["DELETE", "GET"]);
+}

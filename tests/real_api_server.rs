@@ -184,6 +184,44 @@ async fn the_crds_install_and_the_api_server_refuses_invalid_objects() {
             ),
             vec!["spec.syncInterval: Invalid value: \"5s\": syncInterval must be at least 30s"],
         ),
+        (
+            "a syncInterval over 24h",
+            cov(
+                &ns,
+                "slow",
+                &format!("{uuid}  syncInterval: 25h\n{PROPERTIES}"),
+            ),
+            vec!["spec.syncInterval: Invalid value: \"25h\": syncInterval must be at most 24h"],
+        ),
+        (
+            "a deletionTimeout no clock can hold",
+            cov(
+                &ns,
+                "forever",
+                &format!("{uuid}  deletionTimeout: 9999999999999999h\n{PROPERTIES}"),
+            ),
+            vec![
+                "spec.deletionTimeout: Invalid value: \"string\": type conversion error",
+                "evaluating rule: deletionTimeout must be at most 8760h",
+            ],
+        ),
+        (
+            "a deletionTimeout over a year",
+            cov(
+                &ns,
+                "long",
+                &format!("{uuid}  deletionTimeout: 8761h\n{PROPERTIES}"),
+            ),
+            vec!["deletionTimeout must be at most 8760h"],
+        ),
+        (
+            "a connection name with a comma",
+            cov(&ns, "comma", &format!("{uuid}{PROPERTIES}"))
+                .replace("connectionName: Salesforce", "connectionName: 'Sales, EU'"),
+            vec![
+                "spec.connectionName: Invalid value: \"Sales, EU\": connectionName may not contain a comma",
+            ],
+        ),
     ];
     for (what, manifest, messages) in &cases {
         let err = k.kubectl_refused(&apply, manifest);

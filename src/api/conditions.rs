@@ -56,6 +56,9 @@ pub enum Reason {
     ReconcilePaused,
     /// The DpcAccount reason when a token was obtained.
     TokenObtained,
+    /// The operator failed inside (a panic) while reconciling this object; retried with
+    /// backoff. Worth a bug report.
+    InternalError,
 }
 
 impl Reason {
@@ -84,6 +87,7 @@ impl Reason {
             Reason::ReconcileError => "ReconcileError",
             Reason::ReconcilePaused => "ReconcilePaused",
             Reason::TokenObtained => "TokenObtained",
+            Reason::InternalError => "InternalError",
         }
     }
 
@@ -111,6 +115,23 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// The longest condition message kept, in bytes: a large error body cannot push the status
+/// towards the object size limit.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE`] bytes (on a character boundary, marked with `…`).
+pub fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE - '…'.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
 /// Sets the condition `type_` in `conditions`. `lastTransitionTime` moves to `now` only when
 /// the condition is new or its status flips; reason, message and observedGeneration always
 /// take the new values.
@@ -124,7 +145,7 @@ pub fn set_condition(
     now: &Time,
 ) {
     let status = if status { "True" } else { "False" };
-    let message = message.into();
+    let message = bounded(message.into());
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(existing) => {
             if existing.status != status {
@@ -163,6 +184,26 @@ mod tests {
 
     fn at(seconds: i64) -> Time {
         Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    #[test]
+    fn long_messages_are_cut_to_a_kibibyte_on_a_character_boundary() {
+        let mut conditions = Vec::new();
+        let huge = "é".repeat(600_000);
+        set_condition(
+            &mut conditions,
+            READY,
+            false,
+            Reason::ApiRejected,
+            huge,
+            None,
+            &at(1),
+        );
+        let kept = &conditions[0].message;
+        assert!(kept.len() <= MAX_MESSAGE, "{}", kept.len());
+        assert!(kept.len() > MAX_MESSAGE - 8);
+        assert!(kept.ends_with('…'));
+        assert_eq!(bounded("short".into()), "short");
     }
 
     #[test]

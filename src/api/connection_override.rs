@@ -11,6 +11,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+/// The longest spec.syncInterval.
+pub const MAX_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The longest spec.deletionTimeout.
+pub const MAX_DELETION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
+
 /// The pattern DPC itself applies to project ids: a lower-case hexadecimal UUID.
 pub const PROJECT_ID_PATTERN: &str =
     r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
@@ -81,8 +86,10 @@ pub struct ConnectionOverrideSpec {
     pub environment_name: String,
 
     /// The name of the existing project connection whose values are overridden. Immutable.
-    #[schemars(length(min = 1))]
+    /// May not contain a comma: DPC's delete call takes a comma-separated list of names.
+    #[schemars(length(min = 1, max = 255))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("connectionName is immutable"))]
+    #[x_kube(validation = Rule::new("!self.contains(',')").message("connectionName may not contain a comma: DPC deletes overrides by a comma-separated list of names, so the name would be read as several"))]
     pub connection_name: String,
 
     /// The authentication type of the parent connection. Sent to DPC when set; it must
@@ -102,9 +109,11 @@ pub struct ConnectionOverrideSpec {
     /// How often the override is read back from DPC to detect changes made outside
     /// Kubernetes, as a duration such as 10m or 1h30m. Default 10m; at least 30s. Reads are
     /// shared: one list call per account, project and environment serves every object in it.
+    /// At most 24h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(length(max = 32), pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('30s')").message("syncInterval must be at least 30s"))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('24h')").message("syncInterval must be at most 24h"))]
     pub sync_interval: Option<String>,
 
     /// What to do when the override in DPC no longer matches: Correct (the default) writes the
@@ -119,9 +128,11 @@ pub struct ConnectionOverrideSpec {
 
     /// With deletionPolicy Delete: how long a deletion may keep failing to reach DPC before the
     /// object is released anyway (the remote override is then left in place, and a Warning
-    /// Event says so). A duration such as 15m; unset means wait until DPC answers.
+    /// Event says so). A duration such as 15m, at most 8760h (a year); unset means wait until
+    /// DPC answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(length(max = 32), pattern(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('8760h')").message("deletionTimeout must be at most 8760h"))]
     pub deletion_timeout: Option<String>,
 }
 

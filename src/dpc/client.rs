@@ -500,12 +500,22 @@ impl AccountHandle {
 
     /// `DELETE` the overrides of `connection_names` in an environment. 404 counts as done.
     /// Names are split over several calls when one URL would be too long.
+    ///
+    /// DPC takes the names as one comma-separated list: a name with a comma is never sent (a
+    /// server that decodes before splitting would delete other overrides), and when a name
+    /// holds anything beyond letters, digits, spaces and `-_.~` the environment is listed
+    /// afterwards to confirm it is gone.
     pub async fn delete(
         &self,
         project_id: &str,
         environment: &str,
         connection_names: &[String],
     ) -> Result<(), DpcError> {
+        if let Some(name) = connection_names.iter().find(|n| n.contains(',')) {
+            return Err(DpcError::Misconfigured(format!(
+                "connection name {name:?} contains a comma; DPC's delete call reads commas as separators, so it is never sent"
+            )));
+        }
         for chunk in self.delete_batches(project_id, environment, connection_names) {
             let url = self.overrides_url_raw(project_id, &chunk);
             match self
@@ -515,6 +525,20 @@ impl AccountHandle {
                 Ok(_) => {}
                 Err(DpcError::Api { status: 404, .. }) => {}
                 Err(e) => return Err(e),
+            }
+        }
+        let unusual: Vec<&String> = connection_names
+            .iter()
+            .filter(|name| !is_plain_name(name))
+            .collect();
+        if !unusual.is_empty() {
+            let listed = self.list(project_id, environment).await?;
+            if let Some(name) = unusual.into_iter().find(|name| {
+                listed
+                    .iter()
+                    .any(|o| o.name.as_deref() == Some(name.as_str()))
+            }) {
+                return Err(DpcError::StillPresent(name.clone()));
             }
         }
         Ok(())
@@ -893,6 +917,12 @@ fn status_outcome(status: u16) -> &'static str {
         500..=599 => "5xx",
         _ => "other",
     }
+}
+
+/// A name no server could read differently in a comma-separated query list.
+fn is_plain_name(name: &str) -> bool {
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.' | '~'))
 }
 
 fn encode(value: &str) -> String {

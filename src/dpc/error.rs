@@ -112,6 +112,11 @@ pub enum DpcError {
     /// The account's endpoint configuration is refused.
     #[error("{0}")]
     Misconfigured(String),
+    /// DPC accepted a DELETE but still lists the override.
+    #[error(
+        "DPC accepted the DELETE but still lists the override of connection {0:?}; it is deleted again later"
+    )]
+    StillPresent(String),
 }
 
 fn throttled_text(operation: Operation, remaining: Duration, queued: bool) -> String {
@@ -147,6 +152,7 @@ impl DpcError {
             | DpcError::Transport { operation, .. }
             | DpcError::Decode { operation, .. }
             | DpcError::Throttled { operation, .. } => Some(*operation),
+            DpcError::StillPresent(_) => Some(Operation::Delete),
             DpcError::Misconfigured(_) => None,
         }
     }
@@ -166,7 +172,9 @@ impl DpcError {
             DpcError::Api {
                 operation, status, ..
             } => classify_status(*operation, *status),
-            DpcError::Transport { .. } | DpcError::Decode { .. } => ErrorClass::Transient,
+            DpcError::Transport { .. } | DpcError::Decode { .. } | DpcError::StillPresent(_) => {
+                ErrorClass::Transient
+            }
             DpcError::Throttled { queued: true, .. } => ErrorClass::Queued,
             DpcError::Throttled { .. } => ErrorClass::RateLimited,
             DpcError::Misconfigured(_) => ErrorClass::Misconfigured,

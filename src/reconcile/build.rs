@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::api::ConnectionOverrideSpec;
+use crate::api::connection_override::{MAX_DELETION_TIMEOUT, MAX_SYNC_INTERVAL};
 use crate::dpc::{OverrideRequest, OverrideValues};
 
 /// The request to send and its hash.
@@ -40,7 +41,11 @@ pub enum BuildError {
     LocationType,
     #[error("{field} names namespace {namespace}: references to other namespaces are refused")]
     OtherNamespace { field: String, namespace: String },
-    #[error("spec.{field} {value:?} is not a duration: {reason}")]
+    #[error(
+        "spec.connectionName {0:?} contains a comma: DPC deletes overrides by a comma-separated list of names, so it would be read as several (and could delete another override)"
+    )]
+    CommaInName(String),
+    #[error("spec.{field} {value:?} is not a usable duration: {reason}")]
     Duration {
         field: &'static str,
         value: String,
@@ -94,17 +99,31 @@ pub fn validate(namespace: &str, spec: &ConnectionOverrideSpec) -> Result<(), Bu
             }
         }
     }
-    for (field, value) in [
-        ("syncInterval", &spec.sync_interval),
-        ("deletionTimeout", &spec.deletion_timeout),
+    for (field, value, max) in [
+        ("syncInterval", &spec.sync_interval, MAX_SYNC_INTERVAL),
+        (
+            "deletionTimeout",
+            &spec.deletion_timeout,
+            MAX_DELETION_TIMEOUT,
+        ),
     ] {
         if let Some(value) = value {
-            crate::duration::parse_duration(value).map_err(|reason| BuildError::Duration {
+            let error = |reason| BuildError::Duration {
                 field,
                 value: value.clone(),
                 reason,
-            })?;
+            };
+            let parsed = crate::duration::parse_duration(value).map_err(error)?;
+            if parsed > max {
+                return Err(error(format!(
+                    "it may be at most {}h",
+                    max.as_secs() / 3600
+                )));
+            }
         }
+    }
+    if spec.connection_name.contains(',') {
+        return Err(BuildError::CommaInName(spec.connection_name.clone()));
     }
     if !is_project_id(&spec.project_id) {
         return Err(BuildError::ProjectId(spec.project_id.clone()));

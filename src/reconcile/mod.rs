@@ -48,6 +48,8 @@ pub enum Error {
     Resolve(String),
     #[error("could not build a patch: {0}")]
     Patch(#[from] serde_json::Error),
+    #[error("the reconcile panicked: {0}")]
+    Panicked(String),
 }
 
 impl Error {
@@ -55,7 +57,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Kube(_) | Error::Resolve(_) => "kubernetes",
-            Error::Patch(_) => "internal",
+            Error::Patch(_) | Error::Panicked(_) => "internal",
         }
     }
 }
@@ -75,6 +77,68 @@ pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Acti
     let delay = ctx.backoff.next(&key);
     warn!(namespace = %key.0, name = %key.1, error = %error, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
     Action::requeue(delay)
+}
+
+/// Runs `pass`, turning a panic inside it into `Err` with the panic's text: a bug met by one
+/// object must not end the process (and every other object's reconciliation with it).
+pub async fn catch_panic<T>(pass: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(pass)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into())
+        })
+}
+
+/// Reconciles one ConnectionOverride; a panic becomes the object's `InternalError`
+/// condition and a retry with backoff.
+pub async fn reconcile_guarded(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match catch_panic(reconcile(guard.clone(), ctx.clone())).await {
+        Ok(result) => result,
+        Err(panic) => {
+            let key = key_of(guard.meta());
+            tracing::error!(namespace = %key.0, name = %key.1, panic = %panic, "a reconcile panicked; the object is retried with backoff");
+            let message = format!(
+                "dpc-operator failed internally while reconciling this object ({panic}); it is retried with backoff. Please report this as a bug."
+            );
+            let now = Time(Timestamp::now());
+            let mut conditions = guard
+                .0
+                .as_ref()
+                .ok()
+                .and_then(|o| o.status.as_ref())
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default();
+            let generation = guard.meta().generation;
+            for type_ in [READY, SYNCED] {
+                conditions::set_condition(
+                    &mut conditions,
+                    type_,
+                    false,
+                    Reason::InternalError,
+                    message.clone(),
+                    generation,
+                    &now,
+                );
+            }
+            let patch = json!({"status": {"conditions": conditions}});
+            send_patch(
+                &ctx,
+                &key.0,
+                &key.1,
+                Some("status"),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+            Ok(Action::requeue(ctx.backoff.next(&key)))
+        }
+    }
 }
 
 /// Reconciles one ConnectionOverride.
@@ -902,4 +966,25 @@ async fn report_invalid(
     .await;
     ctx.failures.record(key, gate, Reason::InvalidSpec, message);
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::catch_panic;
+
+    #[tokio::test]
+    async fn a_panic_in_a_pass_comes_back_as_its_text() {
+        let ok = catch_panic(async { 7 }).await;
+        assert_eq!(ok, Ok(7));
+        let fixed = catch_panic(async { panic!("fixed text") }).await;
+        assert_eq!(fixed, Err::<(), _>("fixed text".to_string()));
+        let value = 3;
+        let formatted = catch_panic(async move {
+            if value == 3 {
+                panic!("formatted {value}");
+            }
+        })
+        .await;
+        assert_eq!(formatted, Err("formatted 3".to_string()));
+    }
 }

@@ -1213,23 +1213,15 @@ fn delete(inner: &mut Inner, project: &str, req: &Req) -> Response<Body> {
             &[],
         );
     };
-    // connectionNames is a comma-separated list: split the raw value on literal commas and
-    // decode each part, so an encoded comma (%2C) stays inside a name.
-    let raw = req
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("connectionNames="))
-        .unwrap_or("");
-    let names: Vec<String> = raw
+    // connectionNames is a comma-separated list. Like the common web frameworks, the query
+    // value is decoded first and split afterwards, so even an encoded comma (%2C) separates
+    // names: the worst case a client must be safe against.
+    let decoded = req.param("connectionNames").unwrap_or_default();
+    let names: Vec<String> = decoded
         .split(',')
+        .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            let plus_decoded = s.replace('+', " ");
-            percent_encoding::percent_decode_str(&plus_decoded)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+        .map(String::from)
         .collect();
     if names.is_empty() {
         return problem(
