@@ -1,17 +1,30 @@
-//! Which ConnectionOverride manages which remote override. Two objects that name the same
-//! (account, project, environment, connection) would fight over it: the older one (by
-//! creation time, then namespace and name) manages it, the others report `Conflict` and never
-//! write. The index is fed from the watch, so it knows every object before any reconcile acts.
+//! Which ConnectionOverride manages which remote override. Two objects that reach the same
+//! override would fight over it: one manages it, the others report `Conflict` and never write.
+//!
+//! A remote override is known by where DPC answers and as whom (API URL and account id) plus
+//! project, environment and connection, so a DpcAccount and a ClusterDpcAccount that reach the
+//! same DPC account are one. An object's key is known for sure once its account is resolved
+//! (a reconcile [`Claims::locate`]s it) or once its status records the override it manages;
+//! until then the index files it under the account it names.
+//!
+//! Who manages: an object holding a claim (recorded in its status as `managedOverride`, or
+//! made by this process just before its first write) always beats one without; two claims are
+//! ordered by their time (microseconds); objects without a claim by creation time, namespace
+//! and name. The index is fed from the watch, so it knows every object before any reconcile
+//! acts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use k8s_openapi::jiff::Timestamp;
+
 use crate::api::{AccountKind, ConnectionOverride};
 use crate::controller::ObjKey;
 
-/// The natural key of a remote override, with the account that reaches it.
+/// The identity of a remote override.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RemoteKey {
+    /// `api <url> account <id>` once resolved; the account reference before.
     pub account: String,
     pub project: String,
     pub environment: String,
@@ -19,8 +32,28 @@ pub struct RemoteKey {
 }
 
 impl RemoteKey {
-    /// The key an object names.
-    pub fn of(obj: &ConnectionOverride) -> Self {
+    /// The key a resolved object has: the account's API URL and account id.
+    pub fn resolved(
+        api_url: &str,
+        account_id: Option<&str>,
+        project: &str,
+        environment: &str,
+        connection: &str,
+    ) -> Self {
+        Self {
+            account: format!(
+                "DPC at {} (account id {})",
+                api_url.trim_end_matches('/'),
+                account_id.unwrap_or("none")
+            ),
+            project: project.into(),
+            environment: environment.into(),
+            connection: connection.into(),
+        }
+    }
+
+    /// The key an object has before its account is resolved: the account it names.
+    fn provisional(obj: &ConnectionOverride) -> Self {
         let spec = &obj.spec;
         let account = match spec.account_kind() {
             AccountKind::DpcAccount => format!(
@@ -39,6 +72,26 @@ impl RemoteKey {
             connection: spec.connection_name.clone(),
         }
     }
+
+    /// The key an object's status records, if it records one.
+    fn recorded(obj: &ConnectionOverride) -> Option<(Self, i64)> {
+        let managed = obj.status.as_ref()?.managed_override.as_ref()?;
+        let key = Self::resolved(
+            &managed.api_url,
+            managed.account_id.as_deref(),
+            &managed.project_id,
+            &managed.environment_name,
+            &managed.connection_name,
+        );
+        Some((key, managed.claimed_at.0.as_microsecond()))
+    }
+
+    fn id(&self) -> RemoteId {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 impl std::fmt::Display for RemoteKey {
@@ -51,27 +104,87 @@ impl std::fmt::Display for RemoteKey {
     }
 }
 
-/// `(creation time in seconds, namespace, name)`: oldest first.
-type Claimant = (i64, ObjKey);
-
 /// A remote key as a 64-bit digest: the index holds one per object, so it stays small at
-/// tens of thousands of objects (the key itself is rebuilt from an object when needed).
+/// tens of thousands of objects.
 type RemoteId = u64;
 
-impl RemoteKey {
-    fn id(&self) -> RemoteId {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.hash(&mut hasher);
-        hasher.finish()
+/// Sort order of the claimants of one remote override: the first manages it.
+/// `(no claim, claim time in µs, creation time in s, namespace and name)`.
+type Claimant = (bool, i64, i64, ObjKey);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    remote: RemoteId,
+    /// Claim time in microseconds, if the object holds a claim.
+    claimed: Option<i64>,
+    created: i64,
+    /// Whether `remote` is the resolved identity (not the provisional one).
+    located: bool,
+}
+
+impl Entry {
+    fn claimant(&self, key: &ObjKey) -> Claimant {
+        (
+            self.claimed.is_none(),
+            self.claimed.unwrap_or(0),
+            self.created,
+            key.clone(),
+        )
     }
 }
 
 #[derive(Default)]
 struct Inner {
-    /// Claimants of each remote override, oldest first (almost always just one).
+    /// Claimants of each remote override, first the one that manages it (almost always
+    /// just one).
     by_remote: HashMap<RemoteId, Vec<Claimant>>,
-    by_object: HashMap<ObjKey, (RemoteId, i64)>,
+    by_object: HashMap<ObjKey, Entry>,
+}
+
+impl Inner {
+    fn owner(&self, remote: RemoteId) -> Option<ObjKey> {
+        self.by_remote
+            .get(&remote)
+            .and_then(|s| s.first())
+            .map(|c| c.3.clone())
+    }
+
+    /// Files `key` as `entry`; returns the objects whose manager changed.
+    fn put(&mut self, key: &ObjKey, entry: Entry) -> Vec<ObjKey> {
+        if self.by_object.get(key) == Some(&entry) {
+            return Vec::new();
+        }
+        let mut triggers = self.take(key);
+        let before = self.owner(entry.remote);
+        let claimants = self.by_remote.entry(entry.remote).or_default();
+        let claimant = entry.claimant(key);
+        let at = claimants.binary_search(&claimant).unwrap_or_else(|at| at);
+        claimants.insert(at, claimant);
+        self.by_object.insert(key.clone(), entry);
+        if before != self.owner(entry.remote) {
+            triggers.extend(self.by_remote[&entry.remote].iter().map(|c| c.3.clone()));
+        }
+        triggers.retain(|k| k != key);
+        triggers
+    }
+
+    /// Removes `key`; returns the object that became the manager, if one did.
+    fn take(&mut self, key: &ObjKey) -> Vec<ObjKey> {
+        let Some(entry) = self.by_object.remove(key) else {
+            return Vec::new();
+        };
+        let before = self.owner(entry.remote);
+        if let Some(set) = self.by_remote.get_mut(&entry.remote) {
+            set.retain(|c| c.3 != *key);
+            if set.is_empty() {
+                self.by_remote.remove(&entry.remote);
+            }
+        }
+        match (before, self.owner(entry.remote)) {
+            (b, Some(a)) if b.as_ref() != Some(&a) => vec![a],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// The claims of all watched ConnectionOverrides.
@@ -80,19 +193,18 @@ pub struct Claims {
     inner: Mutex<Inner>,
 }
 
-fn owner_of(set: Option<&Vec<Claimant>>) -> Option<ObjKey> {
-    set.and_then(|s| s.first()).map(|(_, key)| key.clone())
+fn key_of(obj: &ConnectionOverride) -> ObjKey {
+    (
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 impl Claims {
-    /// Records an object's claim. Returns the objects to reconcile again because the owner of
-    /// their remote override changed.
+    /// Records what the watch says of an object. Returns the objects to reconcile again
+    /// because the manager of their remote override changed.
     pub fn observe(&self, obj: &ConnectionOverride) -> Vec<ObjKey> {
-        let key: ObjKey = (
-            obj.metadata.namespace.clone().unwrap_or_default(),
-            obj.metadata.name.clone().unwrap_or_default(),
-        );
-        let remote = RemoteKey::of(obj).id();
+        let key = key_of(obj);
         let created = obj
             .metadata
             .creation_timestamp
@@ -100,45 +212,59 @@ impl Claims {
             .map(|t| t.0.as_second())
             .unwrap_or(0);
         let mut inner = self.inner.lock().expect("claims lock");
-        if inner.by_object.get(&key) == Some(&(remote, created)) {
-            return Vec::new();
-        }
-        let mut triggers = self.remove_locked(&mut inner, &key);
-        let before = owner_of(inner.by_remote.get(&remote));
-        let claimants = inner.by_remote.entry(remote).or_default();
-        let claimant = (created, key.clone());
-        let at = claimants.binary_search(&claimant).unwrap_or_else(|at| at);
-        claimants.insert(at, claimant);
-        inner.by_object.insert(key, (remote, created));
-        let after = owner_of(inner.by_remote.get(&remote));
-        if before != after {
-            triggers.extend(inner.by_remote[&remote].iter().map(|(_, key)| key.clone()));
-        }
-        triggers
-    }
-
-    /// Forgets an object (it is gone). Returns the objects whose owner changed.
-    pub fn remove(&self, key: &ObjKey) -> Vec<ObjKey> {
-        let mut inner = self.inner.lock().expect("claims lock");
-        self.remove_locked(&mut inner, key)
-    }
-
-    fn remove_locked(&self, inner: &mut Inner, key: &ObjKey) -> Vec<ObjKey> {
-        let Some((remote, created)) = inner.by_object.remove(key) else {
-            return Vec::new();
+        let entry = match (RemoteKey::recorded(obj), inner.by_object.get(&key)) {
+            (Some((remote, claimed)), _) => Entry {
+                remote: remote.id(),
+                claimed: Some(claimed),
+                created,
+                located: true,
+            },
+            // Located by a reconcile of this process: the watch has nothing newer.
+            (None, Some(known)) if known.located => Entry { created, ..*known },
+            (None, _) => Entry {
+                remote: RemoteKey::provisional(obj).id(),
+                claimed: None,
+                created,
+                located: false,
+            },
         };
-        let before = owner_of(inner.by_remote.get(&remote));
-        if let Some(set) = inner.by_remote.get_mut(&remote) {
-            set.retain(|c| *c != (created, key.clone()));
-            if set.is_empty() {
-                inner.by_remote.remove(&remote);
-            }
+        inner.put(&key, entry)
+    }
+
+    /// Files an object under the identity its reconcile resolved. Returns the object that
+    /// manages that override when it is another one, and the objects whose manager changed.
+    pub fn locate(&self, me: &ObjKey, remote: &RemoteKey) -> (Option<ObjKey>, Vec<ObjKey>) {
+        let mut inner = self.inner.lock().expect("claims lock");
+        let known = inner.by_object.get(me).copied();
+        let entry = Entry {
+            remote: remote.id(),
+            // A claim belongs to the override it was made for.
+            claimed: known
+                .filter(|k| k.remote == remote.id())
+                .and_then(|k| k.claimed),
+            created: known.map_or(0, |k| k.created),
+            located: true,
+        };
+        let triggers = inner.put(me, entry);
+        let owner = inner.owner(entry.remote).filter(|owner| owner != me);
+        (owner, triggers)
+    }
+
+    /// Claims the override an object is filed under, just before its first write, and
+    /// returns the claim's time. An existing claim is kept.
+    pub fn claim(&self, me: &ObjKey) -> Option<Timestamp> {
+        let mut inner = self.inner.lock().expect("claims lock");
+        let mut entry = *inner.by_object.get(me)?;
+        if entry.claimed.is_none() {
+            entry.claimed = Some(Timestamp::now().as_microsecond());
+            inner.put(me, entry);
         }
-        let after = owner_of(inner.by_remote.get(&remote));
-        match (before, after) {
-            (b, Some(a)) if b.as_ref() != Some(&a) => vec![a],
-            _ => Vec::new(),
-        }
+        Timestamp::from_microsecond(entry.claimed?).ok()
+    }
+
+    /// Forgets an object (it is gone). Returns the objects whose manager changed.
+    pub fn remove(&self, key: &ObjKey) -> Vec<ObjKey> {
+        self.inner.lock().expect("claims lock").take(key)
     }
 
     /// Every object that holds a claim.
@@ -152,19 +278,22 @@ impl Claims {
             .collect()
     }
 
-    /// The object that manages `remote`, when it is not `me`.
-    pub fn other_owner(&self, remote: &RemoteKey, me: &ObjKey) -> Option<ObjKey> {
+    /// The object that manages the override `me` is filed under, when it is not `me`.
+    pub fn other_owner(&self, me: &ObjKey) -> Option<ObjKey> {
         let inner = self.inner.lock().expect("claims lock");
-        owner_of(inner.by_remote.get(&remote.id())).filter(|owner| owner != me)
+        let entry = inner.by_object.get(me)?;
+        inner.owner(entry.remote).filter(|owner| owner != me)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AccountRef, ConnectionOverrideSpec, ConnectionOverridesSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use k8s_openapi::jiff::Timestamp;
+    use crate::api::{
+        AccountRef, ConnectionOverrideSpec, ConnectionOverrideStatus, ConnectionOverridesSpec,
+        ManagedOverride,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 
     fn obj(ns: &str, name: &str, created: i64, connection: &str) -> ConnectionOverride {
         let mut o = ConnectionOverride::new(
@@ -192,51 +321,83 @@ mod tests {
         o
     }
 
+    fn managing(mut o: ConnectionOverride, api: &str, claimed_us: i64) -> ConnectionOverride {
+        o.status = Some(ConnectionOverrideStatus {
+            managed_override: Some(ManagedOverride {
+                api_url: api.into(),
+                account_id: None,
+                project_id: o.spec.project_id.clone(),
+                environment_name: o.spec.environment_name.clone(),
+                connection_name: o.spec.connection_name.clone(),
+                claimed_at: MicroTime(Timestamp::from_microsecond(claimed_us).unwrap()),
+            }),
+            ..Default::default()
+        });
+        o
+    }
+
     fn key(ns: &str, name: &str) -> ObjKey {
         (ns.into(), name.into())
     }
 
-    #[test]
-    fn the_oldest_claimant_owns_and_the_next_takes_over_when_it_goes() {
-        let claims = Claims::default();
-        let newer = obj("ns", "b", 200, "C");
-        let older = obj("ns", "a", 100, "C");
-        claims.observe(&newer);
-        let triggered = claims.observe(&older);
-        assert!(
-            triggered.contains(&key("ns", "b")),
-            "the newer one learns it lost: {triggered:?}"
-        );
-        let remote = RemoteKey::of(&older);
-        assert_eq!(
-            claims.other_owner(&remote, &key("ns", "b")),
-            Some(key("ns", "a"))
-        );
-        assert_eq!(claims.other_owner(&remote, &key("ns", "a")), None);
-        assert_eq!(claims.remove(&key("ns", "a")), vec![key("ns", "b")]);
-        assert_eq!(claims.other_owner(&remote, &key("ns", "b")), None);
+    fn remote(api: &str, connection: &str) -> RemoteKey {
+        RemoteKey::resolved(api, None, "p", "PROD", connection)
     }
 
     #[test]
-    fn different_connections_or_accounts_do_not_conflict() {
+    fn before_any_claim_the_oldest_manages_and_the_next_takes_over_when_it_goes() {
         let claims = Claims::default();
-        claims.observe(&obj("ns", "a", 1, "C"));
-        claims.observe(&obj("ns", "b", 2, "D"));
-        claims.observe(&obj("other", "c", 3, "C"));
-        assert_eq!(
-            claims.other_owner(&RemoteKey::of(&obj("ns", "b", 2, "D")), &key("ns", "b")),
-            None
+        claims.observe(&obj("ns", "b", 200, "C"));
+        let triggered = claims.observe(&obj("ns", "a", 100, "C"));
+        assert!(triggered.contains(&key("ns", "b")), "{triggered:?}");
+        assert_eq!(claims.other_owner(&key("ns", "b")), Some(key("ns", "a")));
+        assert_eq!(claims.other_owner(&key("ns", "a")), None);
+        assert_eq!(claims.remove(&key("ns", "a")), vec![key("ns", "b")]);
+        assert_eq!(claims.other_owner(&key("ns", "b")), None);
+    }
+
+    #[test]
+    fn the_object_that_manages_keeps_the_override_against_an_older_or_smaller_named_one() {
+        let claims = Claims::default();
+        let api = "https://eu1.api.matillion.com/dpc";
+        // "b" manages (its status says so); "a" is as old and sorts first by name.
+        claims.observe(&managing(obj("ns", "b", 100, "C"), api, 100_000_001));
+        claims.observe(&obj("ns", "a", 100, "C"));
+        let (owner, _) = claims.locate(&key("ns", "a"), &remote(api, "C"));
+        assert_eq!(owner, Some(key("ns", "b")));
+        // A claim made before a first write wins over later comers too.
+        claims.observe(&obj("ns", "c", 50, "D"));
+        claims.locate(&key("ns", "c"), &remote(api, "D"));
+        claims.claim(&key("ns", "c")).unwrap();
+        claims.observe(&obj("ns", "d", 10, "D"));
+        let (owner, _) = claims.locate(&key("ns", "d"), &remote(api, "D"));
+        assert_eq!(owner, Some(key("ns", "c")));
+        // The watch delivering the newer object again changes nothing.
+        assert!(claims.observe(&obj("ns", "d", 10, "D")).is_empty());
+        assert_eq!(claims.other_owner(&key("ns", "d")), Some(key("ns", "c")));
+    }
+
+    #[test]
+    fn two_accounts_reaching_the_same_dpc_account_are_one_claim() {
+        let claims = Claims::default();
+        let api = "https://eu1.api.matillion.com/dpc";
+        let mut by_cluster_account = obj("team-b", "y", 100, "C");
+        by_cluster_account.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
+        claims.observe(&obj("team-a", "x", 200, "C"));
+        claims.observe(&by_cluster_account);
+        // Filed under different accounts, no conflict is seen yet.
+        assert_eq!(claims.other_owner(&key("team-a", "x")), None);
+        let (owner, _) = claims.locate(&key("team-a", "x"), &remote(api, "C"));
+        assert_eq!(owner, None);
+        claims.claim(&key("team-a", "x"));
+        let (owner, _) = claims.locate(&key("team-b", "y"), &remote(&format!("{api}/"), "C"));
+        assert_eq!(owner, Some(key("team-a", "x")));
+        // Another DPC (or another account id) is another override.
+        claims.observe(&obj("team-c", "z", 1, "C"));
+        let (owner, _) = claims.locate(
+            &key("team-c", "z"),
+            &remote("https://us1.api.matillion.com/dpc", "C"),
         );
-        assert_eq!(
-            claims.other_owner(
-                &RemoteKey::of(&obj("other", "c", 3, "C")),
-                &key("other", "c")
-            ),
-            None
-        );
-        assert!(
-            claims.observe(&obj("ns", "a", 1, "C")).is_empty(),
-            "observing again changes nothing"
-        );
+        assert_eq!(owner, None);
     }
 }

@@ -449,22 +449,58 @@ async fn missing_references_are_named_and_nothing_is_called() {
 #[tokio::test]
 async fn delete_sends_one_url_encoded_delete_then_releases_the_object() {
     let h = Harness::start().await.run();
-    h.apply(&Cov::new("odd", "Sales, EU")).await;
+    h.apply(&Cov::new("plain", "Sales EU")).await;
+    h.apply(&Cov::new("odd", "Sales & EU (100%)")).await;
+    h.wait_ready("plain").await;
     h.wait_ready("odd").await;
     h.sim.clear_calls();
 
+    h.covs()
+        .delete("plain", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_gone("plain").await;
+    let calls = h.sim.calls();
+    assert_eq!(summary(&calls), [(SimOp::Delete, Some(204))]);
+    assert_eq!(
+        calls[0].query.as_deref(),
+        Some("environmentName=PROD&connectionNames=Sales%20EU")
+    );
+    h.sim.clear_calls();
+
+    // A name beyond letters, digits, spaces and -_.~ is confirmed gone by a list before the
+    // object is released.
     h.covs()
         .delete("odd", &DeleteParams::default())
         .await
         .unwrap();
     h.wait_gone("odd").await;
     let calls = h.sim.calls();
-    assert_eq!(summary(&calls), [(SimOp::Delete, Some(204))]);
+    assert_eq!(
+        summary(&calls),
+        [(SimOp::Delete, Some(204)), (SimOp::List, Some(200))]
+    );
     assert_eq!(
         calls[0].query.as_deref(),
-        Some("environmentName=PROD&connectionNames=Sales%2C%20EU")
+        Some("environmentName=PROD&connectionNames=Sales%20%26%20EU%20%28100%25%29")
     );
     assert!(h.sim.overrides().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_name_with_a_comma_is_refused_by_the_api_server() {
+    let h = Harness::start().await.run();
+    let err = h
+        .try_apply(&Cov::new("comma", "Sales, EU"))
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("connectionName may not contain a comma"),
+        "{message}"
+    );
+    assert!(h.sim.calls().is_empty());
     h.stop().await;
 }
 

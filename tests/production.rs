@@ -550,6 +550,165 @@ async fn two_objects_for_one_override_conflict_and_only_the_older_writes() {
     h.stop().await;
 }
 
+/// The secretKey values of the writes DPC saw.
+fn written_values(calls: &[Call]) -> Vec<String> {
+    writes(calls)
+        .iter()
+        .map(|c| {
+            c.body.as_ref().unwrap()["connectionOverrides"]["connectionProperties"]["secretKey"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_object_that_manages_an_override_keeps_it_against_a_newcomer_of_the_same_second() {
+    let mut h = Harness::start().await.run();
+    // Kubernetes records creation to the second: "alpha", created just after "zeta", sorts
+    // first by name. Retried until both share a creation second (nearly always at once).
+    let mut round = 0;
+    let (zeta, alpha) = loop {
+        round += 1;
+        assert!(round <= 5, "never created two objects within one second");
+        let (zeta, alpha) = (format!("zeta-{round}"), format!("alpha-{round}"));
+        let connection = format!("Salesforce{round}");
+        let a = h
+            .apply(&Cov::new(&zeta, &connection).property("secretKey", "zeta"))
+            .await;
+        let b = h
+            .apply(&Cov::new(&alpha, &connection).property("secretKey", "alpha"))
+            .await;
+        if a.metadata.creation_timestamp == b.metadata.creation_timestamp {
+            break (zeta, alpha);
+        }
+        h = h.restart().await;
+    };
+    let managing = h.wait_ready(&zeta).await;
+    h.wait_reason(&alpha, "Conflict").await;
+    let managed = managing.status.unwrap().managed_override.unwrap();
+    assert_eq!(managed.api_url, h.sim.api_url());
+    assert_eq!(managed.connection_name, format!("Salesforce{round}"));
+    assert_eq!(written_values(&h.sim.calls()), ["zeta"]);
+
+    // A restarted operator reads the claim from status: the newcomer still never writes.
+    let h = h.restart().await;
+    let ask = |name: &str| {
+        Cov::new(name, &format!("Salesforce{round}")).annotation(
+            dpc_operator::api::RECONCILE_REQUESTED_ANNOTATION,
+            "after-restart",
+        )
+    };
+    h.apply(&ask(&alpha).property("secretKey", "alpha")).await;
+    h.apply(&ask(&zeta).property("secretKey", "zeta")).await;
+    let handled = |o: &dpc_operator::api::ConnectionOverride| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.last_handled_reconcile_at.as_deref())
+            == Some("after-restart")
+    };
+    let loser = h.wait_for(&alpha, "the request handled", handled).await;
+    assert_eq!(ready_condition(&loser).reason, "Conflict");
+    let winner = h.wait_for(&zeta, "the request handled", handled).await;
+    assert_eq!(ready_condition(&winner).reason, "Available");
+    assert_eq!(written_values(&h.sim.calls()), ["zeta"]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_dpc_account_and_a_cluster_account_reaching_one_dpc_account_claim_once() {
+    let h = Harness::start().await;
+    let shared: Api<ClusterDpcAccount> = Api::all(h.client.clone());
+    let shared_name = unique_name("same-dpc-");
+    shared
+        .create(
+            &PostParams::default(),
+            &h.cluster_account(&shared_name, json!({"names": [&h.ns]})),
+        )
+        .await
+        .unwrap();
+    let h = h.run();
+    h.apply(&Cov::new("namespaced", "Salesforce").property("secretKey", "namespaced"))
+        .await;
+    h.wait_ready("namespaced").await;
+    let mut via_cluster = Cov::new("via-cluster", "Salesforce").property("secretKey", "cluster");
+    via_cluster.spec.account_ref.name = shared_name.clone();
+    via_cluster.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
+    h.apply(&via_cluster).await;
+    let loser = h.wait_reason("via-cluster", "Conflict").await;
+    let message = ready_condition(&loser).message;
+    assert!(
+        message.contains(&format!("{}/namespaced", h.ns)),
+        "{message}"
+    );
+    assert!(message.contains(&h.sim.api_url()), "{message}");
+    assert_eq!(written_values(&h.sim.calls()), ["namespaced"]);
+    shared
+        .delete(&shared_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_changed_identity_is_refused_and_deletion_deletes_the_override_it_manages() {
+    let h = Harness::start().await.run();
+    h.apply(&Cov::new("moved", "Salesforce")).await;
+    h.wait_ready("moved").await;
+    h.sim.clear_calls();
+    // The CRD refuses the change; an edited CRD would not. Status is what the operator
+    // trusts: a status written elsewhere naming another override stands in for that here.
+    let status = json!({"status": {"managedOverride": {
+        "apiUrl": h.sim.api_url(),
+        "projectId": PROJECT,
+        "environmentName": "PROD",
+        "connectionName": "Postgres",
+        "claimedAt": "2026-01-01T00:00:00.000000Z"
+    }}});
+    h.sim.put_override(
+        PROJECT,
+        "PROD",
+        "Postgres",
+        None,
+        json!({"connectionProperties": {"secretName": "pg"}}),
+    );
+    h.covs()
+        .patch_status("moved", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    h.apply(&Cov::new("moved", "Salesforce").property("secretKey", "changed"))
+        .await;
+    let refused = h.wait_reason("moved", "InvalidSpec").await;
+    let message = ready_condition(&refused).message;
+    assert!(
+        message.contains("manages the override of connection Postgres"),
+        "{message}"
+    );
+    assert!(writes(&h.sim.calls()).is_empty(), "{:?}", h.sim.calls());
+
+    h.covs()
+        .delete("moved", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_gone("moved").await;
+    let deletes: Vec<Option<String>> = h
+        .sim
+        .calls_of(SimOp::Delete)
+        .into_iter()
+        .map(|c| c.query)
+        .collect();
+    assert_eq!(
+        deletes,
+        [Some(
+            "environmentName=PROD&connectionNames=Postgres".to_string()
+        )]
+    );
+    assert!(h.sim.get_override(PROJECT, "PROD", "Postgres").is_none());
+    assert!(h.sim.get_override(PROJECT, "PROD", "Salesforce").is_some());
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_cluster_account_serves_only_the_namespaces_it_allows() {
     let h = Harness::start().await;

@@ -348,6 +348,39 @@ pub struct ConnectionOverrideStatus {
     /// The value of the dpc-operator.io/reconcile-requested-at annotation last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+
+    /// The remote override this object manages, recorded when it first did. Another object
+    /// naming the same override never takes it over, and a deletion deletes this override
+    /// (even if the spec was changed to name another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_override: Option<ManagedOverride>,
+}
+
+/// The identity of a remote override: where DPC answers, the account, and the project,
+/// environment and connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedOverride {
+    /// The DPC API base URL the override lives behind.
+    pub api_url: String,
+    /// The DPC account id sent with the calls, when the account sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+    pub project_id: String,
+    pub environment_name: String,
+    pub connection_name: String,
+    /// When this object claimed the override (RFC 3339 with microseconds): the earlier claim
+    /// wins should two objects ever both hold one.
+    pub claimed_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime,
+}
+
+impl ManagedOverride {
+    /// Whether this names the same remote override as the given parts.
+    pub fn names(&self, project_id: &str, environment_name: &str, connection_name: &str) -> bool {
+        self.project_id == project_id
+            && self.environment_name == environment_name
+            && self.connection_name == connection_name
+    }
 }
 
 /// Fields DPC reports about the override and its parent connection.

@@ -11,7 +11,7 @@ pub use account::{
 pub use connection_override::{
     AccountKind, AccountRef, AuthType, ConnectionOverride, ConnectionOverrideSpec,
     ConnectionOverrideStatus, ConnectionOverridesSpec, DeletionPolicy, DriftPolicy, KeySelector,
-    ManagementPolicy, PropertyFrom, RemoteStatus, SecretsLocation,
+    ManagedOverride, ManagementPolicy, PropertyFrom, RemoteStatus, SecretsLocation,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -287,7 +287,8 @@ mod tests {
             (Token, 403, CredentialsRejected),
             (Token, 429, RateLimited),
             (Token, 500, Transient),
-            (Create, 302, Transient),
+            (Create, 302, Misconfigured),
+            (Token, 307, Misconfigured),
         ];
         for (op, status, class) in table {
             assert_eq!(classify_status(*op, *status), *class, "{op} {status}");

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
@@ -28,7 +28,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::api::conditions::{self, READY, Reason, SYNCED};
 use crate::api::{
     ConnectionOverride, ConnectionOverrideStatus, DeletionPolicy, DriftPolicy, FIELD_MANAGER,
-    FINALIZER, FORCE_ORPHAN_ANNOTATION, ManagementPolicy, PAUSED_ANNOTATION,
+    FINALIZER, FORCE_ORPHAN_ANNOTATION, ManagedOverride, ManagementPolicy, PAUSED_ANNOTATION,
     RECONCILE_REQUESTED_ANNOTATION,
 };
 use crate::claims::RemoteKey;
@@ -209,16 +209,28 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         finish(obj, ctx, &old, outcome, handled).await?;
         return Ok(Action::await_change());
     }
-    let remote_key = RemoteKey::of(obj);
-    if let Some(owner) = ctx.claims.other_owner(&remote_key, key) {
+    // The key fields are immutable, but an edited CRD (or a status restored from elsewhere)
+    // could let them change: the override this object manages is the one its status records.
+    if let Some(managed) = &old.managed_override
+        && !managed.names(
+            &spec.project_id,
+            &spec.environment_name,
+            &spec.connection_name,
+        )
+    {
         ctx.drift.unregister(key);
         ctx.index.set(key, resolve::spec_references(&key.0, spec));
         let message = format!(
-            "ConnectionOverride {}/{} already manages the override of {remote_key}; this object never writes it and waits until that one is gone",
-            owner.0, owner.1
+            "this object manages the override of connection {} in environment {} of project {} (status.managedOverride), but the spec now names connection {} in environment {} of project {}; nothing is written. Restore the spec, or delete this object (which deletes the override it manages) and create a new one",
+            managed.connection_name,
+            managed.environment_name,
+            managed.project_id,
+            spec.connection_name,
+            spec.environment_name,
+            spec.project_id
         );
         let outcome = Outcome::Failed {
-            reason: Reason::Conflict,
+            reason: Reason::InvalidSpec,
             message,
         };
         finish(obj, ctx, &old, outcome, handled).await?;
@@ -266,6 +278,30 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         }
     };
     let account = &resolved.account;
+    let remote_key = RemoteKey::resolved(
+        account.endpoint.api_url.as_str(),
+        account.endpoint.account_id.as_deref(),
+        &spec.project_id,
+        &spec.environment_name,
+        &spec.connection_name,
+    );
+    let (owner, triggers) = ctx.claims.locate(key, &remote_key);
+    for other in triggers {
+        ctx.trigger(&other);
+    }
+    if let Some(owner) = owner {
+        ctx.drift.unregister(key);
+        let message = format!(
+            "ConnectionOverride {}/{} already manages the override of {remote_key}; this object never writes it and waits until that one is gone",
+            owner.0, owner.1
+        );
+        let outcome = Outcome::Failed {
+            reason: Reason::Conflict,
+            message,
+        };
+        finish(obj, ctx, &old, outcome, handled).await?;
+        return Ok(Action::await_change());
+    }
     let shared = ctx.dpc.account(
         account.key.clone(),
         account.endpoint.clone(),
@@ -329,6 +365,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
                 remote: remote.map(|seen| seen.status),
                 corrected: None,
                 observed: true,
+                managed: None,
             },
             drift => Outcome::Drifted {
                 finding: drift,
@@ -366,6 +403,26 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
             }
         }
     }
+    // The claim is taken before the first write, and recorded in status with its outcome:
+    // from then on no other object takes this override over.
+    let claimed_at = old
+        .managed_override
+        .as_ref()
+        .filter(|m| {
+            m.api_url == account.endpoint.api_url.as_str()
+                && m.account_id == account.endpoint.account_id
+        })
+        .map(|m| m.claimed_at.clone())
+        .or_else(|| ctx.claims.claim(key).map(MicroTime))
+        .unwrap_or_else(|| MicroTime(Timestamp::now()));
+    let managed = ManagedOverride {
+        api_url: account.endpoint.api_url.as_str().to_string(),
+        account_id: account.endpoint.account_id.clone(),
+        project_id: spec.project_id.clone(),
+        environment_name: spec.environment_name.clone(),
+        connection_name: spec.connection_name.clone(),
+        claimed_at,
+    };
     match act::act(&dpc, &spec.project_id, &desired, plan).await {
         Ok(applied) => {
             ctx.backoff.reset(key);
@@ -387,6 +444,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
                 remote,
                 corrected,
                 observed: false,
+                managed: Some(managed),
             };
             finish(obj, ctx, &old, outcome, handled).await?;
             Ok(Action::await_change())
@@ -483,7 +541,7 @@ fn release_without_delete(
             format!("left {target} in DPC (managementPolicy ObserveOnly never writes)"),
         ));
     }
-    if let Some(owner) = ctx.claims.other_owner(&RemoteKey::of(obj), key) {
+    if let Some(owner) = ctx.claims.other_owner(key) {
         return Some((
             false,
             "Released",
@@ -594,6 +652,40 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
             });
         }
     };
+    // The override to delete is the one this object manages, whatever the spec says now.
+    let (project, environment, connection) = match &old.managed_override {
+        Some(m) => (&m.project_id, &m.environment_name, &m.connection_name),
+        None => (
+            &spec.project_id,
+            &spec.environment_name,
+            &spec.connection_name,
+        ),
+    };
+    if let Some(m) = &old.managed_override
+        && (m.api_url != account.endpoint.api_url.as_str()
+            || m.account_id != account.endpoint.account_id)
+    {
+        let released = give_up(
+            obj,
+            key,
+            ctx,
+            &old,
+            handled.clone(),
+            format!(
+                "the override this object manages is at {} (account id {}), but its account now calls {} (account id {}); point the account back to delete it",
+                m.api_url,
+                m.account_id.as_deref().unwrap_or("none"),
+                account.endpoint.api_url,
+                account.endpoint.account_id.as_deref().unwrap_or("none"),
+            ),
+        )
+        .await?;
+        return Ok(if released {
+            Action::await_change()
+        } else {
+            Action::requeue(capped(ctx.backoff.next(key)))
+        });
+    }
     let dpc = ctx
         .dpc
         .account(
@@ -604,11 +696,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
         )
         .for_object(&key.0, &key.1);
     match dpc
-        .delete(
-            &spec.project_id,
-            &spec.environment_name,
-            std::slice::from_ref(&spec.connection_name),
-        )
+        .delete(project, environment, std::slice::from_ref(connection))
         .await
     {
         Ok(()) => {
@@ -621,8 +709,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
                     warning: false,
                     reason: "Deleted".into(),
                     note: format!(
-                        "deleted the override of connection {} in environment {} in DPC",
-                        spec.connection_name, spec.environment_name
+                        "deleted the override of connection {connection} in environment {environment} in DPC"
                     ),
                     action: "Delete".into(),
                 },

@@ -6,7 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::conditions::{self, DRIFTED, READY, Reason, SYNCED};
 use crate::api::{
-    ConnectionOverrideSpec, ConnectionOverrideStatus, PAUSED_ANNOTATION, RemoteStatus,
+    ConnectionOverrideSpec, ConnectionOverrideStatus, ManagedOverride, PAUSED_ANNOTATION,
+    RemoteStatus,
 };
 use crate::dpc::RemoteOverride;
 use crate::drift::Finding;
@@ -27,6 +28,8 @@ pub enum Outcome {
         corrected: Option<Finding>,
         /// managementPolicy ObserveOnly.
         observed: bool,
+        /// The remote override this object manages, to record in status.
+        managed: Option<ManagedOverride>,
     },
     /// DPC holds something else, and the object does not write it back (driftPolicy Report,
     /// or ObserveOnly).
@@ -107,8 +110,12 @@ pub fn next_status(
             applied,
             remote,
             observed,
+            managed,
             ..
         } => {
+            if managed.is_some() {
+                status.managed_override = managed.clone();
+            }
             if let Some(hash) = desired_hash {
                 status.applied_hash = Some(hash.clone());
             }
@@ -306,6 +313,7 @@ mod tests {
             remote: None,
             corrected: None,
             observed: false,
+            managed: None,
         }
     }
 
@@ -475,6 +483,7 @@ mod tests {
             remote: None,
             corrected: Some(Finding::Missing),
             observed: false,
+            managed: None,
         };
         assert_eq!(
             event_for(&ok, &spec(), &corrected).unwrap().reason,

@@ -271,6 +271,21 @@ impl Harness {
         self
     }
 
+    /// Stops the controller and starts a new one with nothing in memory, as a restarted
+    /// process would.
+    pub async fn restart(mut self) -> Self {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the controller stops")
+                .unwrap();
+        }
+        self.shutdown = CancellationToken::new();
+        self.ctx = Context::new(self.client.clone(), self.config.clone());
+        self.run()
+    }
+
     /// Stops the controller, then deletes the test's namespace (its objects' finalizers
     /// dropped, as no controller will release them), so the shared API server does not fill
     /// up with the objects of finished tests.
@@ -415,6 +430,11 @@ impl Harness {
 
     /// Creates or updates a ConnectionOverride by apply.
     pub async fn apply(&self, cov: &Cov) -> ConnectionOverride {
+        self.try_apply(cov).await.unwrap()
+    }
+
+    /// Applies a fixture, returning the API server's refusal when there is one.
+    pub async fn try_apply(&self, cov: &Cov) -> kube::Result<ConnectionOverride> {
         let mut object = ConnectionOverride::new(&cov.name, cov.spec.clone());
         object.metadata.namespace = Some(self.ns.clone());
         object.metadata.annotations =
@@ -426,7 +446,6 @@ impl Harness {
                 &Patch::Apply(&object),
             )
             .await
-            .unwrap()
     }
 
     /// Waits until the object satisfies `done`; fails with its last state.
