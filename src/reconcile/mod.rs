@@ -444,7 +444,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
                 remote,
                 corrected,
                 observed: false,
-                managed: Some(managed),
+                managed: Some(Box::new(managed)),
             };
             finish(obj, ctx, &old, outcome, handled).await?;
             Ok(Action::await_change())

@@ -29,7 +29,7 @@ pub enum Outcome {
         /// managementPolicy ObserveOnly.
         observed: bool,
         /// The remote override this object manages, to record in status.
-        managed: Option<ManagedOverride>,
+        managed: Option<Box<ManagedOverride>>,
     },
     /// DPC holds something else, and the object does not write it back (driftPolicy Report,
     /// or ObserveOnly).
@@ -114,7 +114,7 @@ pub fn next_status(
             ..
         } => {
             if managed.is_some() {
-                status.managed_override = managed.clone();
+                status.managed_override = managed.as_deref().cloned();
             }
             if let Some(hash) = desired_hash {
                 status.applied_hash = Some(hash.clone());
