@@ -35,7 +35,7 @@ struct Cli {
 enum Command {
     /// Run the operator against the cluster of the usual kubeconfig or the in-cluster
     /// configuration (the default command).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the whole operator without a cluster or a DPC account: a Kubernetes API emulator,
     /// a DPC simulator and the controller in one process, with the examples applied.
     Sandbox(SandboxArgs),
@@ -220,7 +220,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => run(cli.run).await,
-        Some(Command::Run(args)) => run(args).await,
+        Some(Command::Run(args)) => run(*args).await,
         Some(Command::Sandbox(args)) => sandbox(args).await,
         Some(Command::Sim(which)) => sim(which).await,
     }
