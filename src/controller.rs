@@ -23,9 +23,9 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{ClusterDpcAccount, ConnectionOverride, DpcAccount};
+use crate::api::{AccountKind, ClusterDpcAccount, ConnectionOverride, DpcAccount, FINALIZER};
 use crate::claims::Claims;
-use crate::dpc::{ClientSettings, DpcClient};
+use crate::dpc::{AccountKey, ClientSettings, DpcClient};
 use crate::drift::DriftChecker;
 use crate::metrics::Metrics;
 use crate::reconcile::account::AccountObject;
@@ -302,6 +302,10 @@ pub struct Context {
     /// Reads DPC back on each object's sync interval.
     pub drift: Arc<DriftChecker>,
     triggers: Mutex<Vec<(Option<String>, UnboundedSender<GuardRef>)>>,
+    /// The account controllers' queues, for an account whose last user may have gone.
+    account_triggers: Mutex<Vec<UnboundedSender<AccountKey>>>,
+    /// The ConnectionOverride caches, one per watched scope.
+    override_stores: Mutex<Vec<reflector::Store<DeserializeGuard<ConnectionOverride>>>>,
     pending_scopes: AtomicUsize,
     running: AtomicBool,
     synced: AtomicBool,
@@ -362,6 +366,8 @@ impl Context {
             accounts: AccountCache::new(Duration::from_secs(60)),
             drift: Arc::new(DriftChecker::new(config_share_window)),
             triggers: Mutex::new(Vec::new()),
+            account_triggers: Mutex::new(Vec::new()),
+            override_stores: Mutex::new(Vec::new()),
             pending_scopes: AtomicUsize::new(0),
             synced: AtomicBool::new(false),
             synced_changed: tokio::sync::Notify::new(),
@@ -431,6 +437,35 @@ impl Context {
         }
     }
 
+    /// Asks for a reconcile of an account now.
+    pub fn trigger_account(&self, key: &AccountKey) {
+        for sender in self.account_triggers.lock().expect("triggers lock").iter() {
+            let _ = sender.unbounded_send(key.clone());
+        }
+    }
+
+    /// The ConnectionOverrides that still need `account` to delete their remote override:
+    /// those that name it and hold the cleanup finalizer.
+    pub fn account_users(&self, account: &AccountKey) -> Vec<ObjKey> {
+        let stores = self.override_stores.lock().expect("stores lock");
+        let mut users: Vec<ObjKey> = stores
+            .iter()
+            .flat_map(|store| store.state())
+            .filter_map(|guard| {
+                let cov = guard.0.as_ref().ok()?;
+                let holds = cov.finalizers().iter().any(|f| f == FINALIZER);
+                (holds && account_of(cov) == *account).then(|| {
+                    (
+                        cov.metadata.namespace.clone().unwrap_or_default(),
+                        cov.metadata.name.clone().unwrap_or_default(),
+                    )
+                })
+            })
+            .collect();
+        users.sort();
+        users
+    }
+
     /// Keeps the claims index in step with the watch of one scope.
     fn observe_event(
         &self,
@@ -461,6 +496,10 @@ impl Context {
                 let key = key_of(obj);
                 self.forget(&key);
                 triggers = self.claims.remove(&key);
+                // Its account may be waiting for its last user to go.
+                if let Ok(cov) = &obj.0 {
+                    self.trigger_account(&account_of(cov));
+                }
             }
             watcher::Event::InitDone => {
                 // Objects that vanished while the watch was down no longer claim anything.
@@ -489,6 +528,21 @@ impl Context {
                 .resync_interval
                 .mul_f64(rand::rng().random_range(0.9..1.1)),
         )
+    }
+}
+
+/// The account a ConnectionOverride names.
+pub fn account_of(cov: &ConnectionOverride) -> AccountKey {
+    let name = cov.spec.account_ref.name.clone();
+    match cov.spec.account_kind() {
+        AccountKind::DpcAccount => AccountKey {
+            namespace: cov.metadata.namespace.clone(),
+            name,
+        },
+        AccountKind::ClusterDpcAccount => AccountKey {
+            namespace: None,
+            name,
+        },
     }
 }
 
@@ -643,6 +697,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         ctx.config.namespaces.iter().cloned().map(Some).collect()
     };
     ctx.expect_scopes(scopes.len());
+    // A replica leading again starts afresh: the queues and caches of its last term are gone.
+    ctx.triggers.lock().expect("triggers lock").clear();
+    ctx.account_triggers.lock().expect("triggers lock").clear();
+    ctx.override_stores.lock().expect("stores lock").clear();
     // Another replica may have written status while this one was not leading.
     ctx.applied.clear();
     ctx.running.store(true, Ordering::Release);
@@ -764,6 +822,10 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
         .lock()
         .expect("triggers lock")
         .push((scope.clone(), tx));
+    ctx.override_stores
+        .lock()
+        .expect("stores lock")
+        .push(reader.clone());
     // A change of an account, a Secret or a namespace also drops what the account cache read
     // from it.
     let users = |ctx: &Arc<Context>, reference: Reference| {
@@ -872,13 +934,37 @@ async fn run_accounts<K: AccountObject>(
     shutdown: CancellationToken,
 ) {
     let client = ctx.client.clone();
+    let cluster = K::KIND == "ClusterDpcAccount";
     let api = K::watch_api(client.clone(), scope.as_deref());
     let (reader, writer) = reflector::store();
+    // A change of spec, and the start of a deletion (which holds for the in-use finalizer).
     let main = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        .predicate_filter(
+            |account: &K| {
+                let meta = account.meta();
+                Some(hash_of(&(
+                    meta.generation,
+                    meta.deletion_timestamp.is_some(),
+                )))
+            },
+            Default::default(),
+        );
+    let (tx, rx) = futures::channel::mpsc::unbounded::<AccountKey>();
+    ctx.account_triggers.lock().expect("triggers lock").push(tx);
+    let account_scope = scope.clone();
+    let asked = rx.filter_map(move |key: AccountKey| {
+        let r = match (&key.namespace, cluster) {
+            (None, true) => Some(ObjectRef::<K>::new(&key.name)),
+            (Some(ns), false) if account_scope.as_deref().is_none_or(|s| s == ns) => {
+                Some(ObjectRef::<K>::new(&key.name).within(ns))
+            }
+            _ => None,
+        };
+        futures::future::ready(r)
+    });
     let secrets = futures::stream::select_all(secret_scopes.iter().map(|ns| {
         watcher::watcher(
             scoped::<PartialObjectMeta<Secret>>(&client, ns.as_deref()),
@@ -889,10 +975,10 @@ async fn run_accounts<K: AccountObject>(
         .boxed()
     }));
     let index_ctx = ctx.clone();
-    let cluster = K::KIND == "ClusterDpcAccount";
     let stop = shutdown.clone();
     let store = reader.clone();
     let controller = Controller::for_stream(main, reader)
+        .reconcile_on(asked)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
             index_ctx
                 .account_index

@@ -404,3 +404,141 @@ async fn kubectl_drives(kubeconfig_text: &str, client: kube::Client, version_lin
     stop.cancel();
     operator.await.unwrap();
 }
+
+/// Applies the quickstart, points its account at the simulator and waits until the operator
+/// has it all Ready.
+async fn quickstart_ready(k: &Kubectl, sim: &DpcSim) {
+    k.ok(&["apply", "-f", &repo("deploy/examples/quickstart.yaml")])
+        .await;
+    let patch = format!(
+        r#"{{"spec":{{"apiUrl":"{}","tokenUrl":"{}"}}}}"#,
+        sim.api_url(),
+        sim.token_url()
+    );
+    k.ok(&[
+        "patch",
+        "dpcacct",
+        "matillion-eu",
+        "-n",
+        "data-platform",
+        "--type=merge",
+        "-p",
+        &patch,
+    ])
+    .await;
+    k.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "cov",
+        "--all",
+        "-n",
+        "data-platform",
+        "--timeout=60s",
+    ])
+    .await;
+    // The account carries the in-use finalizer before anything is deleted.
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.metadata.finalizers[0]}=dpc-operator.io/in-use",
+        "dpcacct/matillion-eu",
+        "-n",
+        "data-platform",
+        "--timeout=30s",
+    ])
+    .await;
+}
+
+/// Waits until the namespace is gone (the namespace controller empties it first).
+async fn namespace_gone(k: &Kubectl) {
+    k.ok(&[
+        "wait",
+        "--for=delete",
+        "namespace/data-platform",
+        "--timeout=90s",
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_quickstart_at_once_deletes_the_remote_override_and_everything_goes() {
+    let plane = ControlPlane::start(None).await.expect("a control plane");
+    let kubeconfig = std::fs::read_to_string(&plane.endpoint.kubeconfig).unwrap();
+    let client = plane.endpoint.client().await;
+    let sim = DpcSim::start(SimConfig::default()).await.unwrap();
+    sim.add_client(
+        "replace-with-your-client-id",
+        "replace-with-your-client-secret",
+    );
+    let dir = std::env::temp_dir().join(format!(
+        "dpc-quickstart-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kubeconfig"), kubeconfig).unwrap();
+    let k = Kubectl {
+        kubeconfig: dir.join("kubeconfig"),
+    };
+    k.ok(&["apply", "--server-side", "-f", &repo("crds/crds.yaml")])
+        .await;
+    k.ok(&[
+        "wait",
+        "--for",
+        "condition=Established",
+        "crd/connectionoverrides.dpc-operator.io",
+        "crd/dpcaccounts.dpc-operator.io",
+        "--timeout=20s",
+    ])
+    .await;
+    let ctx = Context::new(
+        client,
+        OperatorConfig {
+            allow_insecure_http: true,
+            allowed_hosts: vec!["127.0.0.1".into()],
+            backoff_base: Duration::from_millis(200),
+            ..OperatorConfig::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    let operator = tokio::spawn(controller::run(ctx, stop.clone()));
+    let deletes = |sim: &DpcSim| -> Vec<Option<String>> {
+        sim.calls_of(SimOp::Delete)
+            .into_iter()
+            .map(|c| c.query)
+            .collect()
+    };
+    let salesforce = Some("environmentName=PROD&connectionNames=Salesforce".to_string());
+
+    // One command deletes the namespace, the credentials Secret, the account and both
+    // objects, in whatever order Kubernetes gets to them.
+    quickstart_ready(&k, &sim).await;
+    sim.clear_calls();
+    k.ok(&[
+        "delete",
+        "-f",
+        &repo("deploy/examples/quickstart.yaml"),
+        "--wait=false",
+    ])
+    .await;
+    namespace_gone(&k).await;
+    assert_eq!(deletes(&sim), [salesforce.clone()]);
+    let project = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
+    assert!(sim.get_override(project, "PROD", "Salesforce").is_none());
+    // deletionPolicy Orphan keeps the other.
+    assert!(
+        sim.get_override(project, "PROD", "warehouse-password")
+            .is_some()
+    );
+
+    // Deleting only the namespace: the same.
+    quickstart_ready(&k, &sim).await;
+    sim.clear_calls();
+    k.ok(&["delete", "namespace", "data-platform", "--wait=false"])
+        .await;
+    namespace_gone(&k).await;
+    assert_eq!(deletes(&sim), [salesforce]);
+    assert!(sim.get_override(project, "PROD", "Salesforce").is_none());
+
+    stop.cancel();
+    operator.await.unwrap();
+}

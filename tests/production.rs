@@ -710,6 +710,58 @@ async fn a_changed_identity_is_refused_and_deletion_deletes_the_override_it_mana
 }
 
 #[tokio::test]
+async fn credentials_deleted_while_the_operator_was_down_hold_the_deletion_until_force_orphan() {
+    let h = Harness::start().await.run();
+    h.apply(&Cov::new("stuck", "Salesforce")).await;
+    h.wait_ready("stuck").await;
+    let h = h.halt().await;
+    h.delete_secret(CREDS).await;
+    h.covs()
+        .delete("stuck", &DeleteParams::default())
+        .await
+        .unwrap();
+    let accounts: Api<dpc_operator::api::DpcAccount> = Api::namespaced(h.client.clone(), &h.ns);
+    accounts
+        .delete(ACCOUNT, &DeleteParams::default())
+        .await
+        .unwrap();
+    h.sim.clear_calls();
+    let h = h.run();
+    let held = h.wait_reason("stuck", "Deleting").await;
+    let message = ready_condition(&held).message;
+    assert!(
+        message.contains(&format!("Secret {}/{CREDS} not found", h.ns)),
+        "{message}"
+    );
+    assert!(
+        message.contains("dpc-operator.io/force-orphan"),
+        "{message}"
+    );
+    // The account waits for its user.
+    let waiting = accounts.get(ACCOUNT).await.unwrap();
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    h.apply(
+        &Cov::new("stuck", "Salesforce")
+            .annotation(dpc_operator::api::FORCE_ORPHAN_ANNOTATION, "true"),
+    )
+    .await;
+    h.wait_gone("stuck").await;
+    // With its last user gone the account is released too.
+    let uid = waiting.metadata.uid.clone().unwrap();
+    let gone = kube::runtime::wait::await_condition(
+        accounts.clone(),
+        ACCOUNT,
+        kube::runtime::wait::conditions::is_deleted(&uid),
+    );
+    tokio::time::timeout(Duration::from_secs(30), gone)
+        .await
+        .expect("the account is released")
+        .unwrap();
+    assert!(writes(&h.sim.calls()).is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_cluster_account_serves_only_the_namespaces_it_allows() {
     let h = Harness::start().await;
     // Names of this test's own: the API server is shared with the other tests.

@@ -23,6 +23,9 @@ pub const GROUP: &str = "dpc-operator.io";
 pub const FIELD_MANAGER: &str = "dpc-operator";
 /// The finalizer that guards the remote override.
 pub const FINALIZER: &str = "dpc-operator.io/cleanup";
+/// The finalizer that keeps a DpcAccount or ClusterDpcAccount while ConnectionOverrides
+/// still need it to delete their remote overrides.
+pub const IN_USE_FINALIZER: &str = "dpc-operator.io/in-use";
 /// Annotation: `"true"` releases a deletion without calling DPC.
 pub const FORCE_ORPHAN_ANNOTATION: &str = "dpc-operator.io/force-orphan";
 /// Annotation: `"true"` stops every DPC call for the object.

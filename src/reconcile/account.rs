@@ -17,7 +17,10 @@ use serde_json::json;
 use tracing::{Instrument, info_span, warn};
 
 use crate::api::conditions::{self, READY, Reason};
-use crate::api::{ClusterDpcAccount, DpcAccount, DpcAccountSpec, DpcAccountStatus, FIELD_MANAGER};
+use crate::api::{
+    ClusterDpcAccount, DpcAccount, DpcAccountSpec, DpcAccountStatus, FIELD_MANAGER,
+    IN_USE_FINALIZER,
+};
 use crate::controller::{Context, ObjKey};
 use crate::dpc::{AccountKey, ErrorClass};
 
@@ -144,6 +147,14 @@ pub async fn reconcile<K: AccountObject>(
             };
             ctx.account_index.set(&index_key(&key), vec![secret]);
         }
+        if account.meta().deletion_timestamp.is_some() {
+            let Some((message, action)) = release_when_unused(&*account, &key, &ctx).await? else {
+                return Ok(Action::await_change());
+            };
+            write_status(&*account, &key, &ctx, (false, Reason::Deleting, message)).await?;
+            return Ok(action);
+        }
+        ensure_in_use_finalizer(&*account, &ctx).await?;
         let resolved = match credentials_namespace {
             Ok(ns) => {
                 resolve::account_from_spec(
@@ -223,6 +234,101 @@ pub async fn reconcile<K: AccountObject>(
                 }
             }
         };
+        write_status(&*account, &key, &ctx, (ready, reason, message)).await?;
+        Ok(action)
+    }
+    .instrument(span)
+    .await
+}
+
+/// An account being deleted: released once no ConnectionOverride needs it to delete its
+/// remote override, with what is kept of it in memory. Otherwise why it waits, and when to
+/// look again (the deletion of each user asks too).
+async fn release_when_unused<K: AccountObject>(
+    account: &K,
+    key: &AccountKey,
+    ctx: &Context,
+) -> Result<Option<(String, Action)>, Error> {
+    let finalizers = account.finalizers();
+    if !finalizers.iter().any(|f| f == IN_USE_FINALIZER) {
+        return Ok(None);
+    }
+    let users = ctx.account_users(key);
+    if users.is_empty() {
+        let remaining: Vec<&String> = finalizers
+            .iter()
+            .filter(|f| *f != IN_USE_FINALIZER)
+            .collect();
+        let patch = json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "replace", "path": "/metadata/finalizers", "value": remaining}
+        ]);
+        let api = K::api(ctx.client.clone(), key.namespace.as_deref());
+        let patch: Patch<()> = Patch::Json(serde_json::from_value(patch)?);
+        match api.patch(&key.name, &PatchParams::default(), &patch).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.accounts.forget_account(key);
+        ctx.dpc.forget(key);
+        return Ok(None);
+    }
+    let named: Vec<String> = users
+        .iter()
+        .take(5)
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect();
+    let more = if users.len() > named.len() {
+        ", …"
+    } else {
+        ""
+    };
+    let message = format!(
+        "deletion waits until no ConnectionOverride needs this account to delete its override in DPC: {} still do ({}{more})",
+        users.len(),
+        named.join(", ")
+    );
+    Ok(Some((message, Action::requeue(Duration::from_secs(60)))))
+}
+
+/// Adds the in-use finalizer: an account stays until its ConnectionOverrides no longer need
+/// it (a namespace deletion removes everything at once).
+async fn ensure_in_use_finalizer<K: AccountObject>(
+    account: &K,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let finalizers = account.finalizers();
+    if finalizers.iter().any(|f| f == IN_USE_FINALIZER) {
+        return Ok(());
+    }
+    let key = account.account_key();
+    let patch = if finalizers.is_empty() {
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": account.meta().resource_version},
+            {"op": "add", "path": "/metadata/finalizers", "value": [IN_USE_FINALIZER]}
+        ])
+    } else {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": IN_USE_FINALIZER}
+        ])
+    };
+    let api = K::api(ctx.client.clone(), key.namespace.as_deref());
+    let patch: Patch<()> = Patch::Json(serde_json::from_value(patch)?);
+    api.patch(&key.name, &PatchParams::default(), &patch)
+        .await?;
+    Ok(())
+}
+
+/// Writes the account's Ready condition when it changed, with an Event on a transition.
+async fn write_status<K: AccountObject>(
+    account: &K,
+    key: &AccountKey,
+    ctx: &Context,
+    (ready, reason, message): (bool, Reason, String),
+) -> Result<(), Error> {
+    {
         let old = account.account_status().cloned().unwrap_or_default();
         let generation = account.meta().generation;
         let mut status = DpcAccountStatus {
@@ -255,7 +361,7 @@ pub async fn reconcile<K: AccountObject>(
             let was = conditions::find(&old.conditions, READY);
             if was.is_none_or(|c| c.reason != reason.as_str() || (c.status == "True") != ready) {
                 publish(
-                    &ctx,
+                    ctx,
                     &account.object_ref(&()),
                     EventSpec {
                         warning: !ready,
@@ -267,8 +373,6 @@ pub async fn reconcile<K: AccountObject>(
                 .await;
             }
         }
-        Ok(action)
+        Ok(())
     }
-    .instrument(span)
-    .await
 }

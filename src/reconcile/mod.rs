@@ -617,7 +617,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
     }
     let (account, account_refs) = ctx
         .accounts
-        .resolve(&ctx.client, &key.0, &spec.account_ref, ctx.dpc.settings())
+        .resolve_for_deletion(&ctx.client, &key.0, &spec.account_ref, ctx.dpc.settings())
         .await;
     let mut refs = resolve::spec_references(&key.0, spec);
     refs.extend(account_refs);

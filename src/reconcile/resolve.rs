@@ -508,6 +508,10 @@ pub async fn resolve_account_ref(
 pub struct AccountCache {
     ttl: Duration,
     entries: Mutex<HashMap<(String, AccountKind, String), CachedAccount>>,
+    /// The last account each reference resolved to, kept until the account itself is gone:
+    /// a deletion that finds the credentials Secret already deleted (a namespace deletion, a
+    /// `kubectl delete -f` of the quickstart) still deletes the remote override with them.
+    last_good: Mutex<HashMap<(String, AccountKind, String), ResolvedAccount>>,
 }
 
 struct CachedAccount {
@@ -521,7 +525,46 @@ impl AccountCache {
         Self {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            last_good: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Resolves for a deletion: as [`AccountCache::resolve`], but when the account or its
+    /// credentials can no longer be read, the account as it last resolved (if this process
+    /// resolved it since it started).
+    pub async fn resolve_for_deletion(
+        &self,
+        client: &Client,
+        namespace: &str,
+        account_ref: &AccountRef,
+        settings: &ClientSettings,
+    ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+        let (result, refs) = self.resolve(client, namespace, account_ref, settings).await;
+        match result {
+            Err(e) if e.reason().is_some() => {
+                let key = Self::key(namespace, account_ref);
+                match self.last_good.lock().expect("account cache lock").get(&key) {
+                    Some(account) => (Ok(account.clone()), refs),
+                    None => (Err(e), refs),
+                }
+            }
+            other => (other, refs),
+        }
+    }
+
+    /// Forgets the last good resolution of an account that is gone.
+    pub fn forget_account(&self, key: &AccountKey) {
+        self.last_good
+            .lock()
+            .expect("account cache lock")
+            .retain(|(ns, kind, name), _| {
+                let same = match (kind, &key.namespace) {
+                    (AccountKind::DpcAccount, Some(account_ns)) => account_ns == ns,
+                    (AccountKind::ClusterDpcAccount, None) => true,
+                    _ => false,
+                };
+                !(same && *name == key.name)
+            });
     }
 
     fn key(namespace: &str, account_ref: &AccountRef) -> (String, AccountKind, String) {
@@ -567,6 +610,10 @@ impl AccountCache {
         }
         let (result, refs) = resolve_account_ref(client, namespace, account_ref, settings).await;
         if let Ok(account) = &result {
+            self.last_good
+                .lock()
+                .expect("account cache lock")
+                .insert(key.clone(), account.clone());
             let entry = CachedAccount {
                 at: Instant::now(),
                 account: account.clone(),

@@ -169,6 +169,33 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{base}-{:05x}", rand::random::<u32>() & 0xfffff)
 }
 
+/// Drops the finalizers of every object of `api`: no controller will release them.
+async fn strip_finalizers<K>(api: &Api<K>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Ok(list) = api.list_metadata(&Default::default()).await else {
+        return;
+    };
+    for obj in list.items {
+        if obj
+            .metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| !f.is_empty())
+        {
+            let patch = serde_json::json!({"metadata": {"finalizers": null}});
+            let _ = api
+                .patch_metadata(
+                    &obj.metadata.name.unwrap(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await;
+        }
+    }
+}
+
 /// Creates a namespace with `labels`.
 pub async fn create_namespace(client: &Client, name: &str, labels: serde_json::Value) {
     let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
@@ -273,7 +300,13 @@ impl Harness {
 
     /// Stops the controller and starts a new one with nothing in memory, as a restarted
     /// process would.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.halt().await.run()
+    }
+
+    /// Stops the controller; `run` then starts a new one with nothing in memory (the
+    /// operator was down in between).
+    pub async fn halt(mut self) -> Self {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(WAIT, task)
@@ -283,7 +316,7 @@ impl Harness {
         }
         self.shutdown = CancellationToken::new();
         self.ctx = Context::new(self.client.clone(), self.config.clone());
-        self.run()
+        self
     }
 
     /// Stops the controller, then deletes the test's namespace (its objects' finalizers
@@ -298,27 +331,12 @@ impl Harness {
                 .unwrap();
         }
         for ns in &self.config.namespaces {
-            let covs: Api<ConnectionOverride> = Api::namespaced(self.client.clone(), ns);
-            let Ok(list) = covs.list_metadata(&Default::default()).await else {
-                continue;
-            };
-            for obj in list.items {
-                if obj
-                    .metadata
-                    .finalizers
-                    .as_ref()
-                    .is_some_and(|f| !f.is_empty())
-                {
-                    let patch = serde_json::json!({"metadata": {"finalizers": null}});
-                    let _ = covs
-                        .patch(
-                            &obj.metadata.name.unwrap(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        )
-                        .await;
-                }
-            }
+            strip_finalizers(&Api::<ConnectionOverride>::namespaced(
+                self.client.clone(),
+                ns,
+            ))
+            .await;
+            strip_finalizers(&Api::<DpcAccount>::namespaced(self.client.clone(), ns)).await;
             let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
                 Api::all(self.client.clone());
             let _ = namespaces.delete(ns, &DeleteParams::default()).await;

@@ -49,7 +49,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: ["list", "watch", "patch"]
 - apiGroups: ["dpc-operator.io"]
   resources: ["dpcaccounts"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["dpc-operator.io"]
   resources: ["connectionoverrides/status", "dpcaccounts/status"]
   verbs: ["patch"]
@@ -65,7 +65,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "dpc-operator.clusterRules" -}}
 - apiGroups: ["dpc-operator.io"]
   resources: ["clusterdpcaccounts"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["dpc-operator.io"]
   resources: ["clusterdpcaccounts/status"]
   verbs: ["patch"]
