@@ -67,6 +67,24 @@ pub struct OperatorConfig {
     pub reporter: String,
     /// This instance (pod name), in Events.
     pub instance: Option<String>,
+    /// The operator's own namespace ($POD_NAMESPACE): where Events about cluster-scoped
+    /// objects (ClusterDpcAccounts) go, and where ClusterDpcAccount credentials live unless
+    /// `cluster_credentials_namespaces` says otherwise.
+    pub operator_namespace: Option<String>,
+    /// The namespaces a ClusterDpcAccount's credentials Secret may be in. Empty: the
+    /// operator's own namespace only.
+    pub cluster_credentials_namespaces: Vec<String>,
+}
+
+impl OperatorConfig {
+    /// The namespaces ClusterDpcAccount credentials may be read from.
+    pub fn cluster_credentials_namespaces(&self) -> Vec<String> {
+        if self.cluster_credentials_namespaces.is_empty() {
+            self.operator_namespace.iter().cloned().collect()
+        } else {
+            self.cluster_credentials_namespaces.clone()
+        }
+    }
 }
 
 impl Default for OperatorConfig {
@@ -88,6 +106,8 @@ impl Default for OperatorConfig {
             dpc_request_timeout: Duration::from_secs(30),
             reporter: "dpc-operator".into(),
             instance: None,
+            operator_namespace: None,
+            cluster_credentials_namespaces: Vec::new(),
         }
     }
 }
@@ -335,14 +355,15 @@ impl Context {
                 .unwrap_or_else(|| config.reporter.clone()),
         };
         let config_share_window = config.drift_share_window;
+        let cluster_credentials = config.cluster_credentials_namespaces();
         let (events, queue) = tokio::sync::mpsc::channel(4096);
-        // Events about a cluster-scoped object (a ClusterDpcAccount) go to `default`, as
-        // Kubernetes does, or to the first watched namespace in an install that may write
-        // nowhere else; `kubectl describe` finds them in any namespace.
+        // Events about a cluster-scoped object (a ClusterDpcAccount) go to the operator's own
+        // namespace (outside a pod: the first watched namespace, else `default`);
+        // `kubectl describe` finds them in any namespace.
         let cluster_events_namespace = config
-            .namespaces
-            .first()
-            .cloned()
+            .operator_namespace
+            .clone()
+            .or_else(|| config.namespaces.first().cloned())
             .unwrap_or_else(|| "default".into());
         tokio::spawn(publish_events(
             client.clone(),
@@ -363,7 +384,7 @@ impl Context {
             metrics,
             running: AtomicBool::new(false),
             claims: Claims::default(),
-            accounts: AccountCache::new(Duration::from_secs(60)),
+            accounts: AccountCache::new(Duration::from_secs(60), cluster_credentials),
             drift: Arc::new(DriftChecker::new(config_share_window)),
             triggers: Mutex::new(Vec::new()),
             account_triggers: Mutex::new(Vec::new()),
@@ -720,10 +741,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             .boxed(),
         );
     }
-    // A ClusterDpcAccount's credentials Secret is in a watched namespace: its Secrets are
-    // watched there only (a namespaced install may not read Secrets anywhere else).
+    // A ClusterDpcAccount's credentials Secret is in the operator's namespace (or the
+    // configured ones): Secrets are watched there only.
+    let credential_scopes = ctx
+        .accounts
+        .cluster_credentials_namespaces()
+        .iter()
+        .cloned()
+        .map(Some)
+        .collect();
     tasks.push(
-        run_accounts::<ClusterDpcAccount>(ctx.clone(), None, scopes.clone(), shutdown.clone())
+        run_accounts::<ClusterDpcAccount>(ctx.clone(), None, credential_scopes, shutdown.clone())
             .boxed(),
     );
     futures::future::join_all(tasks).await;

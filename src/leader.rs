@@ -40,6 +40,26 @@ pub struct LeaseLost {
     pub name: String,
 }
 
+/// What an attempt to renew came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Renewal {
+    Renewed,
+    /// Another replica holds the lease.
+    Lost,
+    /// Someone wrote the lease in between (409): not renewed; looked at again next period,
+    /// and leadership ends when the lease could expire before then.
+    Contended,
+}
+
+/// The renewal a write of the lease amounts to.
+fn renewal_of(written: Result<(), kube::Error>) -> Result<Renewal, kube::Error> {
+    match written {
+        Ok(()) => Ok(Renewal::Renewed),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Renewal::Contended),
+        Err(e) => Err(e),
+    }
+}
+
 struct Elector {
     api: Api<Lease>,
     config: LeaseConfig,
@@ -121,29 +141,24 @@ impl Elector {
         }
     }
 
-    /// Renews the lease; `Ok(false)` when another replica holds it.
-    async fn renew(&mut self) -> Result<bool, kube::Error> {
+    /// Renews the lease.
+    async fn renew(&mut self) -> Result<Renewal, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
-            return Ok(false);
+            return Ok(Renewal::Lost);
         };
         let spec = lease.spec.clone().unwrap_or_default();
         if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
-            return Ok(false);
+            return Ok(Renewal::Lost);
         }
         lease.spec = Some(LeaseSpec {
             renew_time: Some(now()),
             ..spec
         });
-        match self
+        let written = self
             .api
             .replace(&self.config.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            // Someone wrote in between: look again next period.
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(true),
-            Err(e) => Err(e),
-        }
+            .await;
+        renewal_of(written.map(|_| ()))
     }
 
     /// Gives the lease up so a follower can take it at once.
@@ -175,13 +190,15 @@ impl Elector {
 }
 
 /// Runs `work` while this replica holds the lease. Returns `Ok` after `shutdown` (the work
-/// finished and the lease was released), or `Err` when leadership was lost (the work was
-/// stopped).
+/// finished and the lease was released), or `Err` when leadership was lost: `on_lost` runs
+/// at that moment, before the work is asked to stop (so it can fence writes that in-flight
+/// work would still make), and the work is then stopped.
 pub async fn run_with_leadership<F, Fut>(
     client: Client,
     config: LeaseConfig,
     shutdown: CancellationToken,
     work: F,
+    on_lost: impl FnOnce(),
 ) -> Result<(), LeaseLost>
 where
     F: FnOnce(CancellationToken) -> Fut,
@@ -212,24 +229,28 @@ where
     let lost = loop {
         tokio::select! {
             _ = &mut work => break false,
-            _ = tokio::time::sleep(config.renew_period) => match elector.renew().await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => break true,
-                Err(e) => {
-                    warn!(error = %e, "could not renew the leader lease");
-                    // Stop before another replica may take over.
-                    if renewed.elapsed() + config.renew_period >= config.lease_duration {
-                        break true;
-                    }
+            _ = tokio::time::sleep(config.renew_period) => {
+                match elector.renew().await {
+                    Ok(Renewal::Renewed) => renewed = Instant::now(),
+                    Ok(Renewal::Lost) => break true,
+                    Ok(Renewal::Contended) => warn!("the leader lease was written by someone else; not renewed"),
+                    Err(e) => warn!(error = %e, "could not renew the leader lease"),
                 }
-            },
+                // Stop before another replica may take over.
+                if renewed.elapsed() + config.renew_period >= config.lease_duration {
+                    break true;
+                }
+            }
             _ = shutdown.cancelled() => break false,
         }
     };
+    if lost {
+        on_lost();
+    }
     stop_work.cancel();
     work.await;
     if lost {
-        warn!(identity = %config.identity, "lost the leader lease; stopped reconciling");
+        warn!(identity = %config.identity, "lost the leader lease; stopped reconciling (DPC calls were fenced at once)");
         return Err(LeaseLost {
             namespace: config.namespace,
             name: config.name,
@@ -237,4 +258,24 @@ where
     }
     elector.release().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("refused", "Conflict")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn a_conflict_on_renewal_is_not_a_renewal() {
+        assert_eq!(renewal_of(Ok(())).unwrap(), Renewal::Renewed);
+        assert_eq!(renewal_of(Err(api_error(409))).unwrap(), Renewal::Contended);
+        assert!(renewal_of(Err(api_error(500))).is_err());
+    }
 }

@@ -117,6 +117,15 @@ struct RunArgs {
         default_value = "*.matillion.com"
     )]
     dpc_allowed_hosts: Vec<String>,
+    /// The namespaces a ClusterDpcAccount's credentials Secret may be in, comma-separated.
+    /// Default: the operator's own namespace ($POD_NAMESPACE). Whoever may create a
+    /// ClusterDpcAccount may make the operator read Secrets there.
+    #[arg(
+        long,
+        env = "DPC_OPERATOR_CLUSTER_CREDENTIALS_NAMESPACES",
+        value_delimiter = ','
+    )]
+    cluster_credentials_namespaces: Vec<String>,
     /// Only ConnectionOverrides matching this label selector (to shard objects over several
     /// installs), e.g. shard=a.
     #[arg(long, env = "DPC_OPERATOR_SELECTOR")]
@@ -201,6 +210,15 @@ impl RunArgs {
             instance: std::env::var("POD_NAME")
                 .ok()
                 .or_else(|| std::env::var("HOSTNAME").ok()),
+            operator_namespace: std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|n| !n.is_empty()),
+            cluster_credentials_namespaces: self
+                .cluster_credentials_namespaces
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
             ..OperatorConfig::default()
         }
     }
@@ -409,8 +427,12 @@ async fn run_operator(args: RunArgs) -> ExitCode {
             renew_period: args.lease_renew_period,
             retry_period: args.lease_retry_period,
         };
+        let dpc = ctx.dpc.clone();
         let work = |stop| controller::run(ctx, stop);
-        if let Err(e) = leader::run_with_leadership(client, lease, shutdown, work).await {
+        // The moment the lease is lost, no further DPC call leaves this replica (reconciles in
+        // flight would otherwise keep writing while another replica leads).
+        let fence = move || dpc.fence();
+        if let Err(e) = leader::run_with_leadership(client, lease, shutdown, work, fence).await {
             error!("{e}; exiting so this replica restarts as a follower");
             return ExitCode::FAILURE;
         }

@@ -165,6 +165,24 @@ fn more_than_one_replica_turns_leader_election_on() {
         lease_role["rules"][0]["resources"],
         serde_json::json!(["leases"])
     );
+    // A drain evicts one replica at a time, and replicas prefer different nodes.
+    let budget = find(&rendered, "PodDisruptionBudget");
+    assert_eq!(budget.len(), 1);
+    assert_eq!(budget[0]["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        budget[0]["spec"]["selector"]["matchLabels"],
+        find(&rendered, "Deployment")[0]["spec"]["selector"]["matchLabels"]
+    );
+    let affinity = &find(&rendered, "Deployment")[0]["spec"]["template"]["spec"]["affinity"];
+    let term = &affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(
+        term["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    // One replica: neither.
+    let single = docs(&render(&[]));
+    assert!(find(&single, "PodDisruptionBudget").is_empty());
+    assert!(find(&single, "Deployment")[0]["spec"]["template"]["spec"]["affinity"].is_null());
 }
 
 fn rules(doc: &Value) -> Vec<(BTreeSet<String>, BTreeSet<String>)> {
@@ -217,6 +235,21 @@ fn rbac_is_least_privilege() {
         namespaces,
         BTreeSet::from(["analytics", "data-platform", "dpc-operator"])
     );
+    // In the release namespace: Leases, and the ClusterDpcAccount credentials (read-only)
+    // with the Events about ClusterDpcAccounts.
+    let credentials = roles
+        .iter()
+        .find(|r| r["metadata"]["name"] == "dpc-operator-cluster-credentials")
+        .expect("a Role for ClusterDpcAccount credentials");
+    assert_eq!(credentials["metadata"]["namespace"], "dpc-operator");
+    let expected: Vec<(BTreeSet<String>, BTreeSet<String>)> = vec![
+        (BTreeSet::from(["secrets".to_string()]), read_only.clone()),
+        (
+            BTreeSet::from(["events".to_string()]),
+            BTreeSet::from(["create".to_string()]),
+        ),
+    ];
+    assert_eq!(rules(credentials), expected);
     for (resources, _) in rules(find(&rendered, "ClusterRole")[0]) {
         assert!(
             !resources.contains("secrets") && !resources.contains("connectionoverrides"),

@@ -264,6 +264,8 @@ async fn full_flow(scope: Scope) {
     h.put_secret("refs", &[("key", "value-one-6c1d")]).await;
     h.put_config_map("names", &[("region", "eu-west-1")]).await;
     let mut args = election_args(&h.ns);
+    // The test's namespace stands for the operator's own (no POD_NAMESPACE outside a pod).
+    args.extend(["--cluster-credentials-namespaces", &h.ns]);
     if scope == Scope::Namespaced {
         args.extend(["--namespaces", &h.ns]);
     }
@@ -374,6 +376,7 @@ async fn full_flow(scope: Scope) {
         &h,
         &["value-one-6c1d", "value-two-9f2e"],
     );
+    assert_clean_json_log(&operator.output());
 
     audit::assert_rules_match_use(&h, &id, scope);
     h.stop().await;

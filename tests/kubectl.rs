@@ -521,7 +521,12 @@ async fn deleting_the_quickstart_at_once_deletes_the_remote_override_and_everyth
     ])
     .await;
     namespace_gone(&k).await;
-    assert_eq!(deletes(&sim), std::slice::from_ref(&salesforce));
+    assert_eq!(
+        deletes(&sim),
+        std::slice::from_ref(&salesforce),
+        "{:#?}",
+        sim.calls()
+    );
     let project = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
     assert!(sim.get_override(project, "PROD", "Salesforce").is_none());
     // deletionPolicy Orphan keeps the other.
@@ -536,7 +541,7 @@ async fn deleting_the_quickstart_at_once_deletes_the_remote_override_and_everyth
     k.ok(&["delete", "namespace", "data-platform", "--wait=false"])
         .await;
     namespace_gone(&k).await;
-    assert_eq!(deletes(&sim), [salesforce]);
+    assert_eq!(deletes(&sim), [salesforce], "{:#?}", sim.calls());
     assert!(sim.get_override(project, "PROD", "Salesforce").is_none());
 
     stop.cancel();

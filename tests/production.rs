@@ -310,10 +310,8 @@ async fn a_paused_object_makes_no_call_until_unpaused() {
     h.wait_ready("sf").await;
     h.sim.clear_calls();
 
-    let paused = cov
-        .clone()
-        .annotation("dpc-operator.io/paused", "true")
-        .property("secretKey", "new");
+    // Paused with the spec unchanged: what DPC holds is still the spec, Ready stays.
+    let paused = cov.clone().annotation("dpc-operator.io/paused", "true");
     h.apply(&paused).await;
     let obj = h
         .wait_for("sf", "paused", |o| {
@@ -325,8 +323,16 @@ async fn a_paused_object_makes_no_call_until_unpaused() {
         .await;
     assert!(
         conditions::is_true(&obj.status.unwrap().conditions, conditions::READY),
-        "Ready is kept"
+        "Ready is kept while the spec is what DPC holds"
     );
+
+    // A spec change while paused is not in DPC: Ready turns False until it is.
+    h.apply(&paused.clone().property("secretKey", "new")).await;
+    let waiting = h.wait_reason("sf", "Paused").await;
+    assert_eq!(waiting.metadata.generation, Some(2));
+    let ready = ready_condition(&waiting);
+    assert_eq!(ready.status, "False");
+    assert!(ready.message.contains("generation 2"), "{}", ready.message);
     assert!(h.sim.calls().is_empty(), "no call while paused");
 
     h.apply(&cov.property("secretKey", "new")).await;
@@ -656,6 +662,8 @@ async fn a_changed_identity_is_refused_and_deletion_deletes_the_override_it_mana
     let h = Harness::start().await.run();
     h.apply(&Cov::new("moved", "Salesforce")).await;
     h.wait_ready("moved").await;
+    // Stopped while the status is rewritten: a pass in flight would write its own back.
+    let h = h.halt().await;
     h.sim.clear_calls();
     // The CRD refuses the change; an edited CRD would not. Status is what the operator
     // trusts: a status written elsewhere naming another override stands in for that here.
@@ -679,6 +687,7 @@ async fn a_changed_identity_is_refused_and_deletion_deletes_the_override_it_mana
         .unwrap();
     h.apply(&Cov::new("moved", "Salesforce").property("secretKey", "changed"))
         .await;
+    let h = h.run();
     let refused = h.wait_reason("moved", "InvalidSpec").await;
     let message = ready_condition(&refused).message;
     assert!(
@@ -982,5 +991,136 @@ async fn a_malformed_object_is_reported_and_does_not_stop_the_others() {
             .iter()
             .all(|c| c.body.as_ref().is_none_or(|b| b["connectionName"] != "B"))
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_replica_that_loses_its_lease_makes_no_dpc_call_from_that_moment() {
+    use dpc_operator::leader::{LeaseConfig, run_with_leadership};
+    use k8s_openapi::api::coordination::v1::Lease;
+    let h = Harness::start().await;
+    let config = LeaseConfig {
+        namespace: h.ns.clone(),
+        name: "fence-test".into(),
+        identity: "replica-a".into(),
+        lease_duration: Duration::from_secs(10),
+        renew_period: Duration::from_millis(200),
+        retry_period: Duration::from_millis(100),
+    };
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.ns);
+    let dpc = h.ctx.dpc.clone();
+    let (leading_tx, leading_rx) = tokio::sync::oneshot::channel();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    let account = h.account_handle();
+    // The work stands for a reconcile in flight: once told to stop it still tries a call.
+    let work = move |stop: tokio_util::sync::CancellationToken| async move {
+        let _ = leading_tx.send(());
+        stop.cancelled().await;
+        let _ = seen_tx.send(account.list(PROJECT, "PROD").await);
+    };
+    let fence_dpc = dpc.clone();
+    let election = tokio::spawn(run_with_leadership(
+        h.client.clone(),
+        config,
+        tokio_util::sync::CancellationToken::new(),
+        work,
+        move || fence_dpc.fence(),
+    ));
+    tokio::time::timeout(WAIT, leading_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    // Another replica takes the lease over.
+    let patch = json!({"spec": {"holderIdentity": "replica-b"}});
+    leases
+        .patch("fence-test", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let after_loss = tokio::time::timeout(WAIT, seen_rx).await.unwrap().unwrap();
+    let err = after_loss.unwrap_err();
+    assert!(err.to_string().contains("lost the leader lease"), "{err}");
+    assert!(election.await.unwrap().is_err(), "the loss is reported");
+    assert!(h.sim.calls().is_empty(), "{:?}", h.sim.calls());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn tenant_accounts_cannot_send_secrets_to_other_hosts_or_read_other_namespaces() {
+    let h = Harness::start().await;
+    // A host of the tenant's: it must never hear from the operator.
+    let collector = dpc_operator::sim::dpc::DpcSim::start(SimConfig::default())
+        .await
+        .unwrap();
+    let accounts: Api<dpc_operator::api::DpcAccount> = Api::namespaced(h.client.clone(), &h.ns);
+    let mut evil = dpc_operator::api::DpcAccount::new("evil", h.account_spec(CREDS, None));
+    evil.spec.token_url = Some(collector.token_url().replace("127.0.0.1", "localhost"));
+    accounts
+        .create(&PostParams::default(), &evil)
+        .await
+        .unwrap();
+
+    // A ClusterDpcAccount naming credentials outside the operator's namespace.
+    let elsewhere = unique_name("creds-");
+    create_namespace(&h.client, &elsewhere, json!({})).await;
+    let shared: Api<ClusterDpcAccount> = Api::all(h.client.clone());
+    let outside = unique_name("outside-");
+    let mut account = h.cluster_account(&outside, json!({"names": [&h.ns]}));
+    account.spec.account.credentials_secret_ref.namespace = Some(elsewhere.clone());
+    shared
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    // And one limited to another project.
+    let limited = unique_name("limited-");
+    let mut account = h.cluster_account(&limited, json!({"names": [&h.ns]}));
+    account.spec.allowed_projects = vec!["11111111-2222-3333-4444-555555555555".into()];
+    shared
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+
+    let h = h.run();
+    h.put_secret("refs", &[("key", "tenant-secret-value")])
+        .await;
+    h.apply(
+        &Cov::new("leak", "Salesforce")
+            .account("evil")
+            .property_from_secret("secretKey", "refs", "key"),
+    )
+    .await;
+    let refused = h.wait_reason("leak", "AccountNotReady").await;
+    let message = ready_condition(&refused).message;
+    assert!(
+        message.contains("tokenUrl names host \"localhost\"")
+            && message.contains("--dpc-allowed-hosts"),
+        "{message}"
+    );
+
+    let by_cluster = |name: &str, account: &str| {
+        let mut cov = Cov::new(name, name);
+        cov.spec.account_ref.name = account.into();
+        cov.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
+        cov
+    };
+    h.apply(&by_cluster("outside", &outside)).await;
+    let refused = h.wait_reason("outside", "AccountNotReady").await;
+    let message = ready_condition(&refused).message;
+    assert!(
+        message.contains(&format!("names namespace {elsewhere}"))
+            && message.contains(&format!("read only from {}", h.ns)),
+        "{message}"
+    );
+    h.apply(&by_cluster("limited", &limited)).await;
+    let refused = h.wait_reason("limited", "AccountNotAllowed").await;
+    let message = ready_condition(&refused).message;
+    assert!(message.contains("does not allow project"), "{message}");
+
+    assert!(collector.calls().is_empty(), "{:?}", collector.calls());
+    // Only the accounts' token checks reached DPC: no override call.
+    let calls = h.sim.calls();
+    assert!(calls.iter().all(|c| c.op == SimOp::Token), "{calls:?}");
+    for name in [&outside, &limited] {
+        shared.delete(name, &DeleteParams::default()).await.unwrap();
+    }
     h.stop().await;
 }

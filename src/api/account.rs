@@ -206,6 +206,11 @@ pub struct ClusterDpcAccountSpec {
     /// matched by labels. When both are empty no namespace may use it.
     #[serde(default)]
     pub allowed_namespaces: AllowedNamespaces,
+
+    /// The DPC projects (ids) ConnectionOverrides may name with this account. Empty: any
+    /// project the account's credentials reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_projects: Vec<String>,
 }
 
 /// Which namespaces may use a ClusterDpcAccount.

@@ -208,6 +208,8 @@ struct Inner {
     accounts: Mutex<HashMap<AccountKey, Arc<AccountState>>>,
     observer: Option<Arc<dyn CallObserver>>,
     token_ids: AtomicU64,
+    /// Set when this replica stopped leading: no request is sent any more.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 struct AccountState {
@@ -275,6 +277,7 @@ impl DpcClient {
                 accounts: Mutex::new(HashMap::new()),
                 observer,
                 token_ids: AtomicU64::new(1),
+                fenced: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -329,6 +332,12 @@ impl DpcClient {
             requester: None,
             secrets: Arc::new([]),
         }
+    }
+
+    /// Refuses every request from now on (this replica lost its leader lease): calls fail
+    /// as transient, without reaching DPC.
+    pub fn fence(&self) {
+        self.inner.fenced.store(true, Ordering::SeqCst);
     }
 
     /// Forgets an account (it was deleted).
@@ -661,6 +670,13 @@ impl AccountHandle {
         })
     }
 
+    fn check_fence(&self, operation: Operation) -> Result<(), DpcError> {
+        if self.client.inner.fenced.load(Ordering::SeqCst) {
+            return Err(DpcError::Fenced(operation));
+        }
+        Ok(())
+    }
+
     fn check_gate(&self, operation: Operation) -> Result<(), DpcError> {
         let blocked = self.state.limits.blocked_until.lock().expect("gate lock");
         match *blocked {
@@ -788,9 +804,12 @@ impl AccountHandle {
         operation: Operation,
         request: reqwest::RequestBuilder,
     ) -> Result<Answer, DpcError> {
+        self.check_fence(operation)?;
         self.check_gate(operation)?;
         self.admit(operation).await?;
         self.check_gate(operation)?;
+        // The admission may have waited: look again right before sending.
+        self.check_fence(operation)?;
         let span = tracing::info_span!("dpc_request", operation = operation.as_str(), account = %self.state.key, outcome = tracing::field::Empty);
         let started = std::time::Instant::now();
         let limit = match operation {

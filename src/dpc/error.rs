@@ -112,6 +112,9 @@ pub enum DpcError {
     /// The account's endpoint configuration is refused.
     #[error("{0}")]
     Misconfigured(String),
+    /// The call was not made: this replica is no longer the leader.
+    #[error("{0} call not made: this replica lost the leader lease")]
+    Fenced(Operation),
     /// DPC accepted a DELETE but still lists the override.
     #[error(
         "DPC accepted the DELETE but still lists the override of connection {0:?}; it is deleted again later"
@@ -153,6 +156,7 @@ impl DpcError {
             | DpcError::Decode { operation, .. }
             | DpcError::Throttled { operation, .. } => Some(*operation),
             DpcError::StillPresent(_) => Some(Operation::Delete),
+            DpcError::Fenced(operation) => Some(*operation),
             DpcError::Misconfigured(_) => None,
         }
     }
@@ -172,9 +176,10 @@ impl DpcError {
             DpcError::Api {
                 operation, status, ..
             } => classify_status(*operation, *status),
-            DpcError::Transport { .. } | DpcError::Decode { .. } | DpcError::StillPresent(_) => {
-                ErrorClass::Transient
-            }
+            DpcError::Transport { .. }
+            | DpcError::Decode { .. }
+            | DpcError::StillPresent(_)
+            | DpcError::Fenced(_) => ErrorClass::Transient,
             DpcError::Throttled { queued: true, .. } => ErrorClass::Queued,
             DpcError::Throttled { .. } => ErrorClass::RateLimited,
             DpcError::Misconfigured(_) => ErrorClass::Misconfigured,

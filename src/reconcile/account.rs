@@ -35,8 +35,9 @@ pub trait AccountObject:
     const KIND: &'static str;
     fn account_spec(&self) -> &DpcAccountSpec;
     fn account_status(&self) -> Option<&DpcAccountStatus>;
-    /// The namespace of the credentials Secret, or why there is none.
-    fn credentials_namespace(&self) -> Result<String, String>;
+    /// The namespace of the credentials Secret, or why there is none (`cluster_credentials`:
+    /// where ClusterDpcAccount credentials may be).
+    fn credentials_namespace(&self, cluster_credentials: &[String]) -> Result<String, String>;
     fn account_key(&self) -> AccountKey;
     fn api(client: kube::Client, namespace: Option<&str>) -> Api<Self>;
     /// The Api to watch in a scope (one namespace, or all).
@@ -51,7 +52,7 @@ impl AccountObject for DpcAccount {
     fn account_status(&self) -> Option<&DpcAccountStatus> {
         self.status.as_ref()
     }
-    fn credentials_namespace(&self) -> Result<String, String> {
+    fn credentials_namespace(&self, _: &[String]) -> Result<String, String> {
         let own = self.namespace().unwrap_or_default();
         match self.spec.credentials_secret_ref.namespace.as_deref() {
             Some(other) if other != own => Err(format!(
@@ -85,15 +86,8 @@ impl AccountObject for ClusterDpcAccount {
     fn account_status(&self) -> Option<&DpcAccountStatus> {
         self.status.as_ref()
     }
-    fn credentials_namespace(&self) -> Result<String, String> {
-        self.spec
-            .account
-            .credentials_secret_ref
-            .namespace
-            .clone()
-            .ok_or_else(|| {
-                "credentialsSecretRef.namespace is required for a ClusterDpcAccount".into()
-            })
+    fn credentials_namespace(&self, cluster_credentials: &[String]) -> Result<String, String> {
+        resolve::cluster_credentials_namespace(&self.spec, cluster_credentials)
     }
     fn account_key(&self) -> AccountKey {
         AccountKey {
@@ -139,7 +133,8 @@ pub async fn reconcile<K: AccountObject>(
     let span = info_span!("reconcile_account", kind = K::KIND, account = %key);
     async {
         let spec = account.account_spec();
-        let credentials_namespace = account.credentials_namespace();
+        let credentials_namespace =
+            account.credentials_namespace(ctx.accounts.cluster_credentials_namespaces());
         if let Ok(ns) = &credentials_namespace {
             let secret = Reference::Secret {
                 namespace: ns.clone(),

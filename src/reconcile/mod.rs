@@ -75,7 +75,7 @@ pub(crate) fn key_of(meta: &ObjectMeta) -> ObjKey {
 pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = key_of(obj.meta());
     let delay = ctx.backoff.next(&key);
-    warn!(namespace = %key.0, name = %key.1, error = %error, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
+    warn!(namespace = %key.0, object = %key.1, error = %error, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
     Action::requeue(delay)
 }
 
@@ -102,7 +102,7 @@ pub async fn reconcile_guarded(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result
         Ok(result) => result,
         Err(panic) => {
             let key = key_of(guard.meta());
-            tracing::error!(namespace = %key.0, name = %key.1, panic = %panic, "a reconcile panicked; the object is retried with backoff");
+            tracing::error!(namespace = %key.0, object = %key.1, panic = %panic, "a reconcile panicked; the object is retried with backoff");
             let message = format!(
                 "dpc-operator failed internally while reconciling this object ({panic}); it is retried with backoff. Please report this as a bug."
             );
@@ -147,7 +147,7 @@ pub async fn reconcile(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action,
     ctx.wait_synced().await;
     let meta = guard.meta();
     let key = key_of(meta);
-    let span = info_span!("reconcile", namespace = %key.0, name = %key.1, generation = meta.generation.unwrap_or(0));
+    let span = info_span!("reconcile", namespace = %key.0, object = %key.1, generation = meta.generation.unwrap_or(0));
     async {
         match &guard.0 {
             Err(invalid) => report_invalid(&guard, &invalid.error, &key, &ctx).await,
@@ -255,7 +255,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         Ok(resolved) => resolved,
         Err(e) => match e.reason() {
             Some(reason) => {
-                info!(reason = %reason, message = %e, "waiting for a referenced object");
+                info!(reason = %reason, detail = %e, "waiting for a referenced object");
                 let outcome = Outcome::Failed {
                     reason,
                     message: e.to_string(),
@@ -278,6 +278,19 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
         }
     };
     let account = &resolved.account;
+    if !account.allowed_projects.is_empty() && !account.allowed_projects.contains(&spec.project_id)
+    {
+        ctx.drift.unregister(key);
+        let outcome = Outcome::Failed {
+            reason: Reason::AccountNotAllowed,
+            message: format!(
+                "ClusterDpcAccount {} does not allow project {} (see its spec.allowedProjects)",
+                account.key, spec.project_id
+            ),
+        };
+        finish(obj, ctx, &old, outcome, handled).await?;
+        return Ok(Action::await_change());
+    }
     let remote_key = RemoteKey::resolved(
         account.endpoint.api_url.as_str(),
         account.endpoint.account_id.as_deref(),
@@ -482,7 +495,7 @@ async fn report_failure(
     if reason.is_terminal() {
         ctx.failures.record(key, gate, reason, message.clone());
     }
-    warn!(reason = %reason, operation = %during, message = %message, "DPC call failed");
+    warn!(reason = %reason, operation = %during, detail = %message, "DPC call failed");
     finish(obj, ctx, old, Outcome::Failed { reason, message }, handled).await?;
     Ok(action)
 }
@@ -628,7 +641,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
         Err(e) if old.applied_hash.is_none() => {
             // Nothing was ever accepted by DPC for this object, and DPC cannot be reached to
             // check: there is nothing to delete.
-            info!(message = %e, "released: no write was ever accepted for this object");
+            info!(detail = %e, "released: no write was ever accepted for this object");
             remove_finalizer(obj, ctx).await?;
             forget(key, ctx);
             return Ok(Action::await_change());
@@ -729,7 +742,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
                 }
                 _ => ctx.backoff.next(key),
             };
-            warn!(message = %detail, "deleting the override in DPC failed");
+            warn!(detail = %detail, "deleting the override in DPC failed");
             let released = give_up(
                 obj,
                 key,

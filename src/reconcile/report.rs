@@ -189,8 +189,19 @@ pub fn next_status(
                 Reason::ReconcilePaused,
                 paused_message(),
             );
-            if conditions::find(&status.conditions, READY).is_none() {
-                set(&mut status, READY, false, Reason::Paused, paused_message());
+            // Ready stays as it was only while it still describes this spec: a change made
+            // while paused is not in DPC, and `kubectl wait --for=condition=Ready` must not
+            // say it is.
+            match conditions::find(&status.conditions, READY) {
+                None => set(&mut status, READY, false, Reason::Paused, paused_message()),
+                Some(ready) if ready.observed_generation != generation => {
+                    let message = format!(
+                        "the spec changed (generation {}) while reconciliation is paused: the change waits until the {PAUSED_ANNOTATION} annotation is removed",
+                        generation.unwrap_or(0)
+                    );
+                    set(&mut status, READY, false, Reason::Paused, message);
+                }
+                Some(_) => {}
             }
         }
     }

@@ -51,6 +51,8 @@ pub struct ResolvedAccount {
     pub endpoint: Endpoint,
     pub credentials: Credentials,
     pub rate: Rate,
+    /// The projects a ClusterDpcAccount allows (empty: all); none for a DpcAccount.
+    pub allowed_projects: Vec<String>,
 }
 
 /// A value of `connectionPropertiesFrom`.
@@ -369,6 +371,7 @@ pub async fn account_from_spec(
             requests_per_minute: spec.requests_per_minute(),
             burst: spec.request_burst(),
         },
+        allowed_projects: Vec::new(),
     })
 }
 
@@ -379,6 +382,7 @@ pub async fn resolve_account_ref(
     namespace: &str,
     account_ref: &AccountRef,
     settings: &ClientSettings,
+    cluster_credentials: &[String],
 ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
     let name = &account_ref.name;
     match account_ref.kind.unwrap_or_default() {
@@ -471,15 +475,18 @@ pub async fn resolve_account_ref(
                 return (Err(e), refs);
             }
             let creds = &account.spec.account.credentials_secret_ref;
-            let Some(creds_namespace) = creds.namespace.clone() else {
-                let e = ResolveError::AccountInvalid {
-                    kind: "ClusterDpcAccount",
-                    name: name.clone(),
-                    reason: "credentialsSecretRef.namespace is required for a ClusterDpcAccount"
-                        .into(),
+            let creds_namespace =
+                match cluster_credentials_namespace(&account.spec, cluster_credentials) {
+                    Ok(ns) => ns,
+                    Err(reason) => {
+                        let e = ResolveError::AccountInvalid {
+                            kind: "ClusterDpcAccount",
+                            name: name.clone(),
+                            reason,
+                        };
+                        return (Err(e), refs);
+                    }
                 };
-                return (Err(e), refs);
-            };
             refs.push(Reference::Secret {
                 namespace: creds_namespace.clone(),
                 name: creds.name.clone(),
@@ -496,10 +503,37 @@ pub async fn resolve_account_ref(
                 &creds_namespace,
                 settings,
             )
-            .await;
+            .await
+            .map(|mut resolved| {
+                resolved.allowed_projects = account.spec.allowed_projects.clone();
+                resolved
+            });
             (resolved, refs)
         }
     }
+}
+
+/// The namespace of a ClusterDpcAccount's credentials Secret, if the operator may read it
+/// there: a ClusterDpcAccount can be created by someone who cannot read Secrets, so it may
+/// only name Secrets where the operator administrator keeps shared credentials.
+pub fn cluster_credentials_namespace(
+    spec: &crate::api::ClusterDpcAccountSpec,
+    allowed: &[String],
+) -> Result<String, String> {
+    let Some(namespace) = spec.account.credentials_secret_ref.namespace.clone() else {
+        return Err("credentialsSecretRef.namespace is required for a ClusterDpcAccount".into());
+    };
+    if allowed.contains(&namespace) {
+        return Ok(namespace);
+    }
+    Err(format!(
+        "its credentialsSecretRef names namespace {namespace}, but ClusterDpcAccount credentials are read only from {} (the operator's namespace, or --cluster-credentials-namespaces)",
+        if allowed.is_empty() {
+            "no namespace: the operator's namespace is unknown".to_string()
+        } else {
+            allowed.join(", ")
+        }
+    ))
 }
 
 /// Resolved accounts, so thousands of objects of one account do not each read the account and
@@ -512,6 +546,8 @@ pub struct AccountCache {
     /// a deletion that finds the credentials Secret already deleted (a namespace deletion, a
     /// `kubectl delete -f` of the quickstart) still deletes the remote override with them.
     last_good: Mutex<HashMap<(String, AccountKind, String), ResolvedAccount>>,
+    /// The namespaces ClusterDpcAccount credentials may be read from.
+    cluster_credentials: Vec<String>,
 }
 
 struct CachedAccount {
@@ -521,12 +557,18 @@ struct CachedAccount {
 }
 
 impl AccountCache {
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl: Duration, cluster_credentials: Vec<String>) -> Self {
         Self {
             ttl,
             entries: Mutex::new(HashMap::new()),
             last_good: Mutex::new(HashMap::new()),
+            cluster_credentials,
         }
+    }
+
+    /// The namespaces ClusterDpcAccount credentials may be read from.
+    pub fn cluster_credentials_namespaces(&self) -> &[String] {
+        &self.cluster_credentials
     }
 
     /// Resolves for a deletion: as [`AccountCache::resolve`], but when the account or its
@@ -608,7 +650,14 @@ impl AccountCache {
         {
             return (Ok(entry.account.clone()), entry.refs.clone());
         }
-        let (result, refs) = resolve_account_ref(client, namespace, account_ref, settings).await;
+        let (result, refs) = resolve_account_ref(
+            client,
+            namespace,
+            account_ref,
+            settings,
+            &self.cluster_credentials,
+        )
+        .await;
         if let Ok(account) = &result {
             self.last_good
                 .lock()

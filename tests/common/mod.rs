@@ -252,6 +252,11 @@ impl Harness {
         if config.namespaces.is_empty() {
             config.namespaces = vec![ns.clone()];
         }
+        // The test's namespace stands for the operator's own: ClusterDpcAccount credentials
+        // and Events live there.
+        if config.operator_namespace.is_none() {
+            config.operator_namespace = Some(ns.clone());
+        }
         let h = Self {
             requests_per_minute: 60_000,
             ctx: Context::new(client.clone(), config.clone()),
@@ -417,6 +422,28 @@ impl Harness {
         }
     }
 
+    /// A handle of the operator's own DPC client for this harness's account (calls made
+    /// with it are the operator's calls: fencing, limits and tokens apply).
+    pub fn account_handle(&self) -> dpc_operator::dpc::AccountHandle {
+        let settings = self.ctx.dpc.settings();
+        let spec = self.account_spec(CREDS, None);
+        self.ctx.dpc.account(
+            dpc_operator::dpc::AccountKey {
+                namespace: Some(self.ns.clone()),
+                name: ACCOUNT.into(),
+            },
+            dpc_operator::dpc::Endpoint::for_account(&spec, settings).unwrap(),
+            dpc_operator::dpc::Credentials {
+                client_id: dpc_operator::dpc::SecretString::new(CLIENT_ID),
+                client_secret: dpc_operator::dpc::SecretString::new(CLIENT_SECRET),
+            },
+            dpc_operator::dpc::Rate {
+                requests_per_minute: 60_000,
+                burst: 100,
+            },
+        )
+    }
+
     /// A ClusterDpcAccount named `name` with the harness's credentials and `allowed` as its
     /// `allowedNamespaces`.
     pub fn cluster_account(
@@ -429,6 +456,7 @@ impl Harness {
             dpc_operator::api::ClusterDpcAccountSpec {
                 account: self.account_spec(CREDS, Some(&self.ns)),
                 allowed_namespaces: serde_json::from_value(allowed).unwrap(),
+                allowed_projects: Vec::new(),
             },
         )
     }
@@ -759,4 +787,83 @@ impl Cov {
         self.annotations.insert(key.into(), value.into());
         self
     }
+}
+
+/// The keys that appear more than once in one JSON object anywhere in `line` (serde_json
+/// keeps the last of duplicates silently; log processors disagree on which wins).
+pub fn duplicate_keys(line: &str) -> Vec<String> {
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Keys(Vec<String>);
+    struct Walk<'a>(&'a mut Vec<String>);
+    impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if !seen.insert(key.clone()) {
+                    self.0.push(key);
+                }
+                map.next_value_seed(Walk(self.0))?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Walk(self.0))?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut keys = Keys(Vec::new());
+    let mut de = serde_json::Deserializer::from_str(line);
+    let _ = serde::de::DeserializeSeed::deserialize(Walk(&mut keys.0), &mut de);
+    keys.0
+}
+
+/// Every line of a JSON log parses, and no object in it repeats a key.
+pub fn assert_clean_json_log(output: &str) {
+    let mut lines = 0;
+    for line in output.lines().filter(|l| l.starts_with('{')) {
+        lines += 1;
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let repeated = duplicate_keys(line);
+        assert!(repeated.is_empty(), "keys {repeated:?} repeat in: {line}");
+    }
+    assert!(lines > 0, "no JSON log lines in:\n{output}");
+}
+
+#[test]
+fn duplicate_keys_are_found_at_any_depth() {
+    assert!(duplicate_keys(r#"{"a":1,"b":{"c":2}}"#).is_empty());
+    assert_eq!(duplicate_keys(r#"{"a":1,"a":2}"#), ["a"]);
+    assert_eq!(
+        duplicate_keys(r#"{"span":{"name":"x","name":"reconcile"},"l":[{"m":1,"m":2}]}"#),
+        ["name", "m"]
+    );
 }
