@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::audit;
 use common::identity::{self, Identity, Scope};
 use common::*;
-use dpc_operator::sim::dpc::{Call, Fault, FaultKind, SimOp};
+use dpc_operator::sim::dpc::{Call, Fault, FaultKind, SimConfig, SimOp};
 use kube::api::DeleteParams;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
@@ -865,4 +865,45 @@ async fn sigterm_before_the_first_list_exits_at_once() {
         operator.output()
     );
     h.stop().await;
+}
+
+#[tokio::test]
+async fn absurd_numbers_from_dpc_leave_the_process_up() {
+    let h = Harness::start_with(
+        test_config(),
+        SimConfig {
+            announced_expires_in: Some(serde_json::json!(1e300)),
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let (kubeconfig, _) = namespaced_operator(&h).await;
+    h.sim.push_fault(Fault::on(
+        SimOp::Create,
+        FaultKind::Status {
+            status: 429,
+            retry_after: Some("1e300".into()),
+            body: None,
+        },
+    ));
+    let mut operator = Operator::scoped(&h, &kubeconfig, &["--allow-insecure-http"]);
+    let admin = operator.admin_url().await;
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    let limited = h.wait_reason("sf", "RateLimited").await;
+    let message = ready_condition(&limited).message;
+    assert!(message.contains("429"), "{message}");
+    wait_status(&format!("{admin}/livez"), 200).await;
+    // The account is held for an hour at most, not for 1e300 seconds, and the process lives.
+    let text = wait_status(&format!("{admin}/metrics"), 200).await;
+    assert!(
+        text.contains("dpc_operator_dpc_requests_total{operation=\"create\",outcome=\"429\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !operator.output().contains("panicked"),
+        "{}",
+        operator.output()
+    );
+    operator.terminate();
+    assert!(operator.wait_exit(Duration::from_secs(10)).await.success());
 }

@@ -1124,3 +1124,38 @@ async fn tenant_accounts_cannot_send_secrets_to_other_hosts_or_read_other_namesp
     }
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_huge_error_answer_leaves_a_short_condition_message() {
+    let h = Harness::start().await;
+    let detail = format!("field rejected: {}", "é".repeat(1_000_000));
+    h.sim.push_fault(Fault::on(
+        SimOp::Create,
+        FaultKind::Status {
+            status: 400,
+            retry_after: None,
+            body: Some(json!({"title": "Bad Request", "detail": detail})),
+        },
+    ));
+    let h = h.run();
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    let rejected = h.wait_reason("sf", "ApiRejected").await;
+    let message = ready_condition(&rejected).message;
+    let status = rejected.status.unwrap();
+    for condition in &status.conditions {
+        assert!(
+            condition.message.len() <= dpc_operator::api::conditions::MAX_MESSAGE,
+            "{} is {} bytes",
+            condition.type_,
+            condition.message.len()
+        );
+    }
+    assert!(
+        message.starts_with("DPC answered 400 to create"),
+        "{message}"
+    );
+    assert!(message.ends_with('…'));
+    let (_, _, note) = h.wait_event("sf", "ApiRejected").await;
+    assert!(note.len() <= 1024, "{}", note.len());
+    h.stop().await;
+}

@@ -404,6 +404,7 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_and_keeps_the_crds_and_
             "servicemonitor.monitoring.coreos.com/dpc-ha-dpc-operator",
             "prometheusrule.monitoring.coreos.com/dpc-ha-dpc-operator",
             "networkpolicy.networking.k8s.io/dpc-ha-dpc-operator",
+            "poddisruptionbudget.policy/dpc-ha-dpc-operator",
         ],
     );
     let roles = k.kubectl(&[

@@ -12,6 +12,7 @@ use serde_json::json;
 
 const PROPERTY_VALUE: &str = "sv-4f1e2d-first-value";
 const ROTATED_VALUE: &str = "sv-8a7b6c-second-value";
+const WRONG_SECRET: &str = "cs-wrong/0a1b 2c3d+\"q\"";
 
 #[tokio::test]
 async fn no_secret_value_reaches_logs_status_or_events() {
@@ -59,17 +60,31 @@ async fn no_secret_value_reaches_logs_status_or_events() {
         .await
         .unwrap();
     h.wait_gone("sf").await;
-    // An account whose secret DPC refuses.
+    // An account whose secret DPC refuses, echoing it back past the first 200 characters,
+    // form-encoded as it was sent and JSON-escaped.
     put_secret_in(
         &h.client,
         &h.ns,
         "bad-creds",
-        &[
-            ("client_id", CLIENT_ID),
-            ("client_secret", "cs-wrong-0a1b2c3d"),
-        ],
+        &[("client_id", CLIENT_ID), ("client_secret", WRONG_SECRET)],
     )
     .await;
+    let echo = format!(
+        "{}client_secret={} rejected; you sent \"{WRONG_SECRET}\"",
+        "x".repeat(220),
+        url::form_urlencoded::byte_serialize(WRONG_SECRET.as_bytes()).collect::<String>()
+    );
+    h.sim.push_fault(
+        Fault::on(
+            SimOp::Token,
+            FaultKind::Status {
+                status: 401,
+                retry_after: None,
+                body: Some(json!({"error": "invalid_client", "error_description": echo})),
+            },
+        )
+        .times(100),
+    );
     h.put_account("bad", "bad-creds").await;
     h.apply(&Cov::new("bad", "Other").account("bad")).await;
     h.wait_reason("bad", "CredentialsRejected").await;
@@ -85,13 +100,16 @@ async fn no_secret_value_reaches_logs_status_or_events() {
         CLIENT_ID.into(),
         PROPERTY_VALUE.into(),
         ROTATED_VALUE.into(),
-        "cs-wrong-0a1b2c3d".into(),
+        WRONG_SECRET.into(),
+        // Its encoded forms, and its start (a cut before redaction would keep that).
+        "cs-wrong%2F0a1b".into(),
+        "cs-wrong/0a1b".into(),
     ];
     secrets.extend(tokens);
 
     let logs = String::from_utf8(captured_logs().lock().unwrap().clone()).unwrap();
     assert!(
-        logs.contains("\"name\":\"sf\""),
+        logs.contains("\"object\":\"sf\""),
         "the capture holds the reconcile logs"
     );
     assert!(logs.contains("DPC accepted the override"));

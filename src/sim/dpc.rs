@@ -146,6 +146,9 @@ pub struct SimConfig {
     pub latency_ms: u64,
     /// `expires_in` of issued tokens.
     pub token_lifetime_secs: u64,
+    /// What the token answer says as `expires_in` when it should not tell the truth (a
+    /// broken or hostile server: `1e300`, a string, a negative number).
+    pub announced_expires_in: Option<Value>,
     /// The older documented behaviour: POST creates or updates (never 409).
     pub post_upserts: bool,
     pub list_shape: ListShape,
@@ -172,6 +175,7 @@ impl Default for SimConfig {
         Self {
             latency_ms: 0,
             token_lifetime_secs: 1800,
+            announced_expires_in: None,
             post_upserts: false,
             list_shape: ListShape::Envelope,
             page_size: 25,
@@ -926,9 +930,14 @@ fn token(inner: &mut Inner, req: &Req) -> Response<Body> {
             expires_at: Instant::now() + Duration::from_secs(lifetime),
         },
     );
+    let announced = inner
+        .config
+        .announced_expires_in
+        .clone()
+        .unwrap_or_else(|| json!(lifetime));
     http::json(
         StatusCode::OK,
-        &json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": "pipeline-execution"}),
+        &json!({"access_token": token, "token_type": "Bearer", "expires_in": announced, "scope": "pipeline-execution"}),
     )
 }
 
