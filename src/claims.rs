@@ -250,16 +250,25 @@ impl Claims {
         (owner, triggers)
     }
 
-    /// Claims the override an object is filed under, just before its first write, and
-    /// returns the claim's time. An existing claim is kept.
-    pub fn claim(&self, me: &ObjKey) -> Option<Timestamp> {
+    /// Claims the override an object is filed under, before it writes: in one step, so
+    /// of two objects reconciled at once exactly one claims. Returns the claim's time (an
+    /// existing claim is kept), or the object that manages the override instead.
+    pub fn claim(&self, me: &ObjKey) -> Result<Timestamp, ObjKey> {
         let mut inner = self.inner.lock().expect("claims lock");
-        let mut entry = *inner.by_object.get(me)?;
+        let Some(mut entry) = inner.by_object.get(me).copied() else {
+            return Ok(Timestamp::now());
+        };
+        if let Some(owner) = inner.owner(entry.remote).filter(|owner| owner != me) {
+            return Err(owner);
+        }
         if entry.claimed.is_none() {
             entry.claimed = Some(Timestamp::now().as_microsecond());
             inner.put(me, entry);
         }
-        Timestamp::from_microsecond(entry.claimed?).ok()
+        Ok(entry
+            .claimed
+            .and_then(|us| Timestamp::from_microsecond(us).ok())
+            .unwrap_or_else(Timestamp::now))
     }
 
     /// Forgets an object (it is gone). Returns the objects whose manager changed.
@@ -372,6 +381,8 @@ mod tests {
         claims.observe(&obj("ns", "d", 10, "D"));
         let (owner, _) = claims.locate(&key("ns", "d"), &remote(api, "D"));
         assert_eq!(owner, Some(key("ns", "c")));
+        // Once claimed, nobody else may claim it.
+        assert_eq!(claims.claim(&key("ns", "d")), Err(key("ns", "c")));
         // The watch delivering the newer object again changes nothing.
         assert!(claims.observe(&obj("ns", "d", 10, "D")).is_empty());
         assert_eq!(claims.other_owner(&key("ns", "d")), Some(key("ns", "c")));
@@ -389,7 +400,7 @@ mod tests {
         assert_eq!(claims.other_owner(&key("team-a", "x")), None);
         let (owner, _) = claims.locate(&key("team-a", "x"), &remote(api, "C"));
         assert_eq!(owner, None);
-        claims.claim(&key("team-a", "x"));
+        claims.claim(&key("team-a", "x")).unwrap();
         let (owner, _) = claims.locate(&key("team-b", "y"), &remote(&format!("{api}/"), "C"));
         assert_eq!(owner, Some(key("team-a", "x")));
         // Another DPC (or another account id) is another override.

@@ -67,9 +67,8 @@ pub struct OperatorConfig {
     pub reporter: String,
     /// This instance (pod name), in Events.
     pub instance: Option<String>,
-    /// The operator's own namespace ($POD_NAMESPACE): where Events about cluster-scoped
-    /// objects (ClusterDpcAccounts) go, and where ClusterDpcAccount credentials live unless
-    /// `cluster_credentials_namespaces` says otherwise.
+    /// The operator's own namespace ($POD_NAMESPACE): where ClusterDpcAccount credentials
+    /// live unless `cluster_credentials_namespaces` says otherwise.
     pub operator_namespace: Option<String>,
     /// The namespaces a ClusterDpcAccount's credentials Secret may be in. Empty: the
     /// operator's own namespace only.
@@ -357,14 +356,10 @@ impl Context {
         let config_share_window = config.drift_share_window;
         let cluster_credentials = config.cluster_credentials_namespaces();
         let (events, queue) = tokio::sync::mpsc::channel(4096);
-        // Events about a cluster-scoped object (a ClusterDpcAccount) go to the operator's own
-        // namespace (outside a pod: the first watched namespace, else `default`);
-        // `kubectl describe` finds them in any namespace.
-        let cluster_events_namespace = config
-            .operator_namespace
-            .clone()
-            .or_else(|| config.namespaces.first().cloned())
-            .unwrap_or_else(|| "default".into());
+        // Events about a cluster-scoped object (a ClusterDpcAccount) can only go to `default`:
+        // kube-apiserver refuses an events.k8s.io/v1 Event about a cluster-scoped object in
+        // any namespace but `default` and `kube-system`. `kubectl describe` finds them there.
+        let cluster_events_namespace = "default".to_string();
         tokio::spawn(publish_events(
             client.clone(),
             reporter,

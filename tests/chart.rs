@@ -233,22 +233,29 @@ fn rbac_is_least_privilege() {
         .collect();
     assert_eq!(
         namespaces,
-        BTreeSet::from(["analytics", "data-platform", "dpc-operator"])
+        BTreeSet::from(["analytics", "data-platform", "default", "dpc-operator"])
     );
-    // In the release namespace: Leases, and the ClusterDpcAccount credentials (read-only)
-    // with the Events about ClusterDpcAccounts.
+    // Events about ClusterDpcAccounts can only be in `default`: a Role for that alone.
+    let events = roles
+        .iter()
+        .find(|r| r["metadata"]["name"] == "dpc-operator-cluster-events")
+        .expect("a Role for cluster Events");
+    assert_eq!(events["metadata"]["namespace"], "default");
+    assert_eq!(
+        rules(events),
+        vec![(
+            BTreeSet::from(["events".to_string()]),
+            BTreeSet::from(["create".to_string()])
+        )]
+    );
+    // In the release namespace: Leases, and the ClusterDpcAccount credentials (read-only).
     let credentials = roles
         .iter()
         .find(|r| r["metadata"]["name"] == "dpc-operator-cluster-credentials")
         .expect("a Role for ClusterDpcAccount credentials");
     assert_eq!(credentials["metadata"]["namespace"], "dpc-operator");
-    let expected: Vec<(BTreeSet<String>, BTreeSet<String>)> = vec![
-        (BTreeSet::from(["secrets".to_string()]), read_only.clone()),
-        (
-            BTreeSet::from(["events".to_string()]),
-            BTreeSet::from(["create".to_string()]),
-        ),
-    ];
+    let expected: Vec<(BTreeSet<String>, BTreeSet<String>)> =
+        vec![(BTreeSet::from(["secrets".to_string()]), read_only.clone())];
     assert_eq!(rules(credentials), expected);
     for (resources, _) in rules(find(&rendered, "ClusterRole")[0]) {
         assert!(

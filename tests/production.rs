@@ -571,32 +571,43 @@ fn written_values(calls: &[Call]) -> Vec<String> {
 
 #[tokio::test]
 async fn the_object_that_manages_an_override_keeps_it_against_a_newcomer_of_the_same_second() {
-    let mut h = Harness::start().await.run();
-    // Kubernetes records creation to the second: "alpha", created just after "zeta", sorts
-    // first by name. Retried until both share a creation second (nearly always at once).
+    let h = Harness::start().await.run();
+    // Kubernetes records creation to the second: "alpha", created just after "zeta" wrote
+    // its override, sorts first by name. Retried until both share a creation second (most
+    // rounds do: zeta is Ready within a few tens of milliseconds).
     let mut round = 0;
-    let (zeta, alpha) = loop {
+    let (zeta, alpha, managing) = loop {
         round += 1;
-        assert!(round <= 5, "never created two objects within one second");
+        assert!(round <= 10, "never created two objects within one second");
         let (zeta, alpha) = (format!("zeta-{round}"), format!("alpha-{round}"));
         let connection = format!("Salesforce{round}");
         let a = h
             .apply(&Cov::new(&zeta, &connection).property("secretKey", "zeta"))
             .await;
+        let managing = h.wait_ready(&zeta).await;
+        h.sim.clear_calls();
         let b = h
             .apply(&Cov::new(&alpha, &connection).property("secretKey", "alpha"))
             .await;
         if a.metadata.creation_timestamp == b.metadata.creation_timestamp {
-            break (zeta, alpha);
+            break (zeta, alpha, managing);
         }
-        h = h.restart().await;
+        for name in [&alpha, &zeta] {
+            h.covs()
+                .delete(name, &DeleteParams::default())
+                .await
+                .unwrap();
+            h.wait_gone(name).await;
+        }
     };
-    let managing = h.wait_ready(&zeta).await;
     h.wait_reason(&alpha, "Conflict").await;
     let managed = managing.status.unwrap().managed_override.unwrap();
     assert_eq!(managed.api_url, h.sim.api_url());
     assert_eq!(managed.connection_name, format!("Salesforce{round}"));
-    assert_eq!(written_values(&h.sim.calls()), ["zeta"]);
+    assert!(
+        written_values(&h.sim.calls()).is_empty(),
+        "the newcomer never writes"
+    );
 
     // A restarted operator reads the claim from status: the newcomer still never writes.
     let h = h.restart().await;
@@ -618,7 +629,18 @@ async fn the_object_that_manages_an_override_keeps_it_against_a_newcomer_of_the_
     assert_eq!(ready_condition(&loser).reason, "Conflict");
     let winner = h.wait_for(&zeta, "the request handled", handled).await;
     assert_eq!(ready_condition(&winner).reason, "Available");
-    assert_eq!(written_values(&h.sim.calls()), ["zeta"]);
+    assert!(
+        written_values(&h.sim.calls()).is_empty(),
+        "the newcomer never writes"
+    );
+    let stored = h
+        .sim
+        .get_override(PROJECT, "PROD", &format!("Salesforce{round}"))
+        .unwrap();
+    assert_eq!(
+        stored.connection_overrides["connectionProperties"]["secretKey"],
+        "zeta"
+    );
     h.stop().await;
 }
 
@@ -1157,5 +1179,100 @@ async fn a_huge_error_answer_leaves_a_short_condition_message() {
     assert!(message.ends_with('…'));
     let (_, _, note) = h.wait_event("sf", "ApiRejected").await;
     assert!(note.len() <= 1024, "{}", note.len());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_account_credentials_live_in_the_operators_namespace_and_events_in_default() {
+    // The operator's own namespace is not one it watches for ConnectionOverrides.
+    let home = unique_name("operator-");
+    let config = OperatorConfig {
+        operator_namespace: Some(home.clone()),
+        ..test_config()
+    };
+    let h = Harness::start_with(config, SimConfig::default()).await;
+    create_namespace(&h.client, &home, json!({})).await;
+    put_secret_in(
+        &h.client,
+        &home,
+        "shared-creds",
+        &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    let shared: Api<ClusterDpcAccount> = Api::all(h.client.clone());
+    let name = unique_name("home-");
+    let mut account = h.cluster_account(&name, json!({"names": [&h.ns]}));
+    account.spec.account.credentials_secret_ref.name = "shared-creds".into();
+    account.spec.account.credentials_secret_ref.namespace = Some(home.clone());
+    shared
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    let h = h.run();
+    // kube-apiserver takes an Event about a cluster-scoped object only in `default` (or
+    // `kube-system`): not in the operator's namespace.
+    let (kind, _, note) = h.wait_event_in("default", &name, "TokenObtained").await;
+    assert_eq!(kind, "Normal", "{note}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(h.client.clone(), &home);
+    let elsewhere: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
+        "metadata": {"name": "probe", "namespace": &home},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reportingController": "dpc-operator",
+        "reportingInstance": "test",
+        "action": "Probe",
+        "reason": "Probe",
+        "type": "Normal",
+        "regarding": {"apiVersion": "dpc-operator.io/v1alpha1", "kind": "ClusterDpcAccount", "name": &name}
+    }))
+    .unwrap();
+    let refused = events
+        .create(&PostParams::default(), &elsewhere)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("does not match event.namespace"),
+        "{refused}"
+    );
+    let mut cov = Cov::new("via-home", "Salesforce");
+    cov.spec.account_ref.name = name.clone();
+    cov.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
+    h.apply(&cov).await;
+    h.wait_ready("via-home").await;
+    shared
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn objects_created_at_once_for_one_override_make_exactly_one_write() {
+    let h = Harness::start().await.run();
+    let names: Vec<String> = (0..6).map(|i| format!("racer-{i}")).collect();
+    let applies = names.iter().map(|name| {
+        let cov = Cov::new(name, "Salesforce").property("secretKey", name);
+        let h = &h;
+        async move { h.apply(&cov).await }
+    });
+    futures::future::join_all(applies).await;
+    let mut ready = Vec::new();
+    for name in &names {
+        let obj = h
+            .wait_for(name, "Ready or Conflict", |o| {
+                is_ready(o)
+                    || o.status.as_ref().is_some_and(|s| {
+                        conditions::find(&s.conditions, conditions::READY)
+                            .is_some_and(|c| c.reason == "Conflict")
+                    })
+            })
+            .await;
+        if is_ready(&obj) {
+            ready.push(name.clone());
+        }
+    }
+    assert_eq!(ready.len(), 1, "exactly one manages: {ready:?}");
+    assert_eq!(written_values(&h.sim.calls()), ready, "and only it writes");
     h.stop().await;
 }

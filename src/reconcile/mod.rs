@@ -302,7 +302,14 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
     for other in triggers {
         ctx.trigger(&other);
     }
-    if let Some(owner) = owner {
+    // An object that writes claims the override now, in one step with the check: of two
+    // objects reconciled at once, exactly one goes on.
+    let claimed = match owner {
+        Some(owner) => Err(owner),
+        None if observe_only => Ok(None),
+        None => ctx.claims.claim(key).map(Some),
+    };
+    if let Err(owner) = &claimed {
         ctx.drift.unregister(key);
         let message = format!(
             "ConnectionOverride {}/{} already manages the override of {remote_key}; this object never writes it and waits until that one is gone",
@@ -426,7 +433,7 @@ async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Result<
                 && m.account_id == account.endpoint.account_id
         })
         .map(|m| m.claimed_at.clone())
-        .or_else(|| ctx.claims.claim(key).map(MicroTime))
+        .or_else(|| claimed.ok().flatten().map(MicroTime))
         .unwrap_or_else(|| MicroTime(Timestamp::now()));
     let managed = ManagedOverride {
         api_url: account.endpoint.api_url.as_str().to_string(),

@@ -650,6 +650,23 @@ impl Store {
             },
         };
         self.check_namespace(rt, &namespace)?;
+        // As kube-apiserver validates events.k8s.io/v1: an Event about a cluster-scoped
+        // object may only be in `default` or `kube-system`.
+        if rt.group == "events.k8s.io" {
+            let regarding_ns = object
+                .pointer("/regarding/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if regarding_ns.is_empty() && namespace != "default" && namespace != "kube-system" {
+                return Err(ApiError::invalid(
+                    rt,
+                    &name,
+                    format!(
+                        "Event.events.k8s.io \"{name}\" is invalid: involvedObject.namespace: Invalid value: \"\": does not match event.namespace"
+                    ),
+                ));
+            }
+        }
         let key = (namespace.clone(), name.clone());
         if self.objects(rt).contains_key(&key) {
             let what = if rt.group.is_empty() {
