@@ -342,10 +342,8 @@ async fn full_flow(scope: Scope) {
         .create(&Default::default(), &account)
         .await
         .unwrap();
-    let mut via_cluster = Cov::new("via-cluster", "Snowflake");
-    via_cluster.spec.account_ref.name = shared.clone();
-    via_cluster.spec.account_ref.kind = Some(dpc_operator::api::AccountKind::ClusterDpcAccount);
-    h.apply(&via_cluster).await;
+    h.apply(&Cov::new("via-cluster", "Snowflake").cluster_account(&shared))
+        .await;
     h.wait_ready("via-cluster").await;
 
     // Deletion: one DELETE each, then the objects are gone.

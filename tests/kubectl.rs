@@ -139,22 +139,7 @@ async fn kubectl_drives(kubeconfig_text: &str, client: kube::Client, version_lin
         again.contains("connectionoverride.dpc-operator.io/salesforce-prod unchanged"),
         "{again}"
     );
-    let patch = format!(
-        r#"{{"spec":{{"apiUrl":"{}","tokenUrl":"{}"}}}}"#,
-        sim.api_url(),
-        sim.token_url()
-    );
-    k.ok(&[
-        "patch",
-        "dpcacct",
-        "matillion-eu",
-        "-n",
-        "data-platform",
-        "--type=merge",
-        "-p",
-        &patch,
-    ])
-    .await;
+    point_account_at(&k, &sim).await;
 
     // Before the operator runs: the printer columns are there, the conditions empty.
     let before = table(&k.ok(&["get", "cov", "-n", "data-platform"]).await);
@@ -405,11 +390,8 @@ async fn kubectl_drives(kubeconfig_text: &str, client: kube::Client, version_lin
     operator.await.unwrap();
 }
 
-/// Applies the quickstart, points its account at the simulator and waits until the operator
-/// has it all Ready.
-async fn quickstart_ready(k: &Kubectl, sim: &DpcSim) {
-    k.ok(&["apply", "-f", &repo("deploy/examples/quickstart.yaml")])
-        .await;
+/// Points the quickstart's account at the simulator.
+async fn point_account_at(k: &Kubectl, sim: &DpcSim) {
     let patch = format!(
         r#"{{"spec":{{"apiUrl":"{}","tokenUrl":"{}"}}}}"#,
         sim.api_url(),
@@ -426,6 +408,14 @@ async fn quickstart_ready(k: &Kubectl, sim: &DpcSim) {
         &patch,
     ])
     .await;
+}
+
+/// Applies the quickstart, points its account at the simulator and waits until the operator
+/// has it all Ready.
+async fn quickstart_ready(k: &Kubectl, sim: &DpcSim) {
+    k.ok(&["apply", "-f", &repo("deploy/examples/quickstart.yaml")])
+        .await;
+    point_account_at(k, sim).await;
     k.ok(&[
         "wait",
         "--for=condition=Ready",

@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use dpc_operator::api::{
-    AccountKind, ClusterDpcAccount, DriftPolicy, ManagementPolicy, conditions,
-};
+use dpc_operator::api::{ClusterDpcAccount, DriftPolicy, ManagementPolicy, conditions};
 use dpc_operator::controller::OperatorConfig;
 use dpc_operator::sim::dpc::{Call, Fault, FaultKind, SimConfig, SimOp};
 use kube::Api;
@@ -660,9 +658,9 @@ async fn a_dpc_account_and_a_cluster_account_reaching_one_dpc_account_claim_once
     h.apply(&Cov::new("namespaced", "Salesforce").property("secretKey", "namespaced"))
         .await;
     h.wait_ready("namespaced").await;
-    let mut via_cluster = Cov::new("via-cluster", "Salesforce").property("secretKey", "cluster");
-    via_cluster.spec.account_ref.name = shared_name.clone();
-    via_cluster.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
+    let via_cluster = Cov::new("via-cluster", "Salesforce")
+        .property("secretKey", "cluster")
+        .cluster_account(&shared_name);
     h.apply(&via_cluster).await;
     let loser = h.wait_reason("via-cluster", "Conflict").await;
     let message = ready_condition(&loser).message;
@@ -813,9 +811,7 @@ async fn a_cluster_account_serves_only_the_namespaces_it_allows() {
         .await
         .unwrap();
     let h = h.also_watch(&[team_b_ns, team_c_ns]).run();
-    let mut cov = Cov::new("a", "A");
-    cov.spec.account_ref.name = shared_name.clone();
-    cov.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
+    let cov = Cov::new("a", "A").cluster_account(&shared_name);
     h.apply(&cov).await;
     h.wait_ready("a").await;
 
@@ -1118,12 +1114,7 @@ async fn tenant_accounts_cannot_send_secrets_to_other_hosts_or_read_other_namesp
         "{message}"
     );
 
-    let by_cluster = |name: &str, account: &str| {
-        let mut cov = Cov::new(name, name);
-        cov.spec.account_ref.name = account.into();
-        cov.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
-        cov
-    };
+    let by_cluster = |name: &str, account: &str| Cov::new(name, name).cluster_account(account);
     h.apply(&by_cluster("outside", &outside)).await;
     let refused = h.wait_reason("outside", "AccountNotReady").await;
     let message = ready_condition(&refused).message;
@@ -1235,10 +1226,8 @@ async fn cluster_account_credentials_live_in_the_operators_namespace_and_events_
             .contains("does not match event.namespace"),
         "{refused}"
     );
-    let mut cov = Cov::new("via-home", "Salesforce");
-    cov.spec.account_ref.name = name.clone();
-    cov.spec.account_ref.kind = Some(AccountKind::ClusterDpcAccount);
-    h.apply(&cov).await;
+    h.apply(&Cov::new("via-home", "Salesforce").cluster_account(&name))
+        .await;
     h.wait_ready("via-home").await;
     shared
         .delete(&name, &DeleteParams::default())

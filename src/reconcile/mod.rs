@@ -616,6 +616,15 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
     let capped = |delay: Duration| {
         until_deadline.map_or(delay, |left| delay.min(left + Duration::from_millis(50)))
     };
+    // What follows a deletion that could not go ahead: nothing once released; else a retry
+    // after `retry`, or (waiting for a change) a look only to meet spec.deletionTimeout.
+    let next = |released: bool, retry: Option<Duration>| match (released, retry) {
+        (true, _) => Action::await_change(),
+        (false, Some(delay)) => Action::requeue(capped(delay)),
+        (false, None) => until_deadline.map_or(Action::await_change(), |_| {
+            Action::requeue(capped(Duration::from_secs(3600)))
+        }),
+    };
 
     if annotation(obj, PAUSED_ANNOTATION) == Some("true") {
         let released = give_up(
@@ -627,13 +636,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
             format!("deletion waits: reconciliation is paused ({PAUSED_ANNOTATION})"),
         )
         .await?;
-        return Ok(if released {
-            Action::await_change()
-        } else {
-            until_deadline.map_or(Action::await_change(), |_| {
-                Action::requeue(capped(Duration::from_secs(3600)))
-            })
-        });
+        return Ok(next(released, None));
     }
     let (account, account_refs) = ctx
         .accounts
@@ -663,13 +666,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
                 format!("cannot delete the override in DPC: {e}"),
             )
             .await?;
-            return Ok(if released {
-                Action::await_change()
-            } else {
-                until_deadline.map_or(Action::await_change(), |_| {
-                    Action::requeue(capped(Duration::from_secs(3600)))
-                })
-            });
+            return Ok(next(released, None));
         }
     };
     // The override to delete is the one this object manages, whatever the spec says now.
@@ -700,11 +697,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
             ),
         )
         .await?;
-        return Ok(if released {
-            Action::await_change()
-        } else {
-            Action::requeue(capped(ctx.backoff.next(key)))
-        });
+        return Ok(next(released, Some(ctx.backoff.next(key))));
     }
     let dpc = ctx
         .dpc
@@ -759,11 +752,7 @@ async fn cleanup(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Resul
                 format!("deleting the override in DPC failed: {detail}; retrying"),
             )
             .await?;
-            Ok(if released {
-                Action::await_change()
-            } else {
-                Action::requeue(capped(delay))
-            })
+            Ok(next(released, Some(delay)))
         }
     }
 }

@@ -309,9 +309,8 @@ impl Harness {
         self.halt().await.run()
     }
 
-    /// Stops the controller; `run` then starts a new one with nothing in memory (the
-    /// operator was down in between).
-    pub async fn halt(mut self) -> Self {
+    /// Cancels the controller and waits for it to end.
+    async fn stop_controller(&mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(WAIT, task)
@@ -319,6 +318,12 @@ impl Harness {
                 .expect("the controller stops")
                 .unwrap();
         }
+    }
+
+    /// Stops the controller; `run` then starts a new one with nothing in memory (the
+    /// operator was down in between).
+    pub async fn halt(mut self) -> Self {
+        self.stop_controller().await;
         self.shutdown = CancellationToken::new();
         self.ctx = Context::new(self.client.clone(), self.config.clone());
         self
@@ -328,13 +333,7 @@ impl Harness {
     /// dropped, as no controller will release them), so the shared API server does not fill
     /// up with the objects of finished tests.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task)
-                .await
-                .expect("the controller stops")
-                .unwrap();
-        }
+        self.stop_controller().await;
         for ns in &self.config.namespaces {
             strip_finalizers(&Api::<ConnectionOverride>::namespaced(
                 self.client.clone(),
@@ -770,6 +769,13 @@ impl Cov {
 
     pub fn account(mut self, account: &str) -> Self {
         self.spec.account_ref.name = account.into();
+        self
+    }
+
+    /// Uses the ClusterDpcAccount `account`.
+    pub fn cluster_account(mut self, account: &str) -> Self {
+        self.spec.account_ref.name = account.into();
+        self.spec.account_ref.kind = Some(dpc_operator::api::AccountKind::ClusterDpcAccount);
         self
     }
 
