@@ -5,8 +5,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-COPY deploy/examples ./deploy/examples
+COPY crates ./crates
 COPY .ci/build-static ./.ci/build-static
 # The same build CI runs and checks (.ci/build-static).
 RUN bash .ci/build-static && install -D -m 0755 target/x86_64-unknown-linux-gnu/release/dpc-operator /out/dpc-operator

@@ -1,0 +1,705 @@
+//! The benchmark: the operator binary as a process against the Kubernetes API emulator and
+//! the DPC simulator (both in this process), with figures a reader can reproduce. See
+//! BENCHMARKS.md for the commands and results.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use dpc_operator_api::{
+    AccountRef, ConnectionOverride, ConnectionOverrideSpec, ConnectionOverridesSpec,
+    CredentialsSecretRef, DpcAccount, DpcAccountSpec, KeySelector, PropertyFrom, SecretsLocation,
+};
+use dpc_testkit::dpc::{DpcSim, RateLimit, SimConfig, SimOp};
+use dpc_testkit::kube::store::ChangeKind;
+use dpc_testkit::kube::{EmulatorConfig, KubeEmulator};
+
+pub const NAMESPACE: &str = "bench";
+pub const PROJECT: &str = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
+pub const CLIENT_ID: &str = "bench-client";
+pub const CLIENT_SECRET: &str = "bench-secret-5e8a1f";
+const ACCOUNT: &str = "dpc";
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub objects: usize,
+    pub environments: usize,
+    /// Simulated DPC latency per request.
+    pub latency: Duration,
+    /// `--concurrency` of the operator.
+    pub concurrency: u16,
+    /// The account's `requestsPerMinute` (and the simulator's limit, with the burst).
+    pub requests_per_minute: u32,
+    pub burst: u32,
+    /// `spec.syncInterval` of every object; the quiet phase lasts three of them.
+    pub sync_interval: Duration,
+    /// How many Secrets are rotated at once.
+    pub rotations: usize,
+    /// The operator binary (a release build).
+    pub operator: PathBuf,
+    /// More arguments for the operator, after the bench's own.
+    pub operator_args: Vec<String>,
+    /// Where to keep the operator's log.
+    pub work_dir: PathBuf,
+}
+
+/// The figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub objects: usize,
+    pub environments: usize,
+    /// Arguments given to the operator beyond the bench's own.
+    pub operator_args: Vec<String>,
+    pub latency_ms: u64,
+    pub concurrency: u16,
+    pub requests_per_minute: u32,
+    pub seconds_to_create_objects: f64,
+    pub seconds_to_all_ready: f64,
+    pub dpc_calls_to_converge: usize,
+    pub ideal_seconds: f64,
+    pub ratio_to_ideal: f64,
+    /// From the operator's start to its first write.
+    pub seconds_to_first_write: f64,
+    /// From the first write to the last.
+    pub seconds_of_writes: f64,
+    /// CPU seconds of the operator, and of the emulator and simulator (this process), until
+    /// every object was Ready: the two share the machine's cores.
+    pub operator_cpu_seconds_converging: f64,
+    pub doubles_cpu_seconds_converging: f64,
+    pub writes_per_object: f64,
+    pub sync_interval_secs: f64,
+    pub quiet_intervals: u32,
+    pub quiet_reads: usize,
+    pub quiet_list_pages: usize,
+    pub quiet_reads_allowed: usize,
+    pub quiet_writes: usize,
+    pub too_many_requests: usize,
+    pub rotations: usize,
+    pub rotation_p50_ms: u64,
+    pub rotation_p99_ms: u64,
+    pub peak_rss_mib: f64,
+    pub cpu_seconds_per_idle_minute: f64,
+}
+
+/// A running operator process.
+pub struct OperatorProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts `binary run` against `kubeconfig` with `extra` flags, logging at `level`
+    /// (`RUST_LOG`) to `log`.
+    pub fn start(
+        binary: &Path,
+        kubeconfig: &Path,
+        log: &Path,
+        level: &str,
+        extra: &[String],
+    ) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = Command::new(binary)
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "--allow-insecure-http",
+                "--dpc-allowed-hosts=127.0.0.1",
+                "--log-format",
+                "json",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", level)
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// SIGKILL, and wait for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, and wait up to `within`.
+    pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.pid().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// Peak resident memory (MiB) and CPU seconds (user + system) of a process, from /proc.
+pub fn process_stats(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let hz = 100.0; // USER_HZ on Linux
+    Some((hwm_kb / 1024.0, ticks / hz))
+}
+
+/// The test doubles, the namespace, the account and its credentials.
+pub struct World {
+    pub emu: KubeEmulator,
+    pub sim: DpcSim,
+    pub client: Client,
+    pub kubeconfig: PathBuf,
+}
+
+impl World {
+    pub async fn start(
+        work_dir: &Path,
+        sim_config: SimConfig,
+        requests_per_minute: u32,
+        burst: u32,
+    ) -> std::io::Result<Self> {
+        let emu = KubeEmulator::start_with(
+            "127.0.0.1:0".parse().expect("an address"),
+            EmulatorConfig {
+                history_limit: 200_000,
+                ..EmulatorConfig::default()
+            },
+        )
+        .await?;
+        let sim = DpcSim::start(sim_config).await?;
+        sim.add_client(CLIENT_ID, CLIENT_SECRET);
+        std::fs::create_dir_all(work_dir)?;
+        let kubeconfig = work_dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, emu.kubeconfig())?;
+        let client = emu.client();
+        emu.install_crds().await.map_err(std::io::Error::other)?;
+        emu.create_namespace(NAMESPACE)
+            .await
+            .map_err(std::io::Error::other)?;
+        let world = Self {
+            emu,
+            sim,
+            client,
+            kubeconfig,
+        };
+        world
+            .put_secret(
+                "dpc-creds",
+                &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)],
+            )
+            .await;
+        let accounts: Api<DpcAccount> = Api::namespaced(world.client.clone(), NAMESPACE);
+        let mut account = DpcAccount::new(
+            ACCOUNT,
+            DpcAccountSpec {
+                region: None,
+                api_url: Some(world.sim.api_url()),
+                token_url: Some(world.sim.token_url()),
+                audience: None,
+                credentials_secret_ref: CredentialsSecretRef {
+                    name: "dpc-creds".into(),
+                    namespace: None,
+                    client_id_key: "client_id".into(),
+                    client_secret_key: "client_secret".into(),
+                },
+                account_id: None,
+                requests_per_minute: Some(requests_per_minute),
+                request_burst: Some(burst),
+            },
+        );
+        account.metadata.namespace = Some(NAMESPACE.into());
+        accounts
+            .create(&PostParams::default(), &account)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(world)
+    }
+
+    /// Creates or overwrites a Secret.
+    pub async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let secret = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": data.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect::<serde_json::Map<_, _>>(),
+        });
+        api.patch(
+            name,
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("writing a Secret");
+    }
+
+    /// How many ConnectionOverrides are Ready for their current generation.
+    pub fn ready_count(&self) -> usize {
+        self.emu
+            .count_where("dpc-operator.io", "connectionoverrides", is_ready)
+    }
+
+    /// Waits until `expected` ConnectionOverrides are Ready, following the emulator's changes
+    /// (a scan of every object per look would hold the store lock the operator needs).
+    pub async fn wait_ready(&self, expected: usize, timeout: Duration) -> Result<Duration, String> {
+        use tokio::sync::broadcast::error::RecvError;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let follow = || {
+            self.emu
+                .select_and_follow("dpc-operator.io", "connectionoverrides", is_ready)
+        };
+        let (mut ready, mut changes) = follow();
+        while ready.len() < expected {
+            let change = match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => {
+                    let ready = ready.len();
+                    return Err(format!(
+                        "only {ready} of {expected} objects became Ready within {timeout:?}"
+                    ));
+                }
+                Ok(Err(RecvError::Lagged(_))) => {
+                    (ready, changes) = follow();
+                    continue;
+                }
+                Ok(Err(RecvError::Closed)) => return Err("the emulator stopped".to_string()),
+                Ok(Ok(change)) => change,
+            };
+            if change.type_key.1 != "connectionoverrides" {
+                continue;
+            }
+            let meta = &change.object["metadata"];
+            let key = (
+                meta["namespace"].as_str().unwrap_or_default().to_string(),
+                meta["name"].as_str().unwrap_or_default().to_string(),
+            );
+            if change.kind != ChangeKind::Deleted && is_ready(&change.object) {
+                ready.insert(key);
+            } else {
+                ready.remove(&key);
+            }
+        }
+        Ok(started.elapsed())
+    }
+}
+
+/// Ready=True for the object's current generation.
+pub fn is_ready(obj: &Value) -> bool {
+    let generation = obj.pointer("/metadata/generation");
+    let status = obj.get("status");
+    let observed = status.and_then(|s| s.get("observedGeneration"));
+    observed.is_some()
+        && observed == generation
+        && status
+            .and_then(|s| s.get("conditions"))
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+}
+
+/// The Secret bench object `i` reads.
+fn secret_of(i: usize) -> String {
+    format!("sec-{i}")
+}
+
+/// The spec of bench object `i`: objects below `with_secret` read `secretKey` from their
+/// own Secret.
+pub fn spec_of(
+    i: usize,
+    environments: usize,
+    sync_interval: Option<Duration>,
+    with_secret: usize,
+) -> ConnectionOverrideSpec {
+    let mut from = Vec::new();
+    if i < with_secret {
+        from.push(PropertyFrom {
+            property: "secretKey".into(),
+            secret_key_ref: Some(KeySelector {
+                name: secret_of(i),
+                key: "key".into(),
+                namespace: None,
+            }),
+            config_map_key_ref: None,
+        });
+    }
+    ConnectionOverrideSpec {
+        account_ref: AccountRef {
+            name: ACCOUNT.into(),
+            kind: None,
+            namespace: None,
+        },
+        project_id: PROJECT.into(),
+        environment_name: format!("ENV-{}", i % environments.max(1)),
+        connection_name: format!("conn-{i}"),
+        auth_type: None,
+        connection_overrides: ConnectionOverridesSpec {
+            secrets_location: Some(SecretsLocation {
+                type_: "AWS_SECRET_MANAGER".into(),
+                region: Some("eu-west-1".into()),
+                extra: Default::default(),
+            }),
+            connection_properties: [("secretName".to_string(), format!("prod/conn-{i}"))].into(),
+            connection_properties_from: from,
+        },
+        deletion_policy: None,
+        sync_interval: sync_interval.map(|d| format!("{}s", d.as_secs().max(1))),
+        drift_policy: None,
+        management_policy: None,
+        deletion_timeout: None,
+    }
+}
+
+/// Creates objects `range` with up to 64 requests in flight.
+pub async fn create_objects(
+    client: &Client,
+    range: std::ops::Range<usize>,
+    spec: impl Fn(usize) -> ConnectionOverrideSpec,
+) {
+    let api: Api<ConnectionOverride> = Api::namespaced(client.clone(), NAMESPACE);
+    futures::stream::iter(range.map(|i| {
+        let mut obj = ConnectionOverride::new(&format!("cov-{i}"), spec(i));
+        obj.metadata.namespace = Some(NAMESPACE.into());
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &obj)
+                .await
+                .expect("creating an object")
+        }
+    }))
+    .buffer_unordered(64)
+    .for_each(|_| async {})
+    .await;
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark.
+pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
+    let per_second = options.requests_per_minute.div_ceil(60);
+    let sim_config = SimConfig {
+        latency_ms: options.latency.as_millis() as u64,
+        token_lifetime_secs: 3600,
+        // The server allows what the account is configured for: the rate plus its burst.
+        rate_limit: Some(RateLimit {
+            limit: per_second + options.burst,
+            window_ms: 1000,
+            retry_after_secs: Some(1),
+        }),
+        ..SimConfig::default()
+    };
+    let world = World::start(
+        &options.work_dir,
+        sim_config,
+        options.requests_per_minute,
+        options.burst,
+    )
+    .await
+    .map_err(|e| format!("starting the test doubles: {e}"))?;
+    let rotated = options.rotations.min(options.objects);
+    // Every object reads one key of its own Secret, as the design's memory target counts "objects and their
+    // Secrets"; the first `rotated` of them are rotated later.
+    futures::stream::iter((0..options.objects).map(|i| {
+        let world = &world;
+        async move { world.put_secret(&secret_of(i), &[("key", "first")]).await }
+    }))
+    .buffer_unordered(64)
+    .for_each(|_| async {})
+    .await;
+    let created = Instant::now();
+    let envs = options.environments;
+    let sync = options.sync_interval;
+    create_objects(&world.client, 0..options.objects, |i| {
+        spec_of(i, envs, Some(sync), options.objects)
+    })
+    .await;
+    let seconds_to_create_objects = created.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: created {} objects in {seconds_to_create_objects:.1}s",
+        options.objects
+    );
+
+    let log = options.work_dir.join("operator.log");
+    let _ = std::fs::remove_file(&log);
+    let mut extra = vec![
+        "--concurrency".to_string(),
+        options.concurrency.to_string(),
+        "--min-sync-interval".into(),
+        "1s".into(),
+    ];
+    extra.extend(options.operator_args.iter().cloned());
+    let started_ms = world.sim.now_ms();
+    let (_, bench_cpu_before) = process_stats(std::process::id()).ok_or("reading /proc")?;
+    let mut operator =
+        OperatorProcess::start(&options.operator, &world.kubeconfig, &log, "warn", &extra)
+            .map_err(|e| format!("starting {}: {e}", options.operator.display()))?;
+    let pid = operator.pid();
+
+    let converge_timeout = Duration::from_secs(60 + (options.objects as u64) * 50 / 1000);
+    let took = world.wait_ready(options.objects, converge_timeout).await?;
+    let (_, operator_cpu_converging) = process_stats(pid).ok_or("reading /proc")?;
+    let (_, bench_cpu_after) = process_stats(std::process::id()).ok_or("reading /proc")?;
+    let calls = world.sim.calls();
+    let dpc_calls = calls.len();
+    let write_times: Vec<u64> = calls
+        .iter()
+        .filter(|c| c.is_write())
+        .map(|c| c.at_ms)
+        .collect();
+    let first_write_ms = write_times
+        .iter()
+        .min()
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(started_ms);
+    let write_span_ms = write_times
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(write_times.iter().min().copied().unwrap_or(0));
+    let writes = calls.iter().filter(|c| c.is_write()).count();
+    let mut too_many = calls.iter().filter(|c| c.status == Some(429)).count();
+    let ideal = dpc_calls as f64 * options.latency.as_secs_f64() / f64::from(options.concurrency);
+    eprintln!(
+        "bench: {} objects Ready in {:.2}s ({dpc_calls} DPC calls)",
+        options.objects,
+        took.as_secs_f64()
+    );
+
+    // Quiet: three sync intervals with nothing changed; the operator's CPU over that time.
+    world.sim.clear_calls();
+    let (_, cpu_before) = process_stats(pid).ok_or("reading /proc")?;
+    let quiet_started = Instant::now();
+    let quiet_intervals = 3u32;
+    tokio::time::sleep(options.sync_interval * quiet_intervals).await;
+    let quiet_elapsed = quiet_started.elapsed();
+    let (_, cpu_after) = process_stats(pid).ok_or("reading /proc")?;
+    let quiet = world.sim.calls();
+    // A list is one read however many pages it takes; pages are reported too.
+    let quiet_pages = quiet.iter().filter(|c| c.op == SimOp::List).count();
+    let quiet_reads = quiet
+        .iter()
+        .filter(|c| c.op == SimOp::List && c.param("page").is_none_or(|p| p == "0"))
+        .count();
+    let quiet_writes = quiet.iter().filter(|c| c.is_write()).count();
+    too_many += quiet.iter().filter(|c| c.status == Some(429)).count();
+    // One list per environment per interval; the ±10 % jitter can fit one more in.
+    let quiet_reads_allowed =
+        options.environments.min(options.objects) * (quiet_intervals as usize + 1);
+
+    // Rotation: every rotated Secret changes at once.
+    world.sim.clear_calls();
+    let changes: Vec<(String, u64)> = futures::future::join_all((0..rotated).map(|i| {
+        let world = &world;
+        async move {
+            let at = world.sim.now_ms();
+            let api: Api<Secret> = Api::namespaced(world.client.clone(), NAMESPACE);
+            let patch = json!({"stringData": {"key": "second"}});
+            api.patch(
+                &secret_of(i),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .expect("rotating a Secret");
+            (format!("conn-{i}"), at)
+        }
+    }))
+    .await;
+    let rotation_calls = world
+        .sim
+        .wait_for_calls(Duration::from_secs(60), |c| {
+            c.iter()
+                .filter(|c| c.op == SimOp::Update && c.status == Some(200))
+                .count()
+                >= rotated
+        })
+        .await
+        .map_err(|c| {
+            format!(
+                "only {} of {rotated} rotations reached DPC",
+                c.iter().filter(|c| c.op == SimOp::Update).count()
+            )
+        })?;
+    too_many += rotation_calls
+        .iter()
+        .filter(|c| c.status == Some(429))
+        .count();
+    let mut latencies: Vec<u64> = changes
+        .iter()
+        .filter_map(|(connection, at)| {
+            rotation_calls
+                .iter()
+                .find(|c| {
+                    c.op == SimOp::Update
+                        && c.body
+                            .as_ref()
+                            .is_some_and(|b| b["connectionName"] == *connection.as_str())
+                })
+                .map(|c| c.at_ms.saturating_sub(*at))
+        })
+        .collect();
+    latencies.sort_unstable();
+
+    let (peak_rss_mib, _) = process_stats(pid).ok_or("reading /proc")?;
+    operator.terminate(Duration::from_secs(20)).await;
+    let cpu_per_minute = (cpu_after - cpu_before) / (quiet_elapsed.as_secs_f64() / 60.0);
+    Ok(BenchReport {
+        objects: options.objects,
+        environments: options.environments,
+        latency_ms: options.latency.as_millis() as u64,
+        concurrency: options.concurrency,
+        operator_args: options.operator_args.clone(),
+        requests_per_minute: options.requests_per_minute,
+        seconds_to_create_objects,
+        seconds_to_all_ready: took.as_secs_f64(),
+        dpc_calls_to_converge: dpc_calls,
+        ideal_seconds: ideal,
+        ratio_to_ideal: took.as_secs_f64() / ideal.max(f64::EPSILON),
+        seconds_to_first_write: first_write_ms as f64 / 1000.0,
+        seconds_of_writes: write_span_ms as f64 / 1000.0,
+        operator_cpu_seconds_converging: operator_cpu_converging,
+        doubles_cpu_seconds_converging: bench_cpu_after - bench_cpu_before,
+        writes_per_object: writes as f64 / options.objects.max(1) as f64,
+        sync_interval_secs: options.sync_interval.as_secs_f64(),
+        quiet_intervals,
+        quiet_reads,
+        quiet_list_pages: quiet_pages,
+        quiet_reads_allowed,
+        quiet_writes,
+        too_many_requests: too_many,
+        rotations: rotated,
+        rotation_p50_ms: percentile(&latencies, 0.50),
+        rotation_p99_ms: percentile(&latencies, 0.99),
+        peak_rss_mib,
+        cpu_seconds_per_idle_minute: cpu_per_minute,
+    })
+}
+
+/// The report as a table.
+pub fn table(r: &BenchReport) -> String {
+    let rows = [
+        (
+            "objects N / environments S",
+            format!("{} / {}", r.objects, r.environments),
+        ),
+        (
+            "DPC latency L / concurrency C",
+            format!("{} ms / {}", r.latency_ms, r.concurrency),
+        ),
+        (
+            "account rate (requests/min)",
+            r.requests_per_minute.to_string(),
+        ),
+        (
+            "more operator arguments",
+            if r.operator_args.is_empty() {
+                "none".to_string()
+            } else {
+                r.operator_args.join(" ")
+            },
+        ),
+        (
+            "time until every object is Ready",
+            format!("{:.2} s", r.seconds_to_all_ready),
+        ),
+        (
+            "ideal (DPC calls × L ÷ C)",
+            format!(
+                "{:.2} s ({} calls)",
+                r.ideal_seconds, r.dpc_calls_to_converge
+            ),
+        ),
+        ("ratio to ideal", format!("{:.2}", r.ratio_to_ideal)),
+        (
+            "start to first write / first to last write",
+            format!(
+                "{:.2} s / {:.2} s",
+                r.seconds_to_first_write, r.seconds_of_writes
+            ),
+        ),
+        (
+            "CPU while converging: operator / emulator+simulator",
+            format!(
+                "{:.1} s / {:.1} s",
+                r.operator_cpu_seconds_converging, r.doubles_cpu_seconds_converging
+            ),
+        ),
+        (
+            "DPC writes per object",
+            format!("{:.3}", r.writes_per_object),
+        ),
+        (
+            "quiet: list reads / writes over 3 sync intervals",
+            format!(
+                "{} (at most {}; {} pages) / {}",
+                r.quiet_reads, r.quiet_reads_allowed, r.quiet_list_pages, r.quiet_writes
+            ),
+        ),
+        ("429s received", r.too_many_requests.to_string()),
+        (
+            "rotation of Secrets at once: p50 / p99",
+            format!(
+                "{} ms / {} ms ({} Secrets)",
+                r.rotation_p50_ms, r.rotation_p99_ms, r.rotations
+            ),
+        ),
+        (
+            "operator peak resident memory",
+            format!("{:.1} MiB", r.peak_rss_mib),
+        ),
+        (
+            "operator CPU while idle",
+            format!(
+                "{:.2} s per minute (syncInterval {} s)",
+                r.cpu_seconds_per_idle_minute, r.sync_interval_secs
+            ),
+        ),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("| {k:<width$} | {v} |\n"));
+    }
+    out
+}

@@ -1,0 +1,24 @@
+//! dpc-operator keeps Matillion Data Productivity Cloud environment connection overrides in
+//! line with `ConnectionOverride` resources. The binary in `main.rs` is thin; everything it
+//! runs lives here so tests reach it.
+
+pub use dpc_operator_api as api;
+
+pub mod admin;
+pub mod claims;
+pub mod config;
+pub mod controller;
+pub mod dpc;
+pub mod drift;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+#[cfg(feature = "sandbox")]
+pub mod sandbox;
+pub mod telemetry;
+
+/// Installs rustls' ring crypto provider for the process (kube and reqwest share it).
+/// Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,405 @@
+//! Build: the request body DPC should receive, and its hash. Pure functions of the spec and
+//! the resolved values. The CRD's schema and CEL rules catch most invalid specs at admission;
+//! these checks repeat them so an object that bypassed admission (an older CRD, a cluster
+//! without CEL) is still reported rather than sent.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::api::ConnectionOverrideSpec;
+use crate::api::connection_override::{MAX_DELETION_TIMEOUT, MAX_SYNC_INTERVAL};
+use crate::dpc::{OverrideRequest, OverrideValues};
+
+/// The request to send and its hash.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub request: OverrideRequest,
+    pub hash: String,
+}
+
+/// Why a spec cannot become a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("spec.projectId {0:?} is not a lower-case UUID")]
+    ProjectId(String),
+    #[error("spec.{0} must not be empty")]
+    Empty(&'static str),
+    #[error("property {0:?} is set both in connectionProperties and in connectionPropertiesFrom")]
+    Duplicate(String),
+    #[error("property {0:?} appears more than once in connectionPropertiesFrom")]
+    DuplicateFrom(String),
+    #[error(
+        "connectionPropertiesFrom entry {0:?} must set exactly one of secretKeyRef and configMapKeyRef"
+    )]
+    SourceCount(String),
+    #[error("a property name in connectionProperties or connectionPropertiesFrom is empty")]
+    EmptyPropertyName,
+    #[error("no properties: set connectionProperties or connectionPropertiesFrom")]
+    NoProperties,
+    #[error("connectionOverrides.secretsLocation.type must not be empty")]
+    LocationType,
+    #[error("{field} names namespace {namespace}: references to other namespaces are refused")]
+    OtherNamespace { field: String, namespace: String },
+    #[error(
+        "spec.connectionName {0:?} contains a comma: DPC deletes overrides by a comma-separated list of names, so it would be read as several (and could delete another override)"
+    )]
+    CommaInName(String),
+    #[error("spec.{field} {value:?} is not a usable duration: {reason}")]
+    Duration {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn is_project_id(id: &str) -> bool {
+    let groups: Vec<&str> = id.split('-').collect();
+    let lengths = [8, 4, 4, 4, 12];
+    groups.len() == 5
+        && groups.iter().zip(lengths).all(|(g, n)| {
+            g.len() == n
+                && g.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// Checks the spec of an object in `namespace` (no resolved values needed).
+pub fn validate(namespace: &str, spec: &ConnectionOverrideSpec) -> Result<(), BuildError> {
+    let other = |field: String, ns: &Option<String>| match ns.as_deref() {
+        Some(ns) if ns != namespace => Err(BuildError::OtherNamespace {
+            field,
+            namespace: ns.to_string(),
+        }),
+        _ => Ok(()),
+    };
+    if spec.account_kind() == crate::api::AccountKind::DpcAccount {
+        other(
+            "spec.accountRef.namespace".into(),
+            &spec.account_ref.namespace,
+        )?;
+    }
+    for (i, from) in spec
+        .connection_overrides
+        .connection_properties_from
+        .iter()
+        .enumerate()
+    {
+        for (kind, selector) in [
+            ("secretKeyRef", &from.secret_key_ref),
+            ("configMapKeyRef", &from.config_map_key_ref),
+        ] {
+            if let Some(selector) = selector {
+                other(
+                    format!(
+                        "spec.connectionOverrides.connectionPropertiesFrom[{i}].{kind}.namespace"
+                    ),
+                    &selector.namespace,
+                )?;
+            }
+        }
+    }
+    for (field, value, max) in [
+        ("syncInterval", &spec.sync_interval, MAX_SYNC_INTERVAL),
+        (
+            "deletionTimeout",
+            &spec.deletion_timeout,
+            MAX_DELETION_TIMEOUT,
+        ),
+    ] {
+        if let Some(value) = value {
+            let error = |reason| BuildError::Duration {
+                field,
+                value: value.clone(),
+                reason,
+            };
+            let parsed = crate::api::duration::parse_duration(value).map_err(error)?;
+            if parsed > max {
+                return Err(error(format!(
+                    "it may be at most {}h",
+                    max.as_secs() / 3600
+                )));
+            }
+        }
+    }
+    if spec.connection_name.contains(',') {
+        return Err(BuildError::CommaInName(spec.connection_name.clone()));
+    }
+    if !is_project_id(&spec.project_id) {
+        return Err(BuildError::ProjectId(spec.project_id.clone()));
+    }
+    if spec.environment_name.is_empty() {
+        return Err(BuildError::Empty("environmentName"));
+    }
+    if spec.connection_name.is_empty() {
+        return Err(BuildError::Empty("connectionName"));
+    }
+    if spec.account_ref.name.is_empty() {
+        return Err(BuildError::Empty("accountRef.name"));
+    }
+    let overrides = &spec.connection_overrides;
+    let mut seen = std::collections::BTreeSet::new();
+    for from in &overrides.connection_properties_from {
+        if from.property.is_empty() {
+            return Err(BuildError::EmptyPropertyName);
+        }
+        if from.secret_key_ref.is_some() == from.config_map_key_ref.is_some() {
+            return Err(BuildError::SourceCount(from.property.clone()));
+        }
+        if overrides.connection_properties.contains_key(&from.property) {
+            return Err(BuildError::Duplicate(from.property.clone()));
+        }
+        if !seen.insert(&from.property) {
+            return Err(BuildError::DuplicateFrom(from.property.clone()));
+        }
+    }
+    if overrides.connection_properties.keys().any(String::is_empty) {
+        return Err(BuildError::EmptyPropertyName);
+    }
+    if overrides.connection_properties.is_empty() && overrides.connection_properties_from.is_empty()
+    {
+        return Err(BuildError::NoProperties);
+    }
+    if overrides
+        .secrets_location
+        .as_ref()
+        .is_some_and(|l| l.type_.is_empty())
+    {
+        return Err(BuildError::LocationType);
+    }
+    Ok(())
+}
+
+/// The request for `spec` with the values of `connectionPropertiesFrom` filled in.
+pub fn build(
+    namespace: &str,
+    spec: &ConnectionOverrideSpec,
+    values: &BTreeMap<String, String>,
+) -> Result<Desired, BuildError> {
+    validate(namespace, spec)?;
+    let overrides = &spec.connection_overrides;
+    let mut properties = overrides.connection_properties.clone();
+    for from in &overrides.connection_properties_from {
+        if let Some(value) = values.get(&from.property) {
+            properties.insert(from.property.clone(), value.clone());
+        }
+    }
+    let secrets_location = overrides.secrets_location.as_ref().map(|location| {
+        let mut map = serde_json::Map::new();
+        for (k, v) in &location.extra {
+            map.insert(k.clone(), v.clone());
+        }
+        map.insert("type".into(), Value::String(location.type_.clone()));
+        if let Some(region) = &location.region {
+            map.insert("region".into(), Value::String(region.clone()));
+        }
+        Value::Object(map)
+    });
+    let request = OverrideRequest {
+        environment_name: spec.environment_name.clone(),
+        connection_name: spec.connection_name.clone(),
+        auth_type: spec.auth_type.map(|a| a.as_str().to_string()),
+        connection_overrides: OverrideValues {
+            secrets_location,
+            connection_properties: properties,
+        },
+    };
+    let hash = request.hash();
+    Ok(Desired { request, hash })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        AccountRef, AuthType, ConnectionOverridesSpec, KeySelector, PropertyFrom, SecretsLocation,
+    };
+    use serde_json::json;
+
+    fn spec() -> ConnectionOverrideSpec {
+        ConnectionOverrideSpec {
+            account_ref: AccountRef {
+                name: "acct".into(),
+                kind: None,
+                namespace: None,
+            },
+            project_id: "3c90c3cc-0d44-4b50-8888-8dd25736052a".into(),
+            environment_name: "PROD".into(),
+            connection_name: "Salesforce".into(),
+            auth_type: Some(AuthType::OauthClientCred),
+            connection_overrides: ConnectionOverridesSpec {
+                secrets_location: Some(SecretsLocation {
+                    type_: "AWS_SECRET_MANAGER".into(),
+                    region: Some("eu-west-1".into()),
+                    extra: [("vaultName".to_string(), json!("v1"))].into(),
+                }),
+                connection_properties: [("secretName".to_string(), "prod/sf".to_string())].into(),
+                connection_properties_from: vec![PropertyFrom {
+                    property: "secretKey".into(),
+                    secret_key_ref: Some(KeySelector {
+                        name: "refs".into(),
+                        key: "k".into(),
+                        namespace: None,
+                    }),
+                    config_map_key_ref: None,
+                }],
+            },
+            deletion_policy: None,
+            sync_interval: Some("10m".into()),
+            drift_policy: None,
+            management_policy: None,
+            deletion_timeout: None,
+        }
+    }
+
+    fn values(v: &str) -> BTreeMap<String, String> {
+        [("secretKey".to_string(), v.to_string())].into()
+    }
+
+    #[test]
+    fn request_merges_literal_and_resolved_properties_and_keeps_unknown_location_fields() {
+        let desired = build("ns", &spec(), &values("oauth-key")).unwrap();
+        let body: Value = serde_json::from_str(&desired.request.canonical_json()).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "environmentName": "PROD",
+                "connectionName": "Salesforce",
+                "authType": "OAUTH_CLIENT_CRED",
+                "connectionOverrides": {
+                    "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1", "vaultName": "v1"},
+                    "connectionProperties": {"secretName": "prod/sf", "secretKey": "oauth-key"}
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn hash_changes_with_a_resolved_value_only() {
+        let a = build("ns", &spec(), &values("one")).unwrap();
+        let b = build("ns", &spec(), &values("one")).unwrap();
+        let c = build("ns", &spec(), &values("two")).unwrap();
+        assert_eq!(a.hash, b.hash);
+        assert_ne!(a.hash, c.hash);
+        let mut orphan = spec();
+        orphan.deletion_policy = Some(crate::api::DeletionPolicy::Orphan);
+        assert_eq!(
+            build("ns", &orphan, &values("one")).unwrap().hash,
+            a.hash,
+            "deletionPolicy is not sent"
+        );
+    }
+
+    #[test]
+    fn invalid_specs_are_refused_with_the_field_named() {
+        let mut s = spec();
+        s.project_id = "3C90C3CC-0D44-4B50-8888-8DD25736052A".into();
+        assert_eq!(
+            build("ns", &s, &values("x")).unwrap_err(),
+            BuildError::ProjectId(s.project_id.clone())
+        );
+
+        let mut s = spec();
+        s.connection_overrides
+            .connection_properties
+            .insert("secretKey".into(), "lit".into());
+        let err = build("ns", &s, &values("x")).unwrap_err();
+        assert_eq!(err, BuildError::Duplicate("secretKey".into()));
+        assert!(
+            err.to_string()
+                .contains("both in connectionProperties and in connectionPropertiesFrom")
+        );
+
+        let mut s = spec();
+        s.connection_overrides.connection_properties_from[0].config_map_key_ref =
+            Some(KeySelector {
+                name: "cm".into(),
+                key: "k".into(),
+                namespace: None,
+            });
+        assert_eq!(
+            build("ns", &s, &values("x")).unwrap_err(),
+            BuildError::SourceCount("secretKey".into())
+        );
+
+        let mut s = spec();
+        s.connection_overrides.connection_properties.clear();
+        s.connection_overrides.connection_properties_from.clear();
+        assert_eq!(
+            build("ns", &s, &values("x")).unwrap_err(),
+            BuildError::NoProperties
+        );
+
+        let mut s = spec();
+        s.environment_name.clear();
+        assert_eq!(
+            build("ns", &s, &values("x")).unwrap_err(),
+            BuildError::Empty("environmentName")
+        );
+
+        let mut s = spec();
+        s.connection_overrides
+            .secrets_location
+            .as_mut()
+            .unwrap()
+            .type_
+            .clear();
+        assert_eq!(
+            build("ns", &s, &values("x")).unwrap_err(),
+            BuildError::LocationType
+        );
+    }
+
+    #[test]
+    fn references_to_other_namespaces_and_bad_durations_are_refused() {
+        let mut s = spec();
+        s.connection_overrides.connection_properties_from[0]
+            .secret_key_ref
+            .as_mut()
+            .unwrap()
+            .namespace = Some("ns".into());
+        assert!(
+            build("ns", &s, &values("x")).is_ok(),
+            "its own namespace may be named"
+        );
+        s.connection_overrides.connection_properties_from[0]
+            .secret_key_ref
+            .as_mut()
+            .unwrap()
+            .namespace = Some("other".into());
+        let err = build("ns", &s, &values("x")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.connectionOverrides.connectionPropertiesFrom[0].secretKeyRef.namespace names namespace other: references to other namespaces are refused"
+        );
+        let mut s = spec();
+        s.account_ref.namespace = Some("other".into());
+        assert!(matches!(
+            build("ns", &s, &values("x")),
+            Err(BuildError::OtherNamespace { .. })
+        ));
+        let mut s = spec();
+        s.sync_interval = Some("ten minutes".into());
+        assert!(matches!(
+            build("ns", &s, &values("x")),
+            Err(BuildError::Duration {
+                field: "syncInterval",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn auth_type_is_omitted_when_unset() {
+        let mut s = spec();
+        s.auth_type = None;
+        let body: Value = serde_json::from_str(
+            &build("ns", &s, &values("x"))
+                .unwrap()
+                .request
+                .canonical_json(),
+        )
+        .unwrap();
+        assert!(body.get("authType").is_none());
+    }
+}

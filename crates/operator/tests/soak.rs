@@ -1,0 +1,35 @@
+//! A small run of the soak (`dpc-bench soak` runs the big one): the operator binary under
+//! injected faults, kills, dropped watches and 410s, with objects changing throughout; then
+//! nothing may be lost, left behind, leaked or stormed.
+
+use std::time::Duration;
+
+use dpc_bench::soak::{self, SoakOptions};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_is_lost_under_faults_and_kills() {
+    dpc_operator::install_crypto_provider();
+    let options = SoakOptions {
+        objects: 16,
+        duration: Duration::from_secs(15),
+        seed: 11,
+        kills: 2,
+        operator: env!("CARGO_BIN_EXE_dpc-operator").into(),
+        work_dir: std::env::temp_dir().join(format!("dpc-soak-{}", std::process::id())),
+        max_calls_per_object_minute: 60.0,
+    };
+    let report = soak::run(&options).await.expect("the soak runs");
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(report.kills, 2);
+    let faults: usize = report.faults_by_kind.values().sum();
+    assert!(
+        faults >= 10,
+        "faults were injected: {:?}",
+        report.faults_by_kind
+    );
+    assert!(
+        report.updated + report.rotated + report.deleted + report.created > 10,
+        "objects changed during the soak"
+    );
+}
