@@ -1,9 +1,9 @@
 //! The custom resources of dpc-operator (`dpc-operator.io/v1alpha1`) and their helpers.
 
 pub mod account;
-pub mod duration;
 pub mod conditions;
 pub mod connection_override;
+pub mod duration;
 
 pub use account::{
     AllowedNamespaces, ClusterDpcAccount, ClusterDpcAccountSpec, CredentialsSecretRef, DpcAccount,

@@ -70,7 +70,8 @@ fn schema_errors(kind: &str, doc: &Value) -> Vec<String> {
 #[test]
 fn shipped_examples_validate_against_the_schema_and_cel_rules() {
     let mut checked = 0;
-    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("deploy/examples");
+    let dir =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("deploy/examples");
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {

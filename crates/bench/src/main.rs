@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dpc_bench::bench::{self, BenchOptions};
-use dpc_operator_api::duration::parse_duration;
 use dpc_bench::soak::{self, SoakOptions};
+use dpc_operator_api::duration::parse_duration;
 
 #[derive(Parser)]
 #[command(about = "Benchmark and soak of dpc-operator against the emulator and the simulator")]

@@ -17,8 +17,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use dpc_operator_api::ConnectionOverride;
 use crate::bench::{self, CLIENT_ID, CLIENT_SECRET, NAMESPACE, OperatorProcess, PROJECT, World};
+use dpc_operator_api::ConnectionOverride;
 use dpc_testkit::dpc::{Fault, FaultKind, RandomFaults, SimConfig, SimOp};
 
 /// How to soak.

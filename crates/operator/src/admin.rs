@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use hyper::{Method, StatusCode};
 
-use dpc_http::{self as http, Server};
 use crate::metrics::Metrics;
+use dpc_http::{self as http, Server};
 
 /// Whether the operator is ready, and if not, why.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{AccountKind, ConnectionOverride};
-use crate::controller::ObjKey;
+use crate::key::{ObjKey, key_of};
 
 /// The identity of a remote override.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -110,7 +110,7 @@ type RemoteId = u64;
 
 /// Sort order of the claimants of one remote override: the first manages it.
 /// `(no claim, claim time in µs, creation time in s, namespace and name)`.
-type Claimant = (bool, i64, i64, ObjKey);
+type Precedence = (bool, i64, i64, ObjKey);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Entry {
@@ -123,7 +123,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn claimant(&self, key: &ObjKey) -> Claimant {
+    fn precedence(&self, key: &ObjKey) -> Precedence {
         (
             self.claimed.is_none(),
             self.claimed.unwrap_or(0),
@@ -135,9 +135,9 @@ impl Entry {
 
 #[derive(Default)]
 struct Inner {
-    /// Claimants of each remote override, first the one that manages it (almost always
+    /// Precedences of each remote override, first the one that manages it (almost always
     /// just one).
-    by_remote: HashMap<RemoteId, Vec<Claimant>>,
+    by_remote: HashMap<RemoteId, Vec<Precedence>>,
     by_object: HashMap<ObjKey, Entry>,
 }
 
@@ -157,7 +157,7 @@ impl Inner {
         let mut triggers = self.take(key);
         let before = self.owner(entry.remote);
         let claimants = self.by_remote.entry(entry.remote).or_default();
-        let claimant = entry.claimant(key);
+        let claimant = entry.precedence(key);
         let at = claimants.binary_search(&claimant).unwrap_or_else(|at| at);
         claimants.insert(at, claimant);
         self.by_object.insert(key.clone(), entry);
@@ -193,18 +193,11 @@ pub struct Claims {
     inner: Mutex<Inner>,
 }
 
-fn key_of(obj: &ConnectionOverride) -> ObjKey {
-    (
-        obj.metadata.namespace.clone().unwrap_or_default(),
-        obj.metadata.name.clone().unwrap_or_default(),
-    )
-}
-
 impl Claims {
     /// Records what the watch says of an object. Returns the objects to reconcile again
     /// because the manager of their remote override changed.
     pub fn observe(&self, obj: &ConnectionOverride) -> Vec<ObjKey> {
-        let key = key_of(obj);
+        let key = key_of(&obj.metadata);
         let created = obj
             .metadata
             .creation_timestamp

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::api::duration::parse_duration;
-use crate::controller::OperatorConfig;
+use crate::dpc::ClientSettings;
 use crate::leader::LeaseConfig;
 use crate::telemetry::LogFormat;
 
@@ -165,6 +165,85 @@ impl RunArgs {
             lease_duration: self.lease_duration,
             renew_period: self.lease_renew_period,
             retry_period: self.lease_retry_period,
+        }
+    }
+}
+
+/// The operator's settings.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// How many objects are reconciled at once.
+    pub concurrency: u16,
+    /// Allow plain-http DPC endpoints (tests and the sandbox only).
+    pub allow_insecure_http: bool,
+    /// The DPC hosts accounts may name (see [`ClientSettings::allowed_hosts`]).
+    pub allowed_hosts: Vec<String>,
+    /// Export the per-object condition gauge (one series per object and condition).
+    pub per_object_metrics: bool,
+    /// How often a Ready object is reconciled again locally (no DPC call: drift detection
+    /// reads DPC on its own schedule).
+    pub resync_interval: Duration,
+    /// The sync interval of objects that set none.
+    pub default_sync_interval: Duration,
+    /// The shortest sync interval honoured (the CRD also refuses less than 30s).
+    pub min_sync_interval: Duration,
+    /// A list answer younger than this serves immediate reads of other objects too.
+    pub drift_share_window: Duration,
+    /// Only ConnectionOverrides with these labels (a label selector), for sharding.
+    pub label_selector: Option<String>,
+    /// A request whose rate-limit slot is further than this is requeued for its slot.
+    pub max_admission_wait: Duration,
+    /// First delay after a transient failure; it doubles up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Timeout of one DPC request.
+    pub dpc_request_timeout: Duration,
+    /// The name that reports Events.
+    pub reporter: String,
+    /// This instance (pod name), in Events.
+    pub instance: Option<String>,
+    /// The operator's own namespace ($POD_NAMESPACE): where ClusterDpcAccount credentials
+    /// live unless `cluster_credentials_namespaces` says otherwise.
+    pub operator_namespace: Option<String>,
+    /// The namespaces a ClusterDpcAccount's credentials Secret may be in. Empty: the
+    /// operator's own namespace only.
+    pub cluster_credentials_namespaces: Vec<String>,
+}
+
+impl OperatorConfig {
+    /// The namespaces ClusterDpcAccount credentials may be read from.
+    pub fn cluster_credentials_namespaces(&self) -> Vec<String> {
+        if self.cluster_credentials_namespaces.is_empty() {
+            self.operator_namespace.iter().cloned().collect()
+        } else {
+            self.cluster_credentials_namespaces.clone()
+        }
+    }
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            concurrency: 8,
+            allow_insecure_http: false,
+            allowed_hosts: ClientSettings::default().allowed_hosts,
+            per_object_metrics: true,
+            resync_interval: Duration::from_secs(3600),
+            default_sync_interval: Duration::from_secs(600),
+            min_sync_interval: Duration::from_secs(30),
+            drift_share_window: Duration::from_secs(2),
+            label_selector: None,
+            max_admission_wait: Duration::from_secs(5),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            dpc_request_timeout: Duration::from_secs(30),
+            reporter: "dpc-operator".into(),
+            instance: None,
+            operator_namespace: None,
+            cluster_credentials_namespaces: Vec::new(),
         }
     }
 }

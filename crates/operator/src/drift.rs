@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::api::RemoteStatus;
-use crate::controller::ObjKey;
 use crate::dpc::{AccountHandle, AccountKey, DpcError, OverrideRequest, RemoteOverride};
+use crate::key::ObjKey;
 
 /// One environment of one project, seen through one account.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -151,7 +151,7 @@ impl Seen {
             auth_type: remote.auth_type.as_deref().map(digest),
             properties: properties.into(),
             location,
-            status: crate::reconcile::report::remote_status(remote),
+            status: remote.status(),
         }
     }
 }
@@ -251,7 +251,6 @@ pub struct DriftChecker {
     share_window: Duration,
     /// Periodic checks in flight at once: environments tend to come due together.
     checks: Arc<tokio::sync::Semaphore>,
-    lists: std::sync::atomic::AtomicU64,
 }
 
 fn jittered(interval: Duration) -> Duration {
@@ -268,13 +267,7 @@ impl DriftChecker {
             changed: tokio::sync::Notify::new(),
             share_window,
             checks: Arc::new(tokio::sync::Semaphore::new(2)),
-            lists: std::sync::atomic::AtomicU64::new(0),
         }
-    }
-
-    /// How many list calls the checker has made.
-    pub fn list_calls(&self) -> u64 {
-        self.lists.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn shared_key(&self, groups: &HashMap<Arc<GroupKey>, Group>, key: GroupKey) -> Arc<GroupKey> {
@@ -388,8 +381,6 @@ impl DriftChecker {
         {
             return Ok(listing.clone());
         }
-        self.lists
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let answer = handle
             .list(&group_key.project, &group_key.environment)
             .await?;

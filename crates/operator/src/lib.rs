@@ -4,12 +4,16 @@
 
 pub use dpc_operator_api as api;
 
+pub mod accounts;
 pub mod admin;
 pub mod claims;
 pub mod config;
+pub mod context;
 pub mod controller;
 pub mod dpc;
 pub mod drift;
+pub mod index;
+pub mod key;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

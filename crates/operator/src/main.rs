@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use dpc_operator::admin::{self, Readiness};
 use dpc_operator::config::RunArgs;
-use dpc_operator::controller::{self, Context};
+use dpc_operator::context::Context;
+use dpc_operator::controller;
 use dpc_operator::leader;
 #[cfg(feature = "sandbox")]
 use dpc_operator::sandbox::cli::{self as sandbox, SandboxArgs, SimCommand};

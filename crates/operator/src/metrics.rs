@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::dpc::{CallObserver, Operation};
+use crate::key::ObjKey;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
@@ -70,8 +71,6 @@ fn static_status(status: &str) -> &'static str {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// An object as namespace and name.
-type ObjectKey = (String, String);
 /// A condition type and the status exported for it.
 type ExportedCondition = (&'static str, &'static str);
 
@@ -87,7 +86,7 @@ pub struct Metrics {
     conditions: Family<ConditionLabels, Gauge>,
     /// The statuses last exported per object (in the order of its conditions), to drop the
     /// old series.
-    condition_state: Mutex<HashMap<ObjectKey, Vec<ExportedCondition>>>,
+    condition_state: Mutex<HashMap<ObjKey, Vec<ExportedCondition>>>,
     per_object: bool,
 }
 

@@ -8,7 +8,7 @@ use tools::{ok, repo};
 #[test]
 fn the_health_check_gives_each_fixture_its_expected_health() {
     let mut checked = 0;
-    let mut paths: Vec<_> = std::fs::read_dir(repo("tests/argocd/fixtures"))
+    let mut paths: Vec<_> = std::fs::read_dir(repo("crates/operator/tests/argocd/fixtures"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -19,7 +19,7 @@ fn the_health_check_gives_each_fixture_its_expected_health() {
         let output = ok(
             "lua5.1",
             &[
-                "tests/argocd/run.lua",
+                "crates/operator/tests/argocd/run.lua",
                 "deploy/argocd/health.lua",
                 path.to_str().unwrap(),
             ],
@@ -48,7 +48,7 @@ fn the_health_check_gives_each_fixture_its_expected_health() {
 #[test]
 fn every_health_status_is_covered_by_a_fixture() {
     let mut statuses = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(repo("tests/argocd/fixtures")).unwrap() {
+    for entry in std::fs::read_dir(repo("crates/operator/tests/argocd/fixtures")).unwrap() {
         let fixture: Value =
             serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
         statuses.insert(fixture["expect"]["status"].as_str().unwrap().to_string());

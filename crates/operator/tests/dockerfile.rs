@@ -3,7 +3,10 @@
 //! non-root user, and a build context limited to what the build needs.
 
 fn read(path: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(path)).unwrap()
+    std::fs::read_to_string(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(path),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -29,12 +32,7 @@ fn the_image_is_multi_stage_static_distroless_and_non_root() {
     assert!(build.contains("+crt-static") && build.contains("--locked"));
     // Everything the build copies is in the context.
     let ignore = read(".dockerignore");
-    for copied in [
-        "Cargo.toml",
-        "Cargo.lock",
-        "crates/",
-        ".ci/build-static",
-    ] {
+    for copied in ["Cargo.toml", "Cargo.lock", "crates/", ".ci/build-static"] {
         assert!(
             ignore.contains(&format!("!{copied}")),
             "{copied} is excluded from the build context"

@@ -468,9 +468,7 @@ async fn sigterm_lets_in_flight_work_finish_and_exits_zero() {
 /// one check of a plain 404 on an unknown resource.
 #[tokio::test]
 async fn without_the_crds_the_binary_says_how_to_install_them() {
-    let emu = dpc_testkit::kube::KubeEmulator::start()
-        .await
-        .unwrap();
+    let emu = dpc_testkit::kube::KubeEmulator::start().await.unwrap();
     let path = std::env::temp_dir().join(format!(
         "dpc-e2e-nocrd-{}-{}",
         std::process::id(),
@@ -784,21 +782,18 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
 async fn spans_are_exported_over_otlp_only_when_configured() {
     let received: Arc<Mutex<Vec<(String, String, bytes::Bytes)>>> = Arc::default();
     let sink = received.clone();
-    let collector =
-        dpc_http::bind_and_serve("127.0.0.1:0".parse().unwrap(), move |req| {
-            let sink = sink.clone();
-            async move {
-                let content_type = req.header("content-type").unwrap_or("").to_string();
-                sink.lock().unwrap().push((
-                    req.uri.path().to_string(),
-                    content_type,
-                    req.body.clone(),
-                ));
-                Ok(dpc_http::text(hyper::StatusCode::OK, ""))
-            }
-        })
-        .await
-        .unwrap();
+    let collector = dpc_http::bind_and_serve("127.0.0.1:0".parse().unwrap(), move |req| {
+        let sink = sink.clone();
+        async move {
+            let content_type = req.header("content-type").unwrap_or("").to_string();
+            sink.lock()
+                .unwrap()
+                .push((req.uri.path().to_string(), content_type, req.body.clone()));
+            Ok(dpc_http::text(hyper::StatusCode::OK, ""))
+        }
+    })
+    .await
+    .unwrap();
     let h = Harness::start().await;
     let endpoint = format!("http://{}", collector.addr);
     let (kubeconfig, _) = namespaced_operator(&h).await;

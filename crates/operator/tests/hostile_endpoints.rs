@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dpc_http::{self as http, Req};
 use dpc_operator::api::{CredentialsSecretRef, DpcAccountSpec};
 use dpc_operator::dpc::client::{MAX_API_BODY, MAX_RETRY_AFTER, MAX_TOKEN_BODY};
 use dpc_operator::dpc::{
     AccountHandle, AccountKey, ClientSettings, Credentials, DpcClient, Endpoint, ErrorClass,
     OverrideRequest, OverrideValues, Rate, SecretString,
 };
-use dpc_http::{self as http, Req};
 use hyper::{Response, StatusCode};
 
 const PROJECT: &str = "3c90c3cc-0d44-4b50-8888-8dd25736052a";

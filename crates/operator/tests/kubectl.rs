@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dpc_operator::controller::{self, Context, OperatorConfig};
+use dpc_operator::config::OperatorConfig;
+use dpc_operator::context::Context;
+use dpc_operator::controller;
 use dpc_testkit::control_plane::ControlPlane;
 use dpc_testkit::dpc::{DpcSim, SimConfig, SimOp};
 use dpc_testkit::kube::KubeEmulator;

@@ -595,7 +595,7 @@ fn reconciliations(h: &Harness) -> u64 {
 #[tokio::test]
 async fn ready_objects_are_looked_at_again_every_resync_interval_without_dpc_calls() {
     // 64 parts of 10 ms: every object is swept about every 0.64 s.
-    let config = dpc_operator::controller::OperatorConfig {
+    let config = dpc_operator::config::OperatorConfig {
         resync_interval: Duration::from_millis(640),
         ..test_config()
     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use dpc_operator::api::{ClusterDpcAccount, DriftPolicy, ManagementPolicy, conditions};
-use dpc_operator::controller::OperatorConfig;
+use dpc_operator::config::OperatorConfig;
 use dpc_testkit::dpc::{Call, Fault, FaultKind, SimConfig, SimOp};
 use kube::Api;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};

@@ -1,7 +1,6 @@
 //! The Kubernetes API emulator's semantics, through a kube client over HTTP: what the
 //! operator (and any client) relies on behaves as a real API server does.
 
-
 use std::time::Duration;
 
 use dpc_operator_api::ConnectionOverride;

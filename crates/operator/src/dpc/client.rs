@@ -20,6 +20,7 @@ use super::limiter::{Admission, RateLimiter, Requester};
 use super::secret::{SecretString, redact};
 use super::types::{OverrideRequest, Problem, RemoteOverride, parse_list, parse_write_answer};
 use crate::api::DpcAccountSpec;
+use crate::key::ObjKey;
 
 /// The documented token endpoint (Matillion's own Terraform provider uses it).
 pub const DEFAULT_TOKEN_URL: &str = "https://id.core.matillion.com/oauth/dpc/token";
@@ -348,6 +349,19 @@ impl DpcClient {
             .expect("account map lock")
             .remove(key);
     }
+
+    /// Drops the rate-limit tickets an object that went away held with any account.
+    pub fn forget_object(&self, key: &ObjKey) {
+        let accounts = self.inner.accounts.lock().expect("account map lock");
+        for state in accounts.values() {
+            state
+                .limits
+                .limiter
+                .lock()
+                .expect("limiter lock")
+                .forget(key);
+        }
+    }
 }
 
 fn fingerprint(endpoint: &Endpoint, credentials: &Credentials) -> [u8; 32] {
@@ -415,17 +429,6 @@ impl AccountHandle {
             secrets: secrets.into_iter().collect(),
             ..self.clone()
         }
-    }
-
-    /// Drops the rate-limit ticket of an object that went away.
-    pub fn forget_object(&self, namespace: &str, name: &str) {
-        let key = (namespace.to_string(), name.to_string());
-        self.state
-            .limits
-            .limiter
-            .lock()
-            .expect("limiter lock")
-            .forget(&key);
     }
 
     /// A digest of the account's endpoint and credentials (not reversible): it changes when

@@ -65,8 +65,9 @@ pub enum ErrorClass {
     Conflict,
     /// 429, or a call held back because the account is waiting out a `Retry-After`.
     RateLimited,
-    /// Waiting for a slot of the account's own request rate; the slot is reserved.
-    Queued,
+    /// Not a failure but flow control: the call was not sent, and the account's own request
+    /// rate holds a slot for it (`retry_after` says when).
+    Deferred,
     /// 5xx, 408, timeouts, resets, unreadable answers: retry with backoff.
     Transient,
     /// The account's configuration is unusable (for example a plain-http URL).
@@ -180,7 +181,7 @@ impl DpcError {
             | DpcError::Decode { .. }
             | DpcError::StillPresent(_)
             | DpcError::Fenced(_) => ErrorClass::Transient,
-            DpcError::Throttled { queued: true, .. } => ErrorClass::Queued,
+            DpcError::Throttled { queued: true, .. } => ErrorClass::Deferred,
             DpcError::Throttled { .. } => ErrorClass::RateLimited,
             DpcError::Misconfigured(_) => ErrorClass::Misconfigured,
         }
@@ -190,7 +191,7 @@ impl DpcError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.class(),
-            ErrorClass::Transient | ErrorClass::RateLimited | ErrorClass::Queued
+            ErrorClass::Transient | ErrorClass::RateLimited | ErrorClass::Deferred
         )
     }
 
@@ -202,7 +203,7 @@ impl DpcError {
             ErrorClass::NotFound => "not_found",
             ErrorClass::Conflict => "conflict",
             ErrorClass::RateLimited => "rate_limited",
-            ErrorClass::Queued => "queued",
+            ErrorClass::Deferred => "queued",
             ErrorClass::Transient => "unavailable",
             ErrorClass::Misconfigured => "misconfigured",
         }

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::key::ObjKey;
+
 /// Who asks for a slot: `(namespace, name)` of an object, or `None` for background work.
-pub type Requester = Option<(String, String)>;
+pub type Requester = Option<ObjKey>;
 
 /// The answer of [`RateLimiter::reserve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +29,7 @@ pub struct RateLimiter {
     burst: u32,
     /// Theoretical arrival time of the next request.
     tat: Instant,
-    tickets: HashMap<(String, String), Instant>,
+    tickets: HashMap<ObjKey, Instant>,
 }
 
 impl RateLimiter {
@@ -104,7 +106,7 @@ impl RateLimiter {
     }
 
     /// Drops a requester's ticket (the object went away).
-    pub fn forget(&mut self, requester: &(String, String)) {
+    pub fn forget(&mut self, requester: &ObjKey) {
         self.tickets.remove(requester);
     }
 }

@@ -109,6 +109,19 @@ pub struct RemoteOverride {
     pub connection_overrides: Option<Value>,
 }
 
+impl RemoteOverride {
+    /// The remote fields DPC reported, as status shows them.
+    pub fn status(&self) -> crate::api::RemoteStatus {
+        crate::api::RemoteStatus {
+            platform_connection_type: self.platform_connection_type.clone(),
+            auth_provider: self.auth_provider.clone(),
+            auth_type: self.auth_type.clone(),
+            created_by: self.created_by.clone(),
+            created_date: self.created_date.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for RemoteOverride {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteOverride")

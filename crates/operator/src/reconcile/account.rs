@@ -16,17 +16,20 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{Instrument, info_span, warn};
 
+use crate::accounts::{self, ResolveError, ResolvedAccount};
 use crate::api::conditions::{self, READY, Reason};
 use crate::api::{
     ClusterDpcAccount, DpcAccount, DpcAccountSpec, DpcAccountStatus, FIELD_MANAGER,
     IN_USE_FINALIZER,
 };
-use crate::controller::{Context, ObjKey};
-use crate::dpc::{AccountKey, ErrorClass};
+use crate::context::Context;
+use crate::dpc::AccountKey;
+use crate::index::Reference;
+use crate::key::ObjKey;
 
-use super::report::EventSpec;
-use super::resolve::{self, Reference, ResolveError};
-use super::{Error, publish};
+use super::Error;
+use super::outcome::{EventSpec, Verdict, classify};
+use super::write::publish;
 
 /// What the two account kinds have in common here.
 pub trait AccountObject:
@@ -87,7 +90,7 @@ impl AccountObject for ClusterDpcAccount {
         self.status.as_ref()
     }
     fn credentials_namespace(&self, cluster_credentials: &[String]) -> Result<String, String> {
-        resolve::cluster_credentials_namespace(&self.spec, cluster_credentials)
+        accounts::cluster_credentials_namespace(&self.spec, cluster_credentials)
     }
     fn account_key(&self) -> AccountKey {
         AccountKey {
@@ -118,7 +121,7 @@ fn backoff_key(kind: &str, key: &AccountKey) -> ObjKey {
 /// The error policy: retry with the account's backoff.
 pub fn error_policy<K: AccountObject>(account: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = account.account_key();
-    let delay = ctx.backoff.next(&backoff_key(K::KIND, &key));
+    let delay = ctx.objects.next_backoff(&backoff_key(K::KIND, &key));
     warn!(kind = K::KIND, account = %key, error = %error, retry_in_ms = delay.as_millis() as u64, "account reconcile failed");
     Action::requeue(delay)
 }
@@ -132,13 +135,12 @@ pub async fn reconcile<K: AccountObject>(
     let key = account.account_key();
     let span = info_span!("reconcile_account", kind = K::KIND, account = %key);
     async {
-        let spec = account.account_spec();
         let credentials_namespace =
             account.credentials_namespace(ctx.accounts.cluster_credentials_namespaces());
         if let Ok(ns) = &credentials_namespace {
             let secret = Reference::Secret {
                 namespace: ns.clone(),
-                name: spec.credentials_secret_ref.name.clone(),
+                name: account.account_spec().credentials_secret_ref.name.clone(),
             };
             ctx.account_index.set(&index_key(&key), vec![secret]);
         }
@@ -150,90 +152,83 @@ pub async fn reconcile<K: AccountObject>(
             return Ok(action);
         }
         ensure_in_use_finalizer(&*account, &ctx).await?;
-        let resolved = match credentials_namespace {
-            Ok(ns) => {
-                resolve::account_from_spec(
-                    &ctx.client,
-                    key.clone(),
-                    K::KIND,
-                    spec,
-                    &ns,
-                    ctx.dpc.settings(),
-                )
-                .await
-            }
-            Err(reason) => Err(ResolveError::AccountInvalid {
-                kind: K::KIND,
-                name: key.to_string(),
-                reason,
-            }),
-        };
+        let resolved = resolve_account(&*account, &key, &ctx, credentials_namespace).await;
         let (ready, reason, message, action) = match resolved {
             Err(e) => match e.reason() {
                 Some(reason) => (false, reason, e.to_string(), Action::await_change()),
                 None => return Err(Error::Resolve(e.to_string())),
             },
-            Ok(resolved) => {
-                let dpc = ctx.dpc.account(
-                    resolved.key.clone(),
-                    resolved.endpoint.clone(),
-                    resolved.credentials.clone(),
-                    resolved.rate,
-                );
-                match dpc.ensure_token().await {
-                    Ok(()) => {
-                        ctx.backoff.reset(&backoff_key(K::KIND, &key));
-                        let host = resolved
-                            .endpoint
-                            .token_url
-                            .host_str()
-                            .unwrap_or("the token endpoint")
-                            .to_string();
-                        (
-                            true,
-                            Reason::TokenObtained,
-                            format!("obtained an access token from {host}"),
-                            ctx.resync(),
-                        )
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        match e.class() {
-                            ErrorClass::CredentialsRejected => (
-                                false,
-                                Reason::CredentialsRejected,
-                                message,
-                                Action::await_change(),
-                            ),
-                            ErrorClass::Misconfigured => (
-                                false,
-                                Reason::AccountNotReady,
-                                message,
-                                Action::await_change(),
-                            ),
-                            ErrorClass::RateLimited | ErrorClass::Queued => {
-                                let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
-                                (false, Reason::RateLimited, message, Action::requeue(wait))
-                            }
-                            _ => {
-                                let delay = ctx.backoff.next(&backoff_key(K::KIND, &key));
-                                (
-                                    false,
-                                    Reason::ApiUnavailable,
-                                    message,
-                                    Action::requeue(delay),
-                                )
-                            }
-                        }
-                    }
-                }
-            }
+            Ok(resolved) => token_check::<K>(&key, &ctx, &resolved).await,
         };
         write_status(&*account, &key, &ctx, (ready, reason, message)).await?;
         Ok(action)
     }
     .instrument(span)
     .await
+}
+
+/// The account's endpoint, rate and credentials, read from its Secret.
+async fn resolve_account<K: AccountObject>(
+    account: &K,
+    key: &AccountKey,
+    ctx: &Context,
+    credentials_namespace: Result<String, String>,
+) -> Result<ResolvedAccount, ResolveError> {
+    let namespace = credentials_namespace.map_err(|reason| ResolveError::AccountInvalid {
+        kind: K::KIND,
+        name: key.to_string(),
+        reason,
+    })?;
+    let spec = account.account_spec();
+    let settings = ctx.dpc.settings();
+    accounts::account_from_spec(
+        &ctx.client,
+        key.clone(),
+        K::KIND,
+        spec,
+        &namespace,
+        settings,
+    )
+    .await
+}
+
+/// Whether DPC issues a token for the account: `(ready, reason, message, next step)`.
+async fn token_check<K: AccountObject>(
+    key: &AccountKey,
+    ctx: &Context,
+    resolved: &ResolvedAccount,
+) -> (bool, Reason, String, Action) {
+    let dpc = ctx.dpc.account(
+        resolved.key.clone(),
+        resolved.endpoint.clone(),
+        resolved.credentials.clone(),
+        resolved.rate,
+    );
+    let backoff_key = backoff_key(K::KIND, key);
+    match dpc.ensure_token().await {
+        Ok(()) => {
+            ctx.objects.reset_backoff(&backoff_key);
+            let host = resolved.endpoint.token_url.host_str();
+            let host = host.unwrap_or("the token endpoint");
+            let message = format!("obtained an access token from {host}");
+            (true, Reason::TokenObtained, message, ctx.resync())
+        }
+        Err(e) => {
+            let verdict = classify(&e);
+            let reason = match verdict {
+                Verdict::Deferred(_) => Reason::RateLimited,
+                Verdict::Failed { reason, .. } => reason,
+            };
+            let delay = match verdict {
+                Verdict::Failed { retry, .. } => {
+                    retry.delay(|| ctx.objects.next_backoff(&backoff_key))
+                }
+                deferred => Some(deferred.retry_delay(|| ctx.objects.next_backoff(&backoff_key))),
+            };
+            let next = delay.map_or(Action::await_change(), Action::requeue);
+            (false, reason, e.to_string(), next)
+        }
+    }
 }
 
 /// An account being deleted: released once no ConnectionOverride needs it to delete its
@@ -364,8 +359,7 @@ async fn write_status<K: AccountObject>(
                         note: message,
                         action: "Authenticate".into(),
                     },
-                )
-                .await;
+                );
             }
         }
         Ok(())

@@ -1,14 +1,11 @@
 //! Build: the request body DPC should receive, and its hash. Pure functions of the spec and
-//! the resolved values. The CRD's schema and CEL rules catch most invalid specs at admission;
-//! these checks repeat them so an object that bypassed admission (an older CRD, a cluster
-//! without CEL) is still reported rather than sent.
+//! the resolved values; the checks of the spec alone are in `validate`.
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
 use crate::api::ConnectionOverrideSpec;
-use crate::api::connection_override::{MAX_DELETION_TIMEOUT, MAX_SYNC_INTERVAL};
 use crate::dpc::{OverrideRequest, OverrideValues};
 
 /// The request to send and its hash.
@@ -53,130 +50,13 @@ pub enum BuildError {
     },
 }
 
-fn is_project_id(id: &str) -> bool {
-    let groups: Vec<&str> = id.split('-').collect();
-    let lengths = [8, 4, 4, 4, 12];
-    groups.len() == 5
-        && groups.iter().zip(lengths).all(|(g, n)| {
-            g.len() == n
-                && g.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
-}
-
-/// Checks the spec of an object in `namespace` (no resolved values needed).
-pub fn validate(namespace: &str, spec: &ConnectionOverrideSpec) -> Result<(), BuildError> {
-    let other = |field: String, ns: &Option<String>| match ns.as_deref() {
-        Some(ns) if ns != namespace => Err(BuildError::OtherNamespace {
-            field,
-            namespace: ns.to_string(),
-        }),
-        _ => Ok(()),
-    };
-    if spec.account_kind() == crate::api::AccountKind::DpcAccount {
-        other(
-            "spec.accountRef.namespace".into(),
-            &spec.account_ref.namespace,
-        )?;
-    }
-    for (i, from) in spec
-        .connection_overrides
-        .connection_properties_from
-        .iter()
-        .enumerate()
-    {
-        for (kind, selector) in [
-            ("secretKeyRef", &from.secret_key_ref),
-            ("configMapKeyRef", &from.config_map_key_ref),
-        ] {
-            if let Some(selector) = selector {
-                other(
-                    format!(
-                        "spec.connectionOverrides.connectionPropertiesFrom[{i}].{kind}.namespace"
-                    ),
-                    &selector.namespace,
-                )?;
-            }
-        }
-    }
-    for (field, value, max) in [
-        ("syncInterval", &spec.sync_interval, MAX_SYNC_INTERVAL),
-        (
-            "deletionTimeout",
-            &spec.deletion_timeout,
-            MAX_DELETION_TIMEOUT,
-        ),
-    ] {
-        if let Some(value) = value {
-            let error = |reason| BuildError::Duration {
-                field,
-                value: value.clone(),
-                reason,
-            };
-            let parsed = crate::api::duration::parse_duration(value).map_err(error)?;
-            if parsed > max {
-                return Err(error(format!(
-                    "it may be at most {}h",
-                    max.as_secs() / 3600
-                )));
-            }
-        }
-    }
-    if spec.connection_name.contains(',') {
-        return Err(BuildError::CommaInName(spec.connection_name.clone()));
-    }
-    if !is_project_id(&spec.project_id) {
-        return Err(BuildError::ProjectId(spec.project_id.clone()));
-    }
-    if spec.environment_name.is_empty() {
-        return Err(BuildError::Empty("environmentName"));
-    }
-    if spec.connection_name.is_empty() {
-        return Err(BuildError::Empty("connectionName"));
-    }
-    if spec.account_ref.name.is_empty() {
-        return Err(BuildError::Empty("accountRef.name"));
-    }
-    let overrides = &spec.connection_overrides;
-    let mut seen = std::collections::BTreeSet::new();
-    for from in &overrides.connection_properties_from {
-        if from.property.is_empty() {
-            return Err(BuildError::EmptyPropertyName);
-        }
-        if from.secret_key_ref.is_some() == from.config_map_key_ref.is_some() {
-            return Err(BuildError::SourceCount(from.property.clone()));
-        }
-        if overrides.connection_properties.contains_key(&from.property) {
-            return Err(BuildError::Duplicate(from.property.clone()));
-        }
-        if !seen.insert(&from.property) {
-            return Err(BuildError::DuplicateFrom(from.property.clone()));
-        }
-    }
-    if overrides.connection_properties.keys().any(String::is_empty) {
-        return Err(BuildError::EmptyPropertyName);
-    }
-    if overrides.connection_properties.is_empty() && overrides.connection_properties_from.is_empty()
-    {
-        return Err(BuildError::NoProperties);
-    }
-    if overrides
-        .secrets_location
-        .as_ref()
-        .is_some_and(|l| l.type_.is_empty())
-    {
-        return Err(BuildError::LocationType);
-    }
-    Ok(())
-}
-
 /// The request for `spec` with the values of `connectionPropertiesFrom` filled in.
 pub fn build(
     namespace: &str,
     spec: &ConnectionOverrideSpec,
     values: &BTreeMap<String, String>,
 ) -> Result<Desired, BuildError> {
-    validate(namespace, spec)?;
+    super::validate::validate_spec(namespace, spec)?;
     let overrides = &spec.connection_overrides;
     let mut properties = overrides.connection_properties.clone();
     for from in &overrides.connection_properties_from {

@@ -58,7 +58,6 @@ pub enum SimCommand {
     },
 }
 
-
 pub async fn command(args: SandboxArgs, stop: CancellationToken) -> ExitCode {
     // The sandbox prints its own account of what happens; operator logs only for problems.
     let _telemetry = telemetry::init_with(LogFormat::Text, "warn", None);

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::conditions::{self, READY, SYNCED};
 use crate::api::{ConnectionOverride, DpcAccount};
-use crate::controller::{self, Context, OperatorConfig};
+use crate::config::OperatorConfig;
+use crate::context::Context;
+use crate::controller;
 use dpc_testkit::dpc::{Call, DpcSim, SimConfig};
 use dpc_testkit::kube::{EmulatorConfig, KubeEmulator};
 

@@ -22,7 +22,9 @@ use dpc_operator::api::{
     CredentialsSecretRef, DeletionPolicy, DpcAccount, DpcAccountSpec, KeySelector, PropertyFrom,
     SecretsLocation, conditions,
 };
-use dpc_operator::controller::{self, Context, OperatorConfig};
+use dpc_operator::config::OperatorConfig;
+use dpc_operator::context::Context;
+use dpc_operator::controller;
 use dpc_testkit::control_plane::{self, Endpoint};
 use dpc_testkit::dpc::{DpcSim, SimConfig};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};

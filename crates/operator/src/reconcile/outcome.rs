@@ -1,6 +1,6 @@
-//! Report: the status a pass leads to, whether it differs from the status already written
-//! (no patch when only time would change), and the Event a transition deserves. Pure; the
-//! writes themselves are in `reconcile::mod`.
+//! Outcome: how a pass ended, the status it leads to (no patch when only time would change),
+//! the Event a transition deserves, and what a failed DPC call means for the object
+//! ([`classify`]). Pure; the writes themselves are in `write`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -9,7 +9,11 @@ use crate::api::{
     ConnectionOverrideSpec, ConnectionOverrideStatus, ManagedOverride, PAUSED_ANNOTATION,
     RemoteStatus,
 };
-use crate::dpc::RemoteOverride;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::dpc::{DpcError, ErrorClass};
 use crate::drift::Finding;
 
 use super::act::Applied;
@@ -42,6 +46,16 @@ pub enum Outcome {
     Paused,
 }
 
+impl Outcome {
+    /// The pass could not reach its goal, for `reason`.
+    pub fn failed(reason: Reason, message: impl Into<String>) -> Self {
+        Outcome::Failed {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
 /// An Event to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventSpec {
@@ -49,17 +63,6 @@ pub struct EventSpec {
     pub reason: String,
     pub note: String,
     pub action: String,
-}
-
-/// The remote fields DPC reported, as status shows them.
-pub fn remote_status(remote: &RemoteOverride) -> RemoteStatus {
-    RemoteStatus {
-        platform_connection_type: remote.platform_connection_type.clone(),
-        auth_provider: remote.auth_provider.clone(),
-        auth_type: remote.auth_type.clone(),
-        created_by: remote.created_by.clone(),
-        created_date: remote.created_date.clone(),
-    }
 }
 
 fn ready_message(spec: &ConnectionOverrideSpec, observed: bool) -> String {
@@ -87,23 +90,12 @@ pub fn next_status(
     outcome: &Outcome,
     now: &Time,
 ) -> ConnectionOverrideStatus {
-    let mut status = old.clone();
-    status.observed_generation = generation;
-    let set = |status: &mut ConnectionOverrideStatus,
-               type_: &str,
-               ok: bool,
-               reason: Reason,
-               message: String| {
-        conditions::set_condition(
-            &mut status.conditions,
-            type_,
-            ok,
-            reason,
-            message,
-            generation,
-            now,
-        );
+    let mut next = Next {
+        status: old.clone(),
+        generation,
+        now,
     };
+    next.status.observed_generation = generation;
     match outcome {
         Outcome::Ready {
             desired_hash,
@@ -113,6 +105,7 @@ pub fn next_status(
             managed,
             ..
         } => {
+            let status = &mut next.status;
             if managed.is_some() {
                 status.managed_override = managed.as_deref().cloned();
             }
@@ -125,87 +118,164 @@ pub fn next_status(
             if remote.is_some() {
                 status.remote = remote.clone();
             }
-            set(
-                &mut status,
-                READY,
-                true,
-                Reason::Available,
-                ready_message(spec, *observed),
-            );
-            set(
-                &mut status,
-                SYNCED,
-                true,
-                Reason::ReconcileSuccess,
-                String::new(),
-            );
-            if conditions::find(&status.conditions, DRIFTED).is_some() {
-                set(
-                    &mut status,
-                    DRIFTED,
-                    false,
-                    Reason::InSync,
-                    "DPC matches the spec".into(),
-                );
-            }
+            next.ready(spec, *observed);
         }
-        Outcome::Drifted { finding, observed } => {
-            let message = if *observed {
-                format!(
-                    "{} (managementPolicy ObserveOnly: not written)",
-                    finding.describe()
-                )
-            } else {
-                format!("{} (driftPolicy Report: not corrected)", finding.describe())
-            };
-            set(&mut status, READY, false, Reason::Drifted, message.clone());
-            set(
-                &mut status,
-                SYNCED,
-                true,
-                Reason::ReconcileSuccess,
-                String::new(),
-            );
-            set(&mut status, DRIFTED, true, Reason::Drifted, message);
-        }
+        Outcome::Drifted { finding, observed } => next.drifted(finding, *observed),
         Outcome::Failed { reason, message } => {
-            set(&mut status, READY, false, *reason, message.clone());
-            set(
-                &mut status,
-                SYNCED,
-                false,
-                Reason::ReconcileError,
-                message.clone(),
-            );
+            next.set(READY, false, *reason, message.clone());
+            next.set(SYNCED, false, Reason::ReconcileError, message.clone());
         }
-        Outcome::Waiting { reason, message } => {
-            set(&mut status, READY, false, *reason, message.clone());
-        }
-        Outcome::Paused => {
-            set(
-                &mut status,
-                SYNCED,
+        Outcome::Waiting { reason, message } => next.set(READY, false, *reason, message.clone()),
+        Outcome::Paused => next.paused(),
+    }
+    next.status
+}
+
+/// A status being written for one generation at one instant.
+struct Next<'a> {
+    status: ConnectionOverrideStatus,
+    generation: Option<i64>,
+    now: &'a Time,
+}
+
+impl Next<'_> {
+    fn set(&mut self, type_: &str, ok: bool, reason: Reason, message: String) {
+        conditions::set_condition(
+            &mut self.status.conditions,
+            type_,
+            ok,
+            reason,
+            message,
+            self.generation,
+            self.now,
+        );
+    }
+
+    fn ready(&mut self, spec: &ConnectionOverrideSpec, observed: bool) {
+        self.set(
+            READY,
+            true,
+            Reason::Available,
+            ready_message(spec, observed),
+        );
+        self.set(SYNCED, true, Reason::ReconcileSuccess, String::new());
+        if conditions::find(&self.status.conditions, DRIFTED).is_some() {
+            self.set(
+                DRIFTED,
                 false,
-                Reason::ReconcilePaused,
-                paused_message(),
+                Reason::InSync,
+                "DPC matches the spec".into(),
             );
-            // Ready stays as it was only while it still describes this spec: a change made
-            // while paused is not in DPC, and `kubectl wait --for=condition=Ready` must not
-            // say it is.
-            match conditions::find(&status.conditions, READY) {
-                None => set(&mut status, READY, false, Reason::Paused, paused_message()),
-                Some(ready) if ready.observed_generation != generation => {
-                    let message = format!(
-                        "the spec changed (generation {}) while reconciliation is paused: the change waits until the {PAUSED_ANNOTATION} annotation is removed",
-                        generation.unwrap_or(0)
-                    );
-                    set(&mut status, READY, false, Reason::Paused, message);
-                }
-                Some(_) => {}
-            }
         }
     }
-    status
+
+    fn drifted(&mut self, finding: &Finding, observed: bool) {
+        let message = if observed {
+            format!(
+                "{} (managementPolicy ObserveOnly: not written)",
+                finding.describe()
+            )
+        } else {
+            format!("{} (driftPolicy Report: not corrected)", finding.describe())
+        };
+        self.set(READY, false, Reason::Drifted, message.clone());
+        self.set(SYNCED, true, Reason::ReconcileSuccess, String::new());
+        self.set(DRIFTED, true, Reason::Drifted, message);
+    }
+
+    fn paused(&mut self) {
+        self.set(SYNCED, false, Reason::ReconcilePaused, paused_message());
+        // Ready stays as it was only while it still describes this spec: a change made while
+        // paused is not in DPC, and `kubectl wait --for=condition=Ready` must not say it is.
+        let ready_generation =
+            conditions::find(&self.status.conditions, READY).map(|c| c.observed_generation);
+        match ready_generation {
+            None => self.set(READY, false, Reason::Paused, paused_message()),
+            Some(seen) if seen != self.generation => {
+                let message = format!(
+                    "the spec changed (generation {}) while reconciliation is paused: the change waits until the {PAUSED_ANNOTATION} annotation is removed",
+                    self.generation.unwrap_or(0)
+                );
+                self.set(READY, false, Reason::Paused, message);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// What a failed DPC call means for the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The call was not sent: the account's request rate holds a slot for this object this
+    /// far ahead (flow control, not a failure).
+    Deferred(Duration),
+    /// The call failed: the reason to report, and when to try again.
+    Failed { reason: Reason, retry: Retry },
+}
+
+/// When a failed call is tried again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Not before something changes: the spec, a referenced value, the account.
+    OnChange,
+    /// After the object's backoff.
+    Backoff,
+    /// After what DPC asked for (`Retry-After`), jittered.
+    After(Duration),
+}
+
+impl Retry {
+    /// The delay before the next attempt, or `None` to wait for a change. `backoff` gives
+    /// (and counts) the object's next backoff.
+    pub fn delay(self, backoff: impl FnOnce() -> Duration) -> Option<Duration> {
+        match self {
+            Retry::OnChange => None,
+            Retry::Backoff => Some(backoff()),
+            Retry::After(wait) => Some(jittered(wait)),
+        }
+    }
+}
+
+impl Verdict {
+    /// The delay before the next attempt of an operation that must be retried even where a
+    /// change would be awaited (a deletion): at the reserved slot, after what DPC asked for,
+    /// else after the backoff.
+    pub fn retry_delay(self, backoff: impl FnOnce() -> Duration) -> Duration {
+        match self {
+            Verdict::Deferred(wait) => wait + Duration::from_millis(5),
+            Verdict::Failed {
+                retry: Retry::After(wait),
+                ..
+            } => jittered(wait),
+            Verdict::Failed { .. } => backoff(),
+        }
+    }
+}
+
+/// `base` plus up to a quarter of it (of at most 4 s), so objects told to wait the same time
+/// do not all come back at once.
+pub fn jittered(base: Duration) -> Duration {
+    let extra = rand::rng().random_range(0.0..0.25);
+    base + Duration::from_secs_f64(base.as_secs_f64().min(4.0) * extra)
+}
+
+/// The one mapping from a DPC error to what the object reports and when it tries again,
+/// for every caller (a ConnectionOverride's pass, its deletion, an account's token check).
+pub fn classify(error: &DpcError) -> Verdict {
+    let wait = || error.retry_after().unwrap_or(Duration::from_secs(1));
+    let failed = |reason, retry| Verdict::Failed { reason, retry };
+    match error.class() {
+        ErrorClass::Deferred => Verdict::Deferred(wait()),
+        ErrorClass::Rejected => failed(Reason::ApiRejected, Retry::OnChange),
+        ErrorClass::CredentialsRejected => failed(Reason::CredentialsRejected, Retry::OnChange),
+        ErrorClass::Misconfigured => failed(Reason::AccountNotReady, Retry::OnChange),
+        // A parent may be created in DPC later; nothing in the cluster would tell us.
+        ErrorClass::NotFound => failed(Reason::ParentNotFound, Retry::Backoff),
+        ErrorClass::RateLimited => failed(Reason::RateLimited, Retry::After(wait())),
+        ErrorClass::Transient | ErrorClass::Conflict => {
+            failed(Reason::ApiUnavailable, Retry::Backoff)
+        }
+    }
 }
 
 /// The Event for a pass, or none when nothing a user should see happened.

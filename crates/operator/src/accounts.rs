@@ -1,0 +1,625 @@
+//! Accounts: a DpcAccount or ClusterDpcAccount resolved to where to call DPC, with which
+//! credentials (read from their Secret) and at which rate; the rules that say which
+//! namespaces and projects may use a ClusterDpcAccount; and the cache that lets thousands of
+//! objects of one account share one read of it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
+use kube::{Api, Client};
+use tokio::time::Instant;
+
+use crate::api::conditions::Reason;
+use crate::api::{
+    AccountKind, AccountRef, ClusterDpcAccount, DpcAccount, DpcAccountSpec, KeySelector,
+};
+use crate::dpc::{AccountKey, ClientSettings, Credentials, Endpoint, Rate, SecretString};
+use crate::index::Reference;
+
+/// A resolved account: where to call, with which credentials, at which rate.
+#[derive(Clone, Debug)]
+pub struct ResolvedAccount {
+    pub key: AccountKey,
+    pub endpoint: Endpoint,
+    pub credentials: Credentials,
+    pub rate: Rate,
+    /// The projects a ClusterDpcAccount allows (empty: all); none for a DpcAccount.
+    pub allowed_projects: Vec<String>,
+}
+
+/// Why resolving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{kind} {name} not found")]
+    AccountNotFound { kind: &'static str, name: String },
+    #[error("{kind} {name} cannot be used: {reason}")]
+    AccountInvalid {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error(
+        "ClusterDpcAccount {account} does not allow namespace {namespace} (see its spec.allowedNamespaces)"
+    )]
+    NotAllowed { account: String, namespace: String },
+    #[error("{kind} {namespace}/{name} not found ({purpose})")]
+    NotFound {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        purpose: String,
+    },
+    #[error("{kind} {namespace}/{name} has no key {key:?} ({purpose})")]
+    KeyMissing {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+        purpose: String,
+    },
+    #[error("{kind} {namespace}/{name} key {key:?} is not UTF-8 text ({purpose})")]
+    NotText {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+        purpose: String,
+    },
+    #[error("reading {what} failed: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ResolveError {
+    /// The Ready reason for this failure; `None` for a failure of the Kubernetes API itself,
+    /// which is retried with backoff.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            ResolveError::AccountNotFound { .. } | ResolveError::AccountInvalid { .. } => {
+                Some(Reason::AccountNotReady)
+            }
+            ResolveError::NotAllowed { .. } => Some(Reason::AccountNotAllowed),
+            ResolveError::NotFound { .. } => Some(Reason::SecretNotFound),
+            ResolveError::KeyMissing { .. } => Some(Reason::SecretKeyMissing),
+            ResolveError::NotText { .. } => Some(Reason::InvalidSpec),
+            ResolveError::Kube { .. } => None,
+        }
+    }
+}
+
+fn kube_error(what: String) -> impl FnOnce(kube::Error) -> ResolveError {
+    move |source| ResolveError::Kube { what, source }
+}
+
+/// Reads Secrets and ConfigMaps of one namespace, each at most once per pass.
+pub(crate) struct Reader<'a> {
+    client: &'a Client,
+    namespace: String,
+    secrets: BTreeMap<String, Option<Secret>>,
+    config_maps: BTreeMap<String, Option<ConfigMap>>,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(client: &'a Client, namespace: &str) -> Self {
+        Self {
+            client,
+            namespace: namespace.into(),
+            secrets: BTreeMap::new(),
+            config_maps: BTreeMap::new(),
+        }
+    }
+
+    fn missing(&self, kind: &'static str, selector: &KeySelector, purpose: &str) -> ResolveError {
+        ResolveError::NotFound {
+            kind,
+            namespace: self.namespace.clone(),
+            name: selector.name.clone(),
+            purpose: purpose.into(),
+        }
+    }
+
+    fn key_missing(
+        &self,
+        kind: &'static str,
+        selector: &KeySelector,
+        purpose: &str,
+    ) -> ResolveError {
+        ResolveError::KeyMissing {
+            kind,
+            namespace: self.namespace.clone(),
+            name: selector.name.clone(),
+            key: selector.key.clone(),
+            purpose: purpose.into(),
+        }
+    }
+
+    fn not_text(&self, kind: &'static str, selector: &KeySelector, purpose: &str) -> ResolveError {
+        ResolveError::NotText {
+            kind,
+            namespace: self.namespace.clone(),
+            name: selector.name.clone(),
+            key: selector.key.clone(),
+            purpose: purpose.into(),
+        }
+    }
+
+    pub(crate) async fn secret_value(
+        &mut self,
+        selector: &KeySelector,
+        purpose: &str,
+    ) -> Result<SecretString, ResolveError> {
+        if !self.secrets.contains_key(&selector.name) {
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+            let secret = api
+                .get_opt(&selector.name)
+                .await
+                .map_err(kube_error(format!(
+                    "Secret {}/{}",
+                    self.namespace, selector.name
+                )))?;
+            self.secrets.insert(selector.name.clone(), secret);
+        }
+        let Some(secret) = self.secrets.get(&selector.name).and_then(Option::as_ref) else {
+            return Err(self.missing("Secret", selector, purpose));
+        };
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&selector.key))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(&selector.key))
+                    .map(|s| s.clone().into_bytes())
+            })
+            .ok_or_else(|| self.key_missing("Secret", selector, purpose))?;
+        String::from_utf8(bytes)
+            .map(SecretString::new)
+            .map_err(|_| self.not_text("Secret", selector, purpose))
+    }
+
+    pub(crate) async fn config_map_value(
+        &mut self,
+        selector: &KeySelector,
+        purpose: &str,
+    ) -> Result<String, ResolveError> {
+        if !self.config_maps.contains_key(&selector.name) {
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+            let map = api
+                .get_opt(&selector.name)
+                .await
+                .map_err(kube_error(format!(
+                    "ConfigMap {}/{}",
+                    self.namespace, selector.name
+                )))?;
+            self.config_maps.insert(selector.name.clone(), map);
+        }
+        let Some(map) = self
+            .config_maps
+            .get(&selector.name)
+            .and_then(Option::as_ref)
+        else {
+            return Err(self.missing("ConfigMap", selector, purpose));
+        };
+        if let Some(value) = map.data.as_ref().and_then(|d| d.get(&selector.key)) {
+            return Ok(value.clone());
+        }
+        match map.binary_data.as_ref().and_then(|d| d.get(&selector.key)) {
+            Some(bytes) => String::from_utf8(bytes.0.clone())
+                .map_err(|_| self.not_text("ConfigMap", selector, purpose)),
+            None => Err(self.key_missing("ConfigMap", selector, purpose)),
+        }
+    }
+}
+
+/// Whether a label selector matches a set of labels (`matchLabels` and every
+/// `matchExpressions` operator). An empty selector matches everything.
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    // An operator kube does not know makes the selector match nothing.
+    Selector::try_from(selector.clone()).is_ok_and(|selector| selector.matches(labels))
+}
+
+/// The account of a DpcAccount or ClusterDpcAccount spec: endpoint, rate and credentials
+/// (read from `credentials_namespace`).
+pub async fn account_from_spec(
+    client: &Client,
+    key: AccountKey,
+    kind: &'static str,
+    spec: &DpcAccountSpec,
+    credentials_namespace: &str,
+    settings: &ClientSettings,
+) -> Result<ResolvedAccount, ResolveError> {
+    let endpoint =
+        Endpoint::for_account(spec, settings).map_err(|reason| ResolveError::AccountInvalid {
+            kind,
+            name: key.to_string(),
+            reason,
+        })?;
+    let creds = &spec.credentials_secret_ref;
+    let purpose = format!("credentials of {kind} {}", key.name);
+    let mut reader = Reader::new(client, credentials_namespace);
+    let selector = |key: &String| KeySelector {
+        name: creds.name.clone(),
+        key: key.clone(),
+        namespace: None,
+    };
+    let client_id = reader
+        .secret_value(&selector(&creds.client_id_key), &purpose)
+        .await?;
+    let client_secret = reader
+        .secret_value(&selector(&creds.client_secret_key), &purpose)
+        .await?;
+    Ok(ResolvedAccount {
+        key,
+        endpoint,
+        credentials: Credentials {
+            client_id,
+            client_secret,
+        },
+        rate: Rate {
+            requests_per_minute: spec.requests_per_minute(),
+            burst: spec.request_burst(),
+        },
+        allowed_projects: Vec::new(),
+    })
+}
+
+/// Resolves the account an object in `namespace` refers to. The references are what to
+/// watch for it, as far as resolving got.
+pub async fn resolve_account_ref(
+    client: &Client,
+    namespace: &str,
+    account_ref: &AccountRef,
+    settings: &ClientSettings,
+    cluster_credentials: &[String],
+) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+    let name = &account_ref.name;
+    match account_ref.kind.unwrap_or_default() {
+        AccountKind::DpcAccount => {
+            let api: Api<DpcAccount> = Api::namespaced(client.clone(), namespace);
+            let account = match api.get_opt(name).await {
+                Ok(Some(account)) => account,
+                Ok(None) => {
+                    let e = ResolveError::AccountNotFound {
+                        kind: "DpcAccount",
+                        name: format!("{namespace}/{name}"),
+                    };
+                    return (Err(e), Vec::new());
+                }
+                Err(source) => {
+                    let what = format!("DpcAccount {namespace}/{name}");
+                    return (Err(ResolveError::Kube { what, source }), Vec::new());
+                }
+            };
+            let creds = &account.spec.credentials_secret_ref;
+            let refs = vec![Reference::Secret {
+                namespace: namespace.into(),
+                name: creds.name.clone(),
+            }];
+            if let Some(other) = creds.namespace.as_deref().filter(|n| *n != namespace) {
+                let e = ResolveError::AccountInvalid {
+                    kind: "DpcAccount",
+                    name: format!("{namespace}/{name}"),
+                    reason: format!(
+                        "its credentialsSecretRef names namespace {other}; a DpcAccount reads Secrets of its own namespace only (use a ClusterDpcAccount to share credentials)"
+                    ),
+                };
+                return (Err(e), refs);
+            }
+            let key = AccountKey {
+                namespace: Some(namespace.into()),
+                name: name.clone(),
+            };
+            let resolved = account_from_spec(
+                client,
+                key,
+                "DpcAccount",
+                &account.spec,
+                namespace,
+                settings,
+            )
+            .await;
+            (resolved, refs)
+        }
+        AccountKind::ClusterDpcAccount => {
+            let api: Api<ClusterDpcAccount> = Api::all(client.clone());
+            let account = match api.get_opt(name).await {
+                Ok(Some(account)) => account,
+                Ok(None) => {
+                    let e = ResolveError::AccountNotFound {
+                        kind: "ClusterDpcAccount",
+                        name: name.clone(),
+                    };
+                    return (Err(e), Vec::new());
+                }
+                Err(source) => {
+                    let what = format!("ClusterDpcAccount {name}");
+                    return (Err(ResolveError::Kube { what, source }), Vec::new());
+                }
+            };
+            let allowed = &account.spec.allowed_namespaces;
+            let mut refs = Vec::new();
+            let mut permitted = allowed.names.iter().any(|n| n == namespace);
+            if !permitted && let Some(selector) = &allowed.selector {
+                refs.push(Reference::Namespace {
+                    name: namespace.into(),
+                });
+                let namespaces: Api<Namespace> = Api::all(client.clone());
+                match namespaces.get_opt(namespace).await {
+                    Ok(ns) => {
+                        let labels = ns.and_then(|n| n.metadata.labels).unwrap_or_default();
+                        permitted = selector_matches(selector, &labels);
+                    }
+                    Err(source) => {
+                        let what = format!("Namespace {namespace}");
+                        return (Err(ResolveError::Kube { what, source }), refs);
+                    }
+                }
+            }
+            if !permitted {
+                let e = ResolveError::NotAllowed {
+                    account: name.clone(),
+                    namespace: namespace.into(),
+                };
+                return (Err(e), refs);
+            }
+            let creds = &account.spec.account.credentials_secret_ref;
+            let creds_namespace =
+                match cluster_credentials_namespace(&account.spec, cluster_credentials) {
+                    Ok(ns) => ns,
+                    Err(reason) => {
+                        let e = ResolveError::AccountInvalid {
+                            kind: "ClusterDpcAccount",
+                            name: name.clone(),
+                            reason,
+                        };
+                        return (Err(e), refs);
+                    }
+                };
+            refs.push(Reference::Secret {
+                namespace: creds_namespace.clone(),
+                name: creds.name.clone(),
+            });
+            let key = AccountKey {
+                namespace: None,
+                name: name.clone(),
+            };
+            let resolved = account_from_spec(
+                client,
+                key,
+                "ClusterDpcAccount",
+                &account.spec.account,
+                &creds_namespace,
+                settings,
+            )
+            .await
+            .map(|mut resolved| {
+                resolved.allowed_projects = account.spec.allowed_projects.clone();
+                resolved
+            });
+            (resolved, refs)
+        }
+    }
+}
+
+/// The namespace of a ClusterDpcAccount's credentials Secret, if the operator may read it
+/// there: a ClusterDpcAccount can be created by someone who cannot read Secrets, so it may
+/// only name Secrets where the operator administrator keeps shared credentials.
+pub fn cluster_credentials_namespace(
+    spec: &crate::api::ClusterDpcAccountSpec,
+    allowed: &[String],
+) -> Result<String, String> {
+    let Some(namespace) = spec.account.credentials_secret_ref.namespace.clone() else {
+        return Err("credentialsSecretRef.namespace is required for a ClusterDpcAccount".into());
+    };
+    if allowed.contains(&namespace) {
+        return Ok(namespace);
+    }
+    Err(format!(
+        "its credentialsSecretRef names namespace {namespace}, but ClusterDpcAccount credentials are read only from {} (the operator's namespace, or --cluster-credentials-namespaces)",
+        if allowed.is_empty() {
+            "no namespace: the operator's namespace is unknown".to_string()
+        } else {
+            allowed.join(", ")
+        }
+    ))
+}
+
+/// Resolved accounts, so thousands of objects of one account do not each read the account and
+/// its credentials Secret. An entry goes when the watches see a change of anything it was read
+/// from, and after `ttl` at the latest (a Secret outside the watched namespaces).
+pub struct AccountCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<(String, AccountKind, String), CachedAccount>>,
+    /// The last account each reference resolved to, kept until the account itself is gone:
+    /// a deletion that finds the credentials Secret already deleted (a namespace deletion, a
+    /// `kubectl delete -f` of the quickstart) still deletes the remote override with them.
+    last_good: Mutex<HashMap<(String, AccountKind, String), ResolvedAccount>>,
+    /// The namespaces ClusterDpcAccount credentials may be read from.
+    cluster_credentials: Vec<String>,
+}
+
+struct CachedAccount {
+    at: Instant,
+    account: ResolvedAccount,
+    refs: Vec<Reference>,
+}
+
+impl AccountCache {
+    pub fn new(ttl: Duration, cluster_credentials: Vec<String>) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            last_good: Mutex::new(HashMap::new()),
+            cluster_credentials,
+        }
+    }
+
+    /// The namespaces ClusterDpcAccount credentials may be read from.
+    pub fn cluster_credentials_namespaces(&self) -> &[String] {
+        &self.cluster_credentials
+    }
+
+    /// Resolves for a deletion: as [`AccountCache::resolve`], but when the account or its
+    /// credentials can no longer be read, the account as it last resolved (if this process
+    /// resolved it since it started).
+    pub async fn resolve_for_deletion(
+        &self,
+        client: &Client,
+        namespace: &str,
+        account_ref: &AccountRef,
+        settings: &ClientSettings,
+    ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+        let (result, refs) = self.resolve(client, namespace, account_ref, settings).await;
+        match result {
+            Err(e) if e.reason().is_some() => {
+                let key = Self::key(namespace, account_ref);
+                match self.last_good.lock().expect("account cache lock").get(&key) {
+                    Some(account) => (Ok(account.clone()), refs),
+                    None => (Err(e), refs),
+                }
+            }
+            other => (other, refs),
+        }
+    }
+
+    /// Forgets the last good resolution of an account that is gone.
+    pub fn forget_account(&self, key: &AccountKey) {
+        self.last_good
+            .lock()
+            .expect("account cache lock")
+            .retain(|(ns, kind, name), _| {
+                let same = match (kind, &key.namespace) {
+                    (AccountKind::DpcAccount, Some(account_ns)) => account_ns == ns,
+                    (AccountKind::ClusterDpcAccount, None) => true,
+                    _ => false,
+                };
+                !(same && *name == key.name)
+            });
+    }
+
+    fn key(namespace: &str, account_ref: &AccountRef) -> (String, AccountKind, String) {
+        (
+            namespace.into(),
+            account_ref.kind.unwrap_or_default(),
+            account_ref.name.clone(),
+        )
+    }
+
+    /// Forgets every entry read from `reference` (or about that account).
+    pub fn invalidate(&self, reference: &Reference) {
+        self.entries
+            .lock()
+            .expect("account cache lock")
+            .retain(|(ns, kind, name), entry| {
+                let about = match (reference, kind) {
+                    (Reference::Account { namespace, name: n }, AccountKind::DpcAccount) => {
+                        namespace == ns && n == name
+                    }
+                    (Reference::ClusterAccount { name: n }, AccountKind::ClusterDpcAccount) => {
+                        n == name
+                    }
+                    _ => false,
+                };
+                !about && !entry.refs.contains(reference)
+            });
+    }
+
+    /// Resolves through the cache.
+    pub async fn resolve(
+        &self,
+        client: &Client,
+        namespace: &str,
+        account_ref: &AccountRef,
+        settings: &ClientSettings,
+    ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+        let key = Self::key(namespace, account_ref);
+        if let Some(entry) = self.entries.lock().expect("account cache lock").get(&key)
+            && entry.at.elapsed() < self.ttl
+        {
+            return (Ok(entry.account.clone()), entry.refs.clone());
+        }
+        let (result, refs) = resolve_account_ref(
+            client,
+            namespace,
+            account_ref,
+            settings,
+            &self.cluster_credentials,
+        )
+        .await;
+        if let Ok(account) = &result {
+            self.last_good
+                .lock()
+                .expect("account cache lock")
+                .insert(key.clone(), account.clone());
+            let entry = CachedAccount {
+                at: Instant::now(),
+                account: account.clone(),
+                refs: refs.clone(),
+            };
+            self.entries
+                .lock()
+                .expect("account cache lock")
+                .insert(key, entry);
+        }
+        (result, refs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn label_selectors_match_labels_and_expressions() {
+        let selector = LabelSelector {
+            match_labels: Some(labels(&[("team", "data")])),
+            match_expressions: Some(vec![
+                LabelSelectorRequirement {
+                    key: "env".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["prod".into(), "staging".into()]),
+                },
+                LabelSelectorRequirement {
+                    key: "frozen".into(),
+                    operator: "DoesNotExist".into(),
+                    values: None,
+                },
+            ]),
+        };
+        assert!(selector_matches(
+            &selector,
+            &labels(&[("team", "data"), ("env", "prod")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("team", "data"), ("env", "dev")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("team", "web"), ("env", "prod")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("team", "data"), ("env", "prod"), ("frozen", "1")])
+        ));
+        assert!(selector_matches(&LabelSelector::default(), &labels(&[])));
+    }
+}
