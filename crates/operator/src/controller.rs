@@ -178,65 +178,25 @@ fn log_result<K: Resource, E: std::fmt::Display>(
 async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
     let ns = scope.as_deref();
-    let api: Api<DeserializeGuard<ConnectionOverride>> = scoped(&client, ns);
-    let mut config = watcher::Config::default();
-    if let Some(selector) = &ctx.config.label_selector {
-        config = config.labels(selector);
-    }
     let (reader, writer) = reflector::store();
-    let hook = ctx.clone();
-    let hook_scope = scope.clone();
-    let relist = Mutex::new(None);
-    let first_sync = AtomicBool::new(false);
-    let main = watcher::watcher(api, config)
-        .default_backoff()
-        // Keep only what reconciles read: the store holds every object.
-        .modify(slim)
-        .map_ok(move |event| {
-            hook.observe_event(hook_scope.as_deref(), &event, &relist, &first_sync);
-            event
-        })
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(trigger_hash, Default::default());
-
-    let secrets = watcher::watcher(
-        scoped::<PartialObjectMeta<Secret>>(&client, ns),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects();
-    let config_maps = watcher::watcher(
+    let main = override_stream(&ctx, scope.clone(), writer);
+    let default = watcher::Config::default;
+    let secrets = touched(scoped::<PartialObjectMeta<Secret>>(&client, ns), default());
+    let config_maps = touched(
         scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects();
-    let accounts = watcher::watcher(
-        scoped::<DpcAccount>(&client, ns),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects()
-    .predicate_filter(predicates::generation, Default::default());
-    let cluster_accounts = watcher::watcher(
-        Api::<ClusterDpcAccount>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects()
-    .predicate_filter(predicates::generation, Default::default());
+        default(),
+    );
+    let accounts = touched(scoped::<DpcAccount>(&client, ns), default())
+        .predicate_filter(predicates::generation, Default::default());
+    let cluster_accounts = touched(Api::<ClusterDpcAccount>::all(client.clone()), default())
+        .predicate_filter(predicates::generation, Default::default());
     let namespace_config = match ns {
-        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
-        None => watcher::Config::default(),
+        Some(ns) => default().fields(&format!("metadata.name={ns}")),
+        None => default(),
     };
-    let namespaces = watcher::watcher(
-        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-        namespace_config,
-    )
-    .default_backoff()
-    .touched_objects()
-    .predicate_filter(predicates::labels, Default::default());
+    let all_namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+    let namespaces = touched(all_namespaces, namespace_config)
+        .predicate_filter(predicates::labels, Default::default());
 
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let sweeper = tokio::spawn(sweep(
@@ -247,73 +207,101 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     ctx.add_scope(scope.clone(), tx, reader.clone());
     // A change of an account, a Secret or a namespace also drops what the account cache read
     // from it.
-    let users = |ctx: &Arc<Context>, reference: Reference| {
-        ctx.accounts.invalidate(&reference);
-        to_refs(ctx.index.users(&reference))
+    let users = |ctx: &Arc<Context>| {
+        let ctx = ctx.clone();
+        move |reference: Reference| {
+            ctx.accounts.invalidate(&reference);
+            to_refs(ctx.index.users(&reference))
+        }
     };
-    let (i1, i2, i3, i4, i5) = (
-        ctx.clone(),
-        ctx.clone(),
-        ctx.clone(),
-        ctx.clone(),
-        ctx.clone(),
-    );
+    let (secret_users, config_map_users, account_users) = (users(&ctx), users(&ctx), users(&ctx));
+    let (cluster_account_users, namespace_users) = (users(&ctx), users(&ctx));
     let stop = shutdown.clone();
     let store = reader.clone();
     let controller = Controller::for_stream(main, reader)
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
         .reconcile_on(rx)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
-            users(
-                &i1,
-                Reference::Secret {
-                    namespace: s.namespace().unwrap_or_default(),
-                    name: s.name_any(),
-                },
-            )
+            let (namespace, name) = (s.namespace().unwrap_or_default(), s.name_any());
+            secret_users(Reference::Secret { namespace, name })
         })
         .watches_stream(config_maps, move |c: PartialObjectMeta<ConfigMap>| {
-            users(
-                &i2,
-                Reference::ConfigMap {
-                    namespace: c.namespace().unwrap_or_default(),
-                    name: c.name_any(),
-                },
-            )
+            let (namespace, name) = (c.namespace().unwrap_or_default(), c.name_any());
+            config_map_users(Reference::ConfigMap { namespace, name })
         })
         .watches_stream(accounts, move |a: DpcAccount| {
-            users(
-                &i3,
-                Reference::Account {
-                    namespace: a.namespace().unwrap_or_default(),
-                    name: a.name_any(),
-                },
-            )
+            let (namespace, name) = (a.namespace().unwrap_or_default(), a.name_any());
+            account_users(Reference::Account { namespace, name })
         })
         .watches_stream(cluster_accounts, move |a: ClusterDpcAccount| {
-            users(&i4, Reference::ClusterAccount { name: a.name_any() })
+            cluster_account_users(Reference::ClusterAccount { name: a.name_any() })
         })
         .watches_stream(namespaces, move |n: PartialObjectMeta<Namespace>| {
-            users(&i5, Reference::Namespace { name: n.name_any() })
+            namespace_users(Reference::Namespace { name: n.name_any() })
         })
         .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(
-            |obj, ctx: Arc<Context>| async move {
-                let started = std::time::Instant::now();
-                let result = reconcile::reconcile_guarded(obj, ctx.clone()).await;
-                ctx.metrics
-                    .reconciled("connectionoverride", started.elapsed());
-                if let Err(e) = &result {
-                    ctx.metrics.failed("connectionoverride", e.category());
-                }
-                result
-            },
-            reconcile::error_policy,
-            ctx,
-        )
+        .run(reconcile_counted, reconcile::error_policy, ctx)
         .for_each(log_result("ConnectionOverride"));
     run_until_stopped(controller, store, shutdown).await;
     sweeper.abort();
+}
+
+/// The watch of the ConnectionOverrides of one scope, slimmed, feeding the claims index and
+/// the store, and passing on only changes worth a reconcile.
+fn override_stream(
+    ctx: &Arc<Context>,
+    scope: Option<String>,
+    writer: reflector::store::Writer<DeserializeGuard<ConnectionOverride>>,
+) -> impl futures::Stream<Item = Result<DeserializeGuard<ConnectionOverride>, watcher::Error>>
++ Send
++ use<> {
+    let api: Api<DeserializeGuard<ConnectionOverride>> = scoped(&ctx.client, scope.as_deref());
+    let mut config = watcher::Config::default();
+    if let Some(selector) = &ctx.config.label_selector {
+        config = config.labels(selector);
+    }
+    let hook = ctx.clone();
+    let relist = Mutex::new(None);
+    let first_sync = AtomicBool::new(false);
+    watcher::watcher(api, config)
+        .default_backoff()
+        // Keep only what reconciles read: the store holds every object.
+        .modify(slim)
+        .map_ok(move |event| {
+            hook.observe_event(scope.as_deref(), &event, &relist, &first_sync);
+            event
+        })
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(trigger_hash, Default::default())
+}
+
+/// The objects a watch sees change (with the watcher's default backoff).
+fn touched<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .touched_objects()
+}
+
+/// One reconcile, counted in the metrics.
+async fn reconcile_counted(
+    obj: Arc<DeserializeGuard<ConnectionOverride>>,
+    ctx: Arc<Context>,
+) -> Result<Action, reconcile::Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile::reconcile_guarded(obj, ctx.clone()).await;
+    ctx.metrics
+        .reconciled("connectionoverride", started.elapsed());
+    if let Err(e) = &result {
+        ctx.metrics.failed("connectionoverride", e.category());
+    }
+    result
 }
 
 /// How many parts the stored objects are split into, one part swept per
@@ -346,6 +334,39 @@ async fn sweep(
 
 /// Runs the controller of one account kind in `scope`, watching the Secrets of
 /// `secret_scopes` (`None`: every namespace) for credential changes.
+/// The account `key` names, if a controller of kind `K` watching `scope` has it.
+fn account_ref<K: AccountObject>(key: &AccountKey, scope: Option<&str>) -> Option<ObjectRef<K>> {
+    let cluster = K::KIND == "ClusterDpcAccount";
+    match (&key.namespace, cluster) {
+        (None, true) => Some(ObjectRef::<K>::new(&key.name)),
+        (Some(ns), false) if scope.is_none_or(|s| s == ns) => {
+            Some(ObjectRef::<K>::new(&key.name).within(ns))
+        }
+        _ => None,
+    }
+}
+
+/// One account reconcile, a panic turned into an error, counted in the metrics.
+async fn reconcile_account_counted<K: AccountObject>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+) -> Result<Action, reconcile::Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile::catch_panic(reconcile::account::reconcile::<K>(obj, ctx.clone()))
+        .await
+        .unwrap_or_else(|panic| Err(reconcile::Error::Panicked(panic)));
+    let kind = if K::KIND == "DpcAccount" {
+        "dpcaccount"
+    } else {
+        "clusterdpcaccount"
+    };
+    ctx.metrics.reconciled(kind, started.elapsed());
+    if let Err(e) = &result {
+        ctx.metrics.failed(kind, e.category());
+    }
+    result
+}
+
 async fn run_accounts<K: AccountObject>(
     ctx: Arc<Context>,
     scope: Option<String>,
@@ -375,23 +396,11 @@ async fn run_accounts<K: AccountObject>(
     ctx.add_account_trigger(tx);
     let account_scope = scope.clone();
     let asked = rx.filter_map(move |key: AccountKey| {
-        let r = match (&key.namespace, cluster) {
-            (None, true) => Some(ObjectRef::<K>::new(&key.name)),
-            (Some(ns), false) if account_scope.as_deref().is_none_or(|s| s == ns) => {
-                Some(ObjectRef::<K>::new(&key.name).within(ns))
-            }
-            _ => None,
-        };
-        futures::future::ready(r)
+        futures::future::ready(account_ref::<K>(&key, account_scope.as_deref()))
     });
     let secrets = futures::stream::select_all(secret_scopes.iter().map(|ns| {
-        watcher::watcher(
-            scoped::<PartialObjectMeta<Secret>>(&client, ns.as_deref()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .touched_objects()
-        .boxed()
+        let api = scoped::<PartialObjectMeta<Secret>>(&client, ns.as_deref());
+        touched(api, watcher::Config::default()).boxed()
     }));
     let index_ctx = ctx.clone();
     let stop = shutdown.clone();
@@ -415,23 +424,7 @@ async fn run_accounts<K: AccountObject>(
         })
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(
-            |obj, ctx: Arc<Context>| async move {
-                let started = std::time::Instant::now();
-                let result =
-                    reconcile::catch_panic(reconcile::account::reconcile::<K>(obj, ctx.clone()))
-                        .await
-                        .unwrap_or_else(|panic| Err(reconcile::Error::Panicked(panic)));
-                let kind = if K::KIND == "DpcAccount" {
-                    "dpcaccount"
-                } else {
-                    "clusterdpcaccount"
-                };
-                ctx.metrics.reconciled(kind, started.elapsed());
-                if let Err(e) = &result {
-                    ctx.metrics.failed(kind, e.category());
-                }
-                result
-            },
+            reconcile_account_counted::<K>,
             reconcile::account::error_policy::<K>,
             ctx,
         )

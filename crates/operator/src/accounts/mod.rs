@@ -3,15 +3,12 @@
 //! namespaces and projects may use a ClusterDpcAccount; and the cache that lets thousands of
 //! objects of one account share one read of it.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 use kube::{Api, Client};
-use tokio::time::Instant;
 
 use crate::api::conditions::Reason;
 use crate::api::{
@@ -19,6 +16,9 @@ use crate::api::{
 };
 use crate::dpc::{AccountKey, ClientSettings, Credentials, Endpoint, Rate, SecretString};
 use crate::index::Reference;
+
+mod cache;
+pub use cache::AccountCache;
 
 /// A resolved account: where to call, with which credentials, at which rate.
 #[derive(Clone, Debug)]
@@ -284,131 +284,152 @@ pub async fn resolve_account_ref(
 ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
     let name = &account_ref.name;
     match account_ref.kind.unwrap_or_default() {
-        AccountKind::DpcAccount => {
-            let api: Api<DpcAccount> = Api::namespaced(client.clone(), namespace);
-            let account = match api.get_opt(name).await {
-                Ok(Some(account)) => account,
-                Ok(None) => {
-                    let e = ResolveError::AccountNotFound {
-                        kind: "DpcAccount",
-                        name: format!("{namespace}/{name}"),
-                    };
-                    return (Err(e), Vec::new());
-                }
-                Err(source) => {
-                    let what = format!("DpcAccount {namespace}/{name}");
-                    return (Err(ResolveError::Kube { what, source }), Vec::new());
-                }
-            };
-            let creds = &account.spec.credentials_secret_ref;
-            let refs = vec![Reference::Secret {
-                namespace: namespace.into(),
-                name: creds.name.clone(),
-            }];
-            if let Some(other) = creds.namespace.as_deref().filter(|n| *n != namespace) {
-                let e = ResolveError::AccountInvalid {
-                    kind: "DpcAccount",
-                    name: format!("{namespace}/{name}"),
-                    reason: format!(
-                        "its credentialsSecretRef names namespace {other}; a DpcAccount reads Secrets of its own namespace only (use a ClusterDpcAccount to share credentials)"
-                    ),
-                };
-                return (Err(e), refs);
-            }
-            let key = AccountKey {
-                namespace: Some(namespace.into()),
-                name: name.clone(),
-            };
-            let resolved = account_from_spec(
+        AccountKind::DpcAccount => resolve_dpc_account(client, namespace, name, settings).await,
+        AccountKind::ClusterDpcAccount => {
+            let mut refs = Vec::new();
+            let resolved = resolve_cluster_account(
                 client,
-                key,
-                "DpcAccount",
-                &account.spec,
                 namespace,
+                name,
                 settings,
+                cluster_credentials,
+                &mut refs,
             )
             .await;
             (resolved, refs)
         }
-        AccountKind::ClusterDpcAccount => {
-            let api: Api<ClusterDpcAccount> = Api::all(client.clone());
-            let account = match api.get_opt(name).await {
-                Ok(Some(account)) => account,
-                Ok(None) => {
-                    let e = ResolveError::AccountNotFound {
-                        kind: "ClusterDpcAccount",
-                        name: name.clone(),
-                    };
-                    return (Err(e), Vec::new());
-                }
-                Err(source) => {
-                    let what = format!("ClusterDpcAccount {name}");
-                    return (Err(ResolveError::Kube { what, source }), Vec::new());
-                }
-            };
-            let allowed = &account.spec.allowed_namespaces;
-            let mut refs = Vec::new();
-            let mut permitted = allowed.names.iter().any(|n| n == namespace);
-            if !permitted && let Some(selector) = &allowed.selector {
-                refs.push(Reference::Namespace {
-                    name: namespace.into(),
-                });
-                let namespaces: Api<Namespace> = Api::all(client.clone());
-                match namespaces.get_opt(namespace).await {
-                    Ok(ns) => {
-                        let labels = ns.and_then(|n| n.metadata.labels).unwrap_or_default();
-                        permitted = selector_matches(selector, &labels);
-                    }
-                    Err(source) => {
-                        let what = format!("Namespace {namespace}");
-                        return (Err(ResolveError::Kube { what, source }), refs);
-                    }
-                }
-            }
-            if !permitted {
-                let e = ResolveError::NotAllowed {
-                    account: name.clone(),
-                    namespace: namespace.into(),
-                };
-                return (Err(e), refs);
-            }
-            let creds = &account.spec.account.credentials_secret_ref;
-            let creds_namespace =
-                match cluster_credentials_namespace(&account.spec, cluster_credentials) {
-                    Ok(ns) => ns,
-                    Err(reason) => {
-                        let e = ResolveError::AccountInvalid {
-                            kind: "ClusterDpcAccount",
-                            name: name.clone(),
-                            reason,
-                        };
-                        return (Err(e), refs);
-                    }
-                };
-            refs.push(Reference::Secret {
-                namespace: creds_namespace.clone(),
-                name: creds.name.clone(),
-            });
-            let key = AccountKey {
-                namespace: None,
-                name: name.clone(),
-            };
-            let resolved = account_from_spec(
-                client,
-                key,
-                "ClusterDpcAccount",
-                &account.spec.account,
-                &creds_namespace,
-                settings,
-            )
-            .await
-            .map(|mut resolved| {
-                resolved.allowed_projects = account.spec.allowed_projects.clone();
-                resolved
-            });
-            (resolved, refs)
-        }
     }
+}
+
+/// A DpcAccount of the object's own namespace, with credentials from that namespace.
+async fn resolve_dpc_account(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    settings: &ClientSettings,
+) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+    let full_name = format!("{namespace}/{name}");
+    let api: Api<DpcAccount> = Api::namespaced(client.clone(), namespace);
+    let account = match api.get_opt(name).await {
+        Ok(Some(account)) => account,
+        Ok(None) => {
+            let e = ResolveError::AccountNotFound {
+                kind: "DpcAccount",
+                name: full_name,
+            };
+            return (Err(e), Vec::new());
+        }
+        Err(source) => {
+            let what = format!("DpcAccount {full_name}");
+            return (Err(ResolveError::Kube { what, source }), Vec::new());
+        }
+    };
+    let creds = &account.spec.credentials_secret_ref;
+    let refs = vec![Reference::Secret {
+        namespace: namespace.into(),
+        name: creds.name.clone(),
+    }];
+    if let Some(other) = creds.namespace.as_deref().filter(|n| *n != namespace) {
+        let e = ResolveError::AccountInvalid {
+            kind: "DpcAccount",
+            name: full_name,
+            reason: format!(
+                "its credentialsSecretRef names namespace {other}; a DpcAccount reads Secrets of its own namespace only (use a ClusterDpcAccount to share credentials)"
+            ),
+        };
+        return (Err(e), refs);
+    }
+    let key = AccountKey {
+        namespace: Some(namespace.into()),
+        name: name.to_string(),
+    };
+    let spec = &account.spec;
+    let resolved = account_from_spec(client, key, "DpcAccount", spec, namespace, settings).await;
+    (resolved, refs)
+}
+
+/// A ClusterDpcAccount that allows the object's namespace, with credentials from where
+/// the operator may read them. What was read is added to `refs` as it goes.
+async fn resolve_cluster_account(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    settings: &ClientSettings,
+    cluster_credentials: &[String],
+    refs: &mut Vec<Reference>,
+) -> Result<ResolvedAccount, ResolveError> {
+    let api: Api<ClusterDpcAccount> = Api::all(client.clone());
+    let account = match api.get_opt(name).await {
+        Ok(Some(account)) => account,
+        Ok(None) => {
+            return Err(ResolveError::AccountNotFound {
+                kind: "ClusterDpcAccount",
+                name: name.to_string(),
+            });
+        }
+        Err(source) => {
+            let what = format!("ClusterDpcAccount {name}");
+            return Err(ResolveError::Kube { what, source });
+        }
+    };
+    if !allows_namespace(client, &account, namespace, refs).await? {
+        return Err(ResolveError::NotAllowed {
+            account: name.to_string(),
+            namespace: namespace.into(),
+        });
+    }
+    let creds = &account.spec.account.credentials_secret_ref;
+    let creds_namespace = cluster_credentials_namespace(&account.spec, cluster_credentials)
+        .map_err(|reason| ResolveError::AccountInvalid {
+            kind: "ClusterDpcAccount",
+            name: name.to_string(),
+            reason,
+        })?;
+    refs.push(Reference::Secret {
+        namespace: creds_namespace.clone(),
+        name: creds.name.clone(),
+    });
+    let key = AccountKey {
+        namespace: None,
+        name: name.to_string(),
+    };
+    let spec = &account.spec.account;
+    let mut resolved = account_from_spec(
+        client,
+        key,
+        "ClusterDpcAccount",
+        spec,
+        &creds_namespace,
+        settings,
+    )
+    .await?;
+    resolved.allowed_projects = account.spec.allowed_projects.clone();
+    Ok(resolved)
+}
+
+/// Whether a ClusterDpcAccount allows `namespace`: by name, or by its labels (then the
+/// namespace is a reference to watch).
+async fn allows_namespace(
+    client: &Client,
+    account: &ClusterDpcAccount,
+    namespace: &str,
+    refs: &mut Vec<Reference>,
+) -> Result<bool, ResolveError> {
+    let allowed = &account.spec.allowed_namespaces;
+    if allowed.names.iter().any(|n| n == namespace) {
+        return Ok(true);
+    }
+    let Some(selector) = &allowed.selector else {
+        return Ok(false);
+    };
+    refs.push(Reference::Namespace {
+        name: namespace.into(),
+    });
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let found = namespaces.get_opt(namespace).await;
+    let found = found.map_err(kube_error(format!("Namespace {namespace}")))?;
+    let labels = found.and_then(|n| n.metadata.labels).unwrap_or_default();
+    Ok(selector_matches(selector, &labels))
 }
 
 /// The namespace of a ClusterDpcAccount's credentials Secret, if the operator may read it
@@ -432,147 +453,6 @@ pub fn cluster_credentials_namespace(
             allowed.join(", ")
         }
     ))
-}
-
-/// Resolved accounts, so thousands of objects of one account do not each read the account and
-/// its credentials Secret. An entry goes when the watches see a change of anything it was read
-/// from, and after `ttl` at the latest (a Secret outside the watched namespaces).
-pub struct AccountCache {
-    ttl: Duration,
-    entries: Mutex<HashMap<(String, AccountKind, String), CachedAccount>>,
-    /// The last account each reference resolved to, kept until the account itself is gone:
-    /// a deletion that finds the credentials Secret already deleted (a namespace deletion, a
-    /// `kubectl delete -f` of the quickstart) still deletes the remote override with them.
-    last_good: Mutex<HashMap<(String, AccountKind, String), ResolvedAccount>>,
-    /// The namespaces ClusterDpcAccount credentials may be read from.
-    cluster_credentials: Vec<String>,
-}
-
-struct CachedAccount {
-    at: Instant,
-    account: ResolvedAccount,
-    refs: Vec<Reference>,
-}
-
-impl AccountCache {
-    pub fn new(ttl: Duration, cluster_credentials: Vec<String>) -> Self {
-        Self {
-            ttl,
-            entries: Mutex::new(HashMap::new()),
-            last_good: Mutex::new(HashMap::new()),
-            cluster_credentials,
-        }
-    }
-
-    /// The namespaces ClusterDpcAccount credentials may be read from.
-    pub fn cluster_credentials_namespaces(&self) -> &[String] {
-        &self.cluster_credentials
-    }
-
-    /// Resolves for a deletion: as [`AccountCache::resolve`], but when the account or its
-    /// credentials can no longer be read, the account as it last resolved (if this process
-    /// resolved it since it started).
-    pub async fn resolve_for_deletion(
-        &self,
-        client: &Client,
-        namespace: &str,
-        account_ref: &AccountRef,
-        settings: &ClientSettings,
-    ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
-        let (result, refs) = self.resolve(client, namespace, account_ref, settings).await;
-        match result {
-            Err(e) if e.reason().is_some() => {
-                let key = Self::key(namespace, account_ref);
-                match self.last_good.lock().expect("account cache lock").get(&key) {
-                    Some(account) => (Ok(account.clone()), refs),
-                    None => (Err(e), refs),
-                }
-            }
-            other => (other, refs),
-        }
-    }
-
-    /// Forgets the last good resolution of an account that is gone.
-    pub fn forget_account(&self, key: &AccountKey) {
-        self.last_good
-            .lock()
-            .expect("account cache lock")
-            .retain(|(ns, kind, name), _| {
-                let same = match (kind, &key.namespace) {
-                    (AccountKind::DpcAccount, Some(account_ns)) => account_ns == ns,
-                    (AccountKind::ClusterDpcAccount, None) => true,
-                    _ => false,
-                };
-                !(same && *name == key.name)
-            });
-    }
-
-    fn key(namespace: &str, account_ref: &AccountRef) -> (String, AccountKind, String) {
-        (
-            namespace.into(),
-            account_ref.kind.unwrap_or_default(),
-            account_ref.name.clone(),
-        )
-    }
-
-    /// Forgets every entry read from `reference` (or about that account).
-    pub fn invalidate(&self, reference: &Reference) {
-        self.entries
-            .lock()
-            .expect("account cache lock")
-            .retain(|(ns, kind, name), entry| {
-                let about = match (reference, kind) {
-                    (Reference::Account { namespace, name: n }, AccountKind::DpcAccount) => {
-                        namespace == ns && n == name
-                    }
-                    (Reference::ClusterAccount { name: n }, AccountKind::ClusterDpcAccount) => {
-                        n == name
-                    }
-                    _ => false,
-                };
-                !about && !entry.refs.contains(reference)
-            });
-    }
-
-    /// Resolves through the cache.
-    pub async fn resolve(
-        &self,
-        client: &Client,
-        namespace: &str,
-        account_ref: &AccountRef,
-        settings: &ClientSettings,
-    ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
-        let key = Self::key(namespace, account_ref);
-        if let Some(entry) = self.entries.lock().expect("account cache lock").get(&key)
-            && entry.at.elapsed() < self.ttl
-        {
-            return (Ok(entry.account.clone()), entry.refs.clone());
-        }
-        let (result, refs) = resolve_account_ref(
-            client,
-            namespace,
-            account_ref,
-            settings,
-            &self.cluster_credentials,
-        )
-        .await;
-        if let Ok(account) = &result {
-            self.last_good
-                .lock()
-                .expect("account cache lock")
-                .insert(key.clone(), account.clone());
-            let entry = CachedAccount {
-                at: Instant::now(),
-                account: account.clone(),
-                refs: refs.clone(),
-            };
-            self.entries
-                .lock()
-                .expect("account cache lock")
-                .insert(key, entry);
-        }
-        (result, refs)
-    }
 }
 
 #[cfg(test)]
