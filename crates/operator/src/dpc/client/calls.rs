@@ -1,0 +1,209 @@
+//! The environment connection override endpoints of one account: create, update, list
+//! (every page) and delete (in batches that keep URLs short, confirmed by a list for names
+//! a server could read differently).
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::Method;
+use url::Url;
+
+use super::super::error::{DpcError, Operation};
+use super::super::types::{OverrideRequest, RemoteOverride, parse_list, parse_write_answer};
+use super::{AccountHandle, WriteAnswer};
+
+/// The page size asked of list calls: the documented maximum of DPC's list endpoints.
+const LIST_PAGE_SIZE: u64 = 100;
+
+/// Longest URL we send; longer DELETEs are split (DPC answers 400 to over-long URLs).
+const MAX_URL_LEN: usize = 2000;
+
+/// Characters left as they are in a query value (RFC 3986 unreserved); everything else,
+/// including space and comma, is percent-encoded.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+impl AccountHandle {
+    /// `POST` a new override. 409 comes back as an error of class `Conflict`.
+    pub async fn create(
+        &self,
+        project_id: &str,
+        body: &OverrideRequest,
+    ) -> Result<WriteAnswer, DpcError> {
+        let url = self.overrides_url(project_id, &[]);
+        let answer = self
+            .send(Operation::Create, Method::POST, url, Some(body))
+            .await?;
+        Ok(WriteAnswer {
+            status: answer.status.as_u16(),
+            remote: parse_write_answer(&answer.body),
+        })
+    }
+
+    /// `PUT` an existing override. 404 comes back as an error of class `NotFound`.
+    pub async fn update(
+        &self,
+        project_id: &str,
+        body: &OverrideRequest,
+    ) -> Result<WriteAnswer, DpcError> {
+        let url = self.overrides_url(project_id, &[]);
+        let answer = self
+            .send(Operation::Update, Method::PUT, url, Some(body))
+            .await?;
+        Ok(WriteAnswer {
+            status: answer.status.as_u16(),
+            remote: parse_write_answer(&answer.body),
+        })
+    }
+
+    /// Every override of an environment, following envelope pages when the answer has them.
+    pub async fn list(
+        &self,
+        project_id: &str,
+        environment: &str,
+    ) -> Result<Vec<RemoteOverride>, DpcError> {
+        let mut items = Vec::new();
+        let mut page_params: Option<(u64, u64)> = None;
+        for _ in 0..1000 {
+            let mut query = vec![("environmentName", environment.to_string())];
+            match page_params {
+                Some((page, size)) => {
+                    query.push(("page", page.to_string()));
+                    query.push(("size", size.to_string()));
+                }
+                // Ask for the largest page list endpoints document, so one call usually
+                // answers for a whole environment.
+                None => query.push(("size", LIST_PAGE_SIZE.to_string())),
+            }
+            let url = self.overrides_url(project_id, &query);
+            let answer = self.send(Operation::List, Method::GET, url, None).await?;
+            let page = parse_list(&answer.body).map_err(|reason| DpcError::Decode {
+                operation: Operation::List,
+                reason,
+            })?;
+            let more = page.has_more();
+            let next = (page.page.unwrap_or(0) + 1, page.size.unwrap_or(100));
+            items.extend(page.items);
+            if !more {
+                return Ok(items);
+            }
+            page_params = Some(next);
+        }
+        Ok(items)
+    }
+
+    /// `DELETE` the overrides of `connection_names` in an environment. 404 counts as done.
+    /// Names are split over several calls when one URL would be too long.
+    ///
+    /// DPC takes the names as one comma-separated list: a name with a comma is never sent (a
+    /// server that decodes before splitting would delete other overrides), and when a name
+    /// holds anything beyond letters, digits, spaces and `-_.~` the environment is listed
+    /// afterwards to confirm it is gone.
+    pub async fn delete(
+        &self,
+        project_id: &str,
+        environment: &str,
+        connection_names: &[String],
+    ) -> Result<(), DpcError> {
+        if let Some(name) = connection_names.iter().find(|n| n.contains(',')) {
+            return Err(DpcError::Misconfigured(format!(
+                "connection name {name:?} contains a comma; DPC's delete call reads commas as separators, so it is never sent"
+            )));
+        }
+        for chunk in self.delete_batches(project_id, environment, connection_names) {
+            let url = self.overrides_url_raw(project_id, &chunk);
+            match self
+                .send(Operation::Delete, Method::DELETE, url, None)
+                .await
+            {
+                Ok(_) => {}
+                Err(DpcError::Api { status: 404, .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let unusual: Vec<&String> = connection_names
+            .iter()
+            .filter(|name| !is_plain_name(name))
+            .collect();
+        if !unusual.is_empty() {
+            let listed = self.list(project_id, environment).await?;
+            if let Some(name) = unusual.into_iter().find(|name| {
+                listed
+                    .iter()
+                    .any(|o| o.name.as_deref() == Some(name.as_str()))
+            }) {
+                return Err(DpcError::StillPresent(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_batches(&self, project_id: &str, environment: &str, names: &[String]) -> Vec<String> {
+        let prefix = format!("environmentName={}&connectionNames=", encode(environment));
+        let base_len = self.overrides_url(project_id, &[]).as_str().len() + 1 + prefix.len();
+        let mut batches = Vec::new();
+        let mut current = String::new();
+        for name in names {
+            let encoded = encode(name);
+            if !current.is_empty() && base_len + current.len() + 1 + encoded.len() > MAX_URL_LEN {
+                batches.push(format!("{prefix}{current}"));
+                current.clear();
+            }
+            if !current.is_empty() {
+                current.push(',');
+            }
+            current.push_str(&encoded);
+        }
+        if !current.is_empty() {
+            batches.push(format!("{prefix}{current}"));
+        }
+        batches
+    }
+
+    fn overrides_url(&self, project_id: &str, query: &[(&str, String)]) -> Url {
+        let raw: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", encode(v)))
+            .collect();
+        self.overrides_url_raw(project_id, &raw.join("&"))
+    }
+
+    fn overrides_url_raw(&self, project_id: &str, query: &str) -> Url {
+        let mut url = self.state.endpoint.api_url.clone();
+        url.path_segments_mut()
+            .expect("an http(s) URL has path segments")
+            .pop_if_empty()
+            .extend([
+                "v1",
+                "projects",
+                project_id,
+                "connections",
+                "environment-overrides",
+            ]);
+        url.set_query((!query.is_empty()).then_some(query));
+        url
+    }
+}
+
+/// A name no server could read differently in a comma-separated query list.
+fn is_plain_name(name: &str) -> bool {
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.' | '~'))
+}
+
+fn encode(value: &str) -> String {
+    utf8_percent_encode(value, QUERY_VALUE).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(encode("Sales, EU"), "Sales%2C%20EU");
+        assert_eq!(encode("a-b_c.d~e"), "a-b_c.d~e");
+        assert_eq!(encode("x/y&z=1+2"), "x%2Fy%26z%3D1%2B2");
+    }
+}
