@@ -69,6 +69,44 @@ fn api_resource(kind: &str) -> Option<ApiResource> {
     })
 }
 
+/// The `stringData` of the example Secrets, by namespace and name.
+fn example_secrets(docs: &[Value]) -> BTreeMap<(String, String), BTreeMap<String, String>> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    docs.iter()
+        .filter(|d| d["kind"] == "Secret")
+        .map(|doc| {
+            let meta = &doc["metadata"];
+            let namespace = meta["namespace"].as_str().unwrap_or("default").to_string();
+            let data = doc["stringData"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), text(v))).collect())
+                .unwrap_or_default();
+            ((namespace, text(&meta["name"])), data)
+        })
+        .collect()
+}
+
+/// Points a DpcAccount at the simulator, and has the simulator accept the client in its
+/// credentials Secret.
+fn point_at_simulator(
+    doc: &mut Value,
+    namespace: &str,
+    secrets: &BTreeMap<(String, String), BTreeMap<String, String>>,
+    sim: &DpcSim,
+) {
+    doc["spec"]["apiUrl"] = Value::String(sim.api_url());
+    doc["spec"]["tokenUrl"] = Value::String(sim.token_url());
+    let creds = &doc["spec"]["credentialsSecretRef"];
+    let secret_name = creds["name"].as_str().unwrap_or_default().to_string();
+    let id_key = creds["clientIdKey"].as_str().unwrap_or("client_id");
+    let secret_key = creds["clientSecretKey"].as_str().unwrap_or("client_secret");
+    if let Some(data) = secrets.get(&(namespace.to_string(), secret_name))
+        && let (Some(id), Some(secret)) = (data.get(id_key), data.get(secret_key))
+    {
+        sim.add_client(id, secret);
+    }
+}
+
 /// Applies the examples; every DpcAccount is pointed at the simulator, whose accepted
 /// clients are the ones in the accounts' credentials Secrets.
 async fn apply_examples(client: &Client, sim: &DpcSim) -> Result<Applied, String> {
@@ -78,28 +116,7 @@ async fn apply_examples(client: &Client, sim: &DpcSim) -> Result<Applied, String
             .map_err(|e| format!("parsing example {name}: {e}"))?;
         docs.extend(parsed.into_iter().filter(|d| d.is_object()));
     }
-    let mut secrets: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
-    for doc in docs.iter().filter(|d| d["kind"] == "Secret") {
-        let key = (
-            doc["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_string(),
-            doc["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-        let data = doc["stringData"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        secrets.insert(key, data);
-    }
+    let secrets = example_secrets(&docs);
     let mut applied = Applied {
         overrides: Vec::new(),
         accounts: Vec::new(),
@@ -114,18 +131,8 @@ async fn apply_examples(client: &Client, sim: &DpcSim) -> Result<Applied, String
         let resource =
             api_resource(&kind).ok_or_else(|| format!("the sandbox cannot apply kind {kind}"))?;
         if kind == "DpcAccount" {
-            doc["spec"]["apiUrl"] = Value::String(sim.api_url());
-            doc["spec"]["tokenUrl"] = Value::String(sim.token_url());
             let ns = namespace.clone().unwrap_or_else(|| "default".into());
-            let creds = &doc["spec"]["credentialsSecretRef"];
-            let secret_name = creds["name"].as_str().unwrap_or_default().to_string();
-            let id_key = creds["clientIdKey"].as_str().unwrap_or("client_id");
-            let secret_key = creds["clientSecretKey"].as_str().unwrap_or("client_secret");
-            if let Some(data) = secrets.get(&(ns.clone(), secret_name))
-                && let (Some(id), Some(secret)) = (data.get(id_key), data.get(secret_key))
-            {
-                sim.add_client(id, secret);
-            }
+            point_at_simulator(&mut doc, &ns, &secrets, sim);
             applied.accounts.push((ns, name.clone()));
         }
         if kind == "ConnectionOverride" {
@@ -284,9 +291,8 @@ async fn readiness(client: &Client, applied: &Applied) -> (bool, Vec<String>) {
     (waiting.is_empty(), waiting)
 }
 
-/// Runs the sandbox. Returns whether every example became Ready (always true without
-/// `--once`, which runs until Ctrl-C).
-pub async fn run(options: SandboxOptions, shutdown: CancellationToken) -> Result<bool, String> {
+/// Starts the emulator and the simulator, writes the kubeconfig and says where they are.
+async fn start_doubles(options: &SandboxOptions) -> Result<(KubeEmulator, Arc<DpcSim>), String> {
     let emu = KubeEmulator::start_with(options.kube_addr, EmulatorConfig::default())
         .await
         .map_err(|e| {
@@ -322,7 +328,11 @@ pub async fn run(options: SandboxOptions, shutdown: CancellationToken) -> Result
     println!("  kubectl get connectionoverrides -A        # or: kubectl get cov -A -o wide");
     println!();
 
-    let client = emu.client();
+    Ok((emu, sim))
+}
+
+/// Installs the CRDs in the emulator.
+async fn install_crds(client: &Client) -> Result<(), String> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in crate::api::crds() {
         crds.patch(
@@ -334,6 +344,56 @@ pub async fn run(options: SandboxOptions, shutdown: CancellationToken) -> Result
         .map_err(|e| format!("installing CRD {}: {e}", crd.name_any()))?;
         println!("{}  installed CRD {}", now(), crd.name_any());
     }
+    Ok(())
+}
+
+/// Waits until every example is Ready (looking on each change), the deadline of `--once`, or
+/// shutdown. Returns whether all became Ready, and what the others wait for.
+async fn wait_ready(
+    client: &Client,
+    applied: &Applied,
+    options: &SandboxOptions,
+    shutdown: &CancellationToken,
+) -> (bool, Vec<String>) {
+    let deadline = tokio::time::Instant::now() + options.timeout;
+    let mut all_ready = false;
+    let mut reasons = Vec::new();
+    // Readiness is checked on each change of a ConnectionOverride or DpcAccount.
+    let changes = futures::stream::select(
+        watcher(
+            Api::<ConnectionOverride>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .map(|_| ()),
+        watcher(
+            Api::<DpcAccount>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .map(|_| ()),
+    );
+    let mut changes = std::pin::pin!(changes);
+    loop {
+        let (ready, waiting) = readiness(client, applied).await;
+        if ready {
+            all_ready = true;
+            break;
+        }
+        reasons = waiting;
+        tokio::select! {
+            _ = changes.next() => {}
+            _ = tokio::time::sleep_until(deadline), if options.once => break,
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    (all_ready, reasons)
+}
+
+/// Runs the sandbox. Returns whether every example became Ready (always true without
+/// `--once`, which runs until Ctrl-C).
+pub async fn run(options: SandboxOptions, shutdown: CancellationToken) -> Result<bool, String> {
+    let (emu, sim) = start_doubles(&options).await?;
+    let client = emu.client();
+    install_crds(&client).await?;
     let applied = apply_examples(&client, &sim).await?;
 
     let config = OperatorConfig {
@@ -368,36 +428,7 @@ pub async fn run(options: SandboxOptions, shutdown: CancellationToken) -> Result
     ));
     let calls = tokio::spawn(print_calls(sim.clone(), printers.clone()));
 
-    let deadline = tokio::time::Instant::now() + options.timeout;
-    let mut all_ready = false;
-    let mut reasons = Vec::new();
-    // Readiness is checked on each change of a ConnectionOverride or DpcAccount.
-    let changes = futures::stream::select(
-        watcher(
-            Api::<ConnectionOverride>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .map(|_| ()),
-        watcher(
-            Api::<DpcAccount>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .map(|_| ()),
-    );
-    let mut changes = std::pin::pin!(changes);
-    loop {
-        let (ready, waiting) = readiness(&client, &applied).await;
-        if ready {
-            all_ready = true;
-            break;
-        }
-        reasons = waiting;
-        tokio::select! {
-            _ = changes.next() => {}
-            _ = tokio::time::sleep_until(deadline), if options.once => break,
-            _ = shutdown.cancelled() => break,
-        }
-    }
+    let (all_ready, reasons) = wait_ready(&client, &applied, &options, &shutdown).await;
     if all_ready {
         println!();
         println!("{}  every example is Ready.", now());

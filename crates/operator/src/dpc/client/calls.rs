@@ -31,14 +31,8 @@ impl AccountHandle {
         project_id: &str,
         body: &OverrideRequest,
     ) -> Result<WriteAnswer, DpcError> {
-        let url = self.overrides_url(project_id, &[]);
-        let answer = self
-            .send(Operation::Create, Method::POST, url, Some(body))
-            .await?;
-        Ok(WriteAnswer {
-            status: answer.status.as_u16(),
-            remote: parse_write_answer(&answer.body),
-        })
+        self.write(Operation::Create, Method::POST, project_id, body)
+            .await
     }
 
     /// `PUT` an existing override. 404 comes back as an error of class `NotFound`.
@@ -47,10 +41,19 @@ impl AccountHandle {
         project_id: &str,
         body: &OverrideRequest,
     ) -> Result<WriteAnswer, DpcError> {
+        self.write(Operation::Update, Method::PUT, project_id, body)
+            .await
+    }
+
+    async fn write(
+        &self,
+        operation: Operation,
+        method: Method,
+        project_id: &str,
+        body: &OverrideRequest,
+    ) -> Result<WriteAnswer, DpcError> {
         let url = self.overrides_url(project_id, &[]);
-        let answer = self
-            .send(Operation::Update, Method::PUT, url, Some(body))
-            .await?;
+        let answer = self.send(operation, method, url, Some(body)).await?;
         Ok(WriteAnswer {
             status: answer.status.as_u16(),
             remote: parse_write_answer(&answer.body),
