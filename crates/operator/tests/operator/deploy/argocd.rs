@@ -1,17 +1,17 @@
 //! The Argo CD health check, run with lua5.1 (Argo's Lua) on one fixture per case.
 
-mod tools;
-
+use crate::common::tools::{ok, repo};
 use serde_json::Value;
-use tools::{ok, repo};
 
 #[test]
 fn the_health_check_gives_each_fixture_its_expected_health() {
     let mut checked = 0;
-    let mut paths: Vec<_> = std::fs::read_dir(repo("crates/operator/tests/argocd/fixtures"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut paths: Vec<_> = std::fs::read_dir(repo(
+        "crates/operator/tests/operator/deploy/argocd/fixtures",
+    ))
+    .unwrap()
+    .map(|e| e.unwrap().path())
+    .collect();
     paths.sort();
     for path in paths {
         let fixture: Value =
@@ -19,7 +19,7 @@ fn the_health_check_gives_each_fixture_its_expected_health() {
         let output = ok(
             "lua5.1",
             &[
-                "crates/operator/tests/argocd/run.lua",
+                "crates/operator/tests/operator/deploy/argocd/run.lua",
                 "deploy/argocd/health.lua",
                 path.to_str().unwrap(),
             ],
@@ -48,7 +48,11 @@ fn the_health_check_gives_each_fixture_its_expected_health() {
 #[test]
 fn every_health_status_is_covered_by_a_fixture() {
     let mut statuses = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(repo("crates/operator/tests/argocd/fixtures")).unwrap() {
+    for entry in std::fs::read_dir(repo(
+        "crates/operator/tests/operator/deploy/argocd/fixtures",
+    ))
+    .unwrap()
+    {
         let fixture: Value =
             serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
         statuses.insert(fixture["expect"]["status"].as_str().unwrap().to_string());

@@ -2,12 +2,10 @@
 //! 1.32 schemas, stay in step with the code (CRDs, flags, metrics), and hold the
 //! security and RBAC defaults users expect.
 
-mod tools;
-
 use std::collections::BTreeSet;
 
+use crate::common::tools::{ok, repo, run};
 use serde_json::Value;
-use tools::{ok, repo, run};
 
 const CHART: &str = "deploy/helm/dpc-operator";
 const HA_VALUES: &str = "deploy/helm/test-values/ha-namespaced.yaml";

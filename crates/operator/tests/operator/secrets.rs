@@ -3,9 +3,7 @@
 //! error. The logs of this whole test process are captured at debug level (trace for the
 //! operator) and searched.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use dpc_testkit::dpc::{Fault, FaultKind, SimOp};
 use kube::api::DeleteParams;
 use serde_json::json;

@@ -3,12 +3,10 @@
 //! rules' messages; the Helm chart installs, upgrades and uninstalls; the plain manifests and
 //! the quickstart apply. kubectl and helm, the clients users run, drive it all.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use dpc_testkit::control_plane::{self, ControlPlane, Endpoint};
 
 /// Runs kubectl or helm with a kubeconfig; returns (exit code, stdout, stderr).

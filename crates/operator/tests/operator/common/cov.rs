@@ -1,0 +1,137 @@
+//! `Cov`: a ConnectionOverride to apply, built from the shared fixture.
+
+use std::collections::BTreeMap;
+
+use dpc_operator::api::{
+    AccountRef, AuthType, ConnectionOverrideSpec, ConnectionOverridesSpec, DeletionPolicy,
+    KeySelector, PropertyFrom, SecretsLocation,
+};
+
+use super::*;
+
+/// A ConnectionOverride fixture.
+#[derive(Clone)]
+pub struct Cov {
+    pub name: String,
+    pub spec: ConnectionOverrideSpec,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Cov {
+    /// An override of connection `connection` in PROD with one literal property.
+    pub fn new(name: &str, connection: &str) -> Self {
+        Self {
+            name: name.into(),
+            spec: ConnectionOverrideSpec {
+                account_ref: AccountRef {
+                    name: ACCOUNT.into(),
+                    kind: None,
+                    namespace: None,
+                },
+                project_id: PROJECT.into(),
+                environment_name: "PROD".into(),
+                connection_name: connection.into(),
+                auth_type: None,
+                connection_overrides: ConnectionOverridesSpec {
+                    secrets_location: Some(SecretsLocation {
+                        type_: "AWS_SECRET_MANAGER".into(),
+                        region: Some("eu-west-1".into()),
+                        extra: BTreeMap::new(),
+                    }),
+                    connection_properties: [(
+                        "secretName".to_string(),
+                        format!("prod/{connection}"),
+                    )]
+                    .into(),
+                    connection_properties_from: Vec::new(),
+                },
+                deletion_policy: None,
+                sync_interval: None,
+                drift_policy: None,
+                management_policy: None,
+                deletion_timeout: None,
+            },
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    pub fn property(mut self, name: &str, value: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties
+            .insert(name.into(), value.into());
+        self
+    }
+
+    pub fn without_property(mut self, name: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties
+            .remove(name);
+        self
+    }
+
+    pub fn property_from_secret(mut self, property: &str, secret: &str, key: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties_from
+            .push(PropertyFrom {
+                property: property.into(),
+                secret_key_ref: Some(KeySelector {
+                    name: secret.into(),
+                    key: key.into(),
+                    namespace: None,
+                }),
+                config_map_key_ref: None,
+            });
+        self
+    }
+
+    pub fn property_from_config_map(mut self, property: &str, map: &str, key: &str) -> Self {
+        self.spec
+            .connection_overrides
+            .connection_properties_from
+            .push(PropertyFrom {
+                property: property.into(),
+                secret_key_ref: None,
+                config_map_key_ref: Some(KeySelector {
+                    name: map.into(),
+                    key: key.into(),
+                    namespace: None,
+                }),
+            });
+        self
+    }
+
+    pub fn auth_type(mut self, auth_type: AuthType) -> Self {
+        self.spec.auth_type = Some(auth_type);
+        self
+    }
+
+    pub fn account(mut self, account: &str) -> Self {
+        self.spec.account_ref.name = account.into();
+        self
+    }
+
+    /// Uses the ClusterDpcAccount `account`.
+    pub fn cluster_account(mut self, account: &str) -> Self {
+        self.spec.account_ref.name = account.into();
+        self.spec.account_ref.kind = Some(dpc_operator::api::AccountKind::ClusterDpcAccount);
+        self
+    }
+
+    pub fn environment(mut self, environment: &str) -> Self {
+        self.spec.environment_name = environment.into();
+        self
+    }
+
+    pub fn orphan(mut self) -> Self {
+        self.spec.deletion_policy = Some(DeletionPolicy::Orphan);
+        self
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.into(), value.into());
+        self
+    }
+}

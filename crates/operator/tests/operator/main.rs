@@ -1,0 +1,20 @@
+//! The integration tests of the operator, one binary, one module per behaviour. Everything
+//! that touches Kubernetes runs on the real kube-apiserver of the test run (see `common`).
+
+mod common;
+
+mod accounts;
+mod api_server;
+mod binary;
+mod claims;
+mod client;
+mod deletion;
+mod deploy;
+mod drift;
+mod failures;
+mod hostile;
+mod kubectl;
+mod rate_limit;
+mod secrets;
+mod soak;
+mod writes;
