@@ -4,6 +4,8 @@ pub mod account;
 pub mod conditions;
 pub mod connection_override;
 pub mod duration;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 
 pub use account::{
     AllowedNamespaces, ClusterDpcAccount, ClusterDpcAccountSpec, CredentialsSecretRef, DpcAccount,

@@ -14,10 +14,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use dpc_operator_api::{
-    AccountRef, ConnectionOverride, ConnectionOverrideSpec, ConnectionOverridesSpec,
-    CredentialsSecretRef, DpcAccount, DpcAccountSpec, KeySelector, PropertyFrom, SecretsLocation,
-};
+use dpc_operator_api::fixtures::{account_spec, override_spec};
+use dpc_operator_api::{ConnectionOverride, ConnectionOverrideSpec, DpcAccount, DpcAccountSpec};
 use dpc_testkit::dpc::{DpcSim, RateLimit, SimConfig, SimOp};
 use dpc_testkit::kube::store::ChangeKind;
 use dpc_testkit::kube::{EmulatorConfig, KubeEmulator};
@@ -224,19 +222,11 @@ impl World {
         let mut account = DpcAccount::new(
             ACCOUNT,
             DpcAccountSpec {
-                region: None,
                 api_url: Some(world.sim.api_url()),
                 token_url: Some(world.sim.token_url()),
-                audience: None,
-                credentials_secret_ref: CredentialsSecretRef {
-                    name: "dpc-creds".into(),
-                    namespace: None,
-                    client_id_key: "client_id".into(),
-                    client_secret_key: "client_secret".into(),
-                },
-                account_id: None,
                 requests_per_minute: Some(requests_per_minute),
                 request_burst: Some(burst),
+                ..account_spec("dpc-creds")
             },
         );
         account.metadata.namespace = Some(NAMESPACE.into());
@@ -344,43 +334,18 @@ pub fn spec_of(
     sync_interval: Option<Duration>,
     with_secret: usize,
 ) -> ConnectionOverrideSpec {
-    let mut from = Vec::new();
+    let mut spec = override_spec(
+        ACCOUNT,
+        &format!("ENV-{}", i % environments.max(1)),
+        &format!("conn-{i}"),
+    )
+    .in_aws("eu-west-1")
+    .with_literal("secretName", &format!("prod/conn-{i}"));
     if i < with_secret {
-        from.push(PropertyFrom {
-            property: "secretKey".into(),
-            secret_key_ref: Some(KeySelector {
-                name: secret_of(i),
-                key: "key".into(),
-                namespace: None,
-            }),
-            config_map_key_ref: None,
-        });
+        spec = spec.with_secret_value("secretKey", &secret_of(i), "key");
     }
-    ConnectionOverrideSpec {
-        account_ref: AccountRef {
-            name: ACCOUNT.into(),
-            kind: None,
-            namespace: None,
-        },
-        project_id: PROJECT.into(),
-        environment_name: format!("ENV-{}", i % environments.max(1)),
-        connection_name: format!("conn-{i}"),
-        auth_type: None,
-        connection_overrides: ConnectionOverridesSpec {
-            secrets_location: Some(SecretsLocation {
-                type_: "AWS_SECRET_MANAGER".into(),
-                region: Some("eu-west-1".into()),
-                extra: Default::default(),
-            }),
-            connection_properties: [("secretName".to_string(), format!("prod/conn-{i}"))].into(),
-            connection_properties_from: from,
-        },
-        deletion_policy: None,
-        sync_interval: sync_interval.map(|d| format!("{}s", d.as_secs().max(1))),
-        drift_policy: None,
-        management_policy: None,
-        deletion_timeout: None,
-    }
+    spec.sync_interval = sync_interval.map(|d| format!("{}s", d.as_secs().max(1)));
+    spec
 }
 
 /// Creates objects `range` with up to 64 requests in flight.

@@ -383,17 +383,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
 fn soak_spec(i: usize) -> dpc_operator_api::ConnectionOverrideSpec {
     let mut spec = bench::spec_of(i, 3, Some(SYNC), 0);
     if i.is_multiple_of(2) {
-        spec.connection_overrides
-            .connection_properties_from
-            .push(dpc_operator_api::PropertyFrom {
-                property: "secretKey".into(),
-                secret_key_ref: Some(dpc_operator_api::KeySelector {
-                    name: secret_name(i),
-                    key: "key".into(),
-                    namespace: None,
-                }),
-                config_map_key_ref: None,
-            });
+        spec = spec.with_secret_value("secretKey", &secret_name(i), "key");
     }
     spec
 }

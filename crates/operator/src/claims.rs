@@ -291,33 +291,12 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{
-        AccountRef, ConnectionOverrideSpec, ConnectionOverrideStatus, ConnectionOverridesSpec,
-        ManagedOverride,
-    };
+    use crate::api::{ConnectionOverrideStatus, ManagedOverride};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 
     fn obj(ns: &str, name: &str, created: i64, connection: &str) -> ConnectionOverride {
-        let mut o = ConnectionOverride::new(
-            name,
-            ConnectionOverrideSpec {
-                account_ref: AccountRef {
-                    name: "acct".into(),
-                    kind: None,
-                    namespace: None,
-                },
-                project_id: "p".into(),
-                environment_name: "PROD".into(),
-                connection_name: connection.into(),
-                auth_type: None,
-                connection_overrides: ConnectionOverridesSpec::default(),
-                deletion_policy: None,
-                sync_interval: None,
-                drift_policy: None,
-                management_policy: None,
-                deletion_timeout: None,
-            },
-        );
+        let spec = dpc_operator_api::fixtures::override_spec("acct", "PROD", connection);
+        let mut o = ConnectionOverride::new(name, spec);
         o.metadata.namespace = Some(ns.into());
         o.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
         o
@@ -343,7 +322,7 @@ mod tests {
     }
 
     fn remote(api: &str, connection: &str) -> RemoteKey {
-        RemoteKey::resolved(api, None, "p", "PROD", connection)
+        RemoteKey::resolved(api, None, crate::api::fixtures::PROJECT, "PROD", connection)
     }
 
     #[test]

@@ -91,45 +91,19 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{
-        AccountRef, AuthType, ConnectionOverridesSpec, KeySelector, PropertyFrom, SecretsLocation,
-    };
+    use crate::api::{AuthType, KeySelector};
     use serde_json::json;
 
     fn spec() -> ConnectionOverrideSpec {
-        ConnectionOverrideSpec {
-            account_ref: AccountRef {
-                name: "acct".into(),
-                kind: None,
-                namespace: None,
-            },
-            project_id: "3c90c3cc-0d44-4b50-8888-8dd25736052a".into(),
-            environment_name: "PROD".into(),
-            connection_name: "Salesforce".into(),
-            auth_type: Some(AuthType::OauthClientCred),
-            connection_overrides: ConnectionOverridesSpec {
-                secrets_location: Some(SecretsLocation {
-                    type_: "AWS_SECRET_MANAGER".into(),
-                    region: Some("eu-west-1".into()),
-                    extra: [("vaultName".to_string(), json!("v1"))].into(),
-                }),
-                connection_properties: [("secretName".to_string(), "prod/sf".to_string())].into(),
-                connection_properties_from: vec![PropertyFrom {
-                    property: "secretKey".into(),
-                    secret_key_ref: Some(KeySelector {
-                        name: "refs".into(),
-                        key: "k".into(),
-                        namespace: None,
-                    }),
-                    config_map_key_ref: None,
-                }],
-            },
-            deletion_policy: None,
-            sync_interval: Some("10m".into()),
-            drift_policy: None,
-            management_policy: None,
-            deletion_timeout: None,
-        }
+        let mut spec = crate::api::fixtures::override_spec("acct", "PROD", "Salesforce")
+            .in_aws("eu-west-1")
+            .with_literal("secretName", "prod/sf")
+            .with_secret_value("secretKey", "refs", "k");
+        spec.auth_type = Some(AuthType::OauthClientCred);
+        spec.sync_interval = Some("10m".into());
+        let location = spec.connection_overrides.secrets_location.as_mut().unwrap();
+        location.extra.insert("vaultName".into(), json!("v1"));
+        spec
     }
 
     fn values(v: &str) -> BTreeMap<String, String> {

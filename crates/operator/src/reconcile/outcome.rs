@@ -360,27 +360,11 @@ pub fn event_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AccountRef, ConnectionOverridesSpec};
+
     use k8s_openapi::jiff::Timestamp;
 
     fn spec() -> ConnectionOverrideSpec {
-        ConnectionOverrideSpec {
-            account_ref: AccountRef {
-                name: "a".into(),
-                kind: None,
-                namespace: None,
-            },
-            project_id: "3c90c3cc-0d44-4b50-8888-8dd25736052a".into(),
-            environment_name: "PROD".into(),
-            connection_name: "C".into(),
-            auth_type: None,
-            connection_overrides: ConnectionOverridesSpec::default(),
-            deletion_policy: None,
-            sync_interval: None,
-            drift_policy: None,
-            management_policy: None,
-            deletion_timeout: None,
-        }
+        dpc_operator_api::fixtures::override_spec("a", "PROD", "C")
     }
 
     fn at(s: i64) -> Time {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use dpc_operator::api::{CredentialsSecretRef, DpcAccountSpec};
+use dpc_operator::api::DpcAccountSpec;
 use dpc_operator::dpc::error::TransportKind;
 use dpc_operator::dpc::{
     AccountHandle, AccountKey, ClientSettings, Credentials, DpcClient, DpcError, Endpoint,
@@ -35,19 +35,10 @@ fn settings() -> ClientSettings {
 
 fn endpoint(sim: &DpcSim, account_id: Option<&str>) -> Endpoint {
     let spec = DpcAccountSpec {
-        region: None,
         api_url: Some(sim.api_url()),
         token_url: Some(sim.token_url()),
-        audience: None,
-        credentials_secret_ref: CredentialsSecretRef {
-            name: "unused".into(),
-            namespace: None,
-            client_id_key: "client_id".into(),
-            client_secret_key: "client_secret".into(),
-        },
         account_id: account_id.map(String::from),
-        requests_per_minute: None,
-        request_burst: None,
+        ..dpc_operator::api::fixtures::account_spec("unused")
     };
     Endpoint::for_account(&spec, &settings()).unwrap()
 }

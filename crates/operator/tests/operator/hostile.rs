@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dpc_http::{self as http, Req};
-use dpc_operator::api::{CredentialsSecretRef, DpcAccountSpec};
+use dpc_operator::api::DpcAccountSpec;
 use dpc_operator::dpc::client::{MAX_API_BODY, MAX_RETRY_AFTER, MAX_TOKEN_BODY};
 use dpc_operator::dpc::{
     AccountHandle, AccountKey, ClientSettings, Credentials, DpcClient, Endpoint, ErrorClass,
@@ -65,19 +65,9 @@ fn handle(api_url: &str, token_url: &str) -> AccountHandle {
         allowed_hosts: vec!["127.0.0.1".into()],
     };
     let spec = DpcAccountSpec {
-        region: None,
         api_url: Some(api_url.into()),
         token_url: Some(token_url.into()),
-        audience: None,
-        credentials_secret_ref: CredentialsSecretRef {
-            name: "unused".into(),
-            namespace: None,
-            client_id_key: "client_id".into(),
-            client_secret_key: "client_secret".into(),
-        },
-        account_id: None,
-        requests_per_minute: None,
-        request_burst: None,
+        ..dpc_operator::api::fixtures::account_spec("unused")
     };
     let endpoint = Endpoint::for_account(&spec, &settings).unwrap();
     DpcClient::new(settings).account(

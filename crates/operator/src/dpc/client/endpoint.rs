@@ -140,23 +140,12 @@ pub(super) fn ensure_scheme(url: &Url, allow_insecure_http: bool) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CredentialsSecretRef, Region};
+    use crate::api::Region;
 
     fn spec() -> DpcAccountSpec {
         DpcAccountSpec {
             region: Some(Region::Eu1),
-            api_url: None,
-            token_url: None,
-            audience: None,
-            credentials_secret_ref: CredentialsSecretRef {
-                name: "creds".into(),
-                namespace: None,
-                client_id_key: "client_id".into(),
-                client_secret_key: "client_secret".into(),
-            },
-            account_id: None,
-            requests_per_minute: None,
-            request_burst: None,
+            ..dpc_operator_api::fixtures::account_spec("creds")
         }
     }
 

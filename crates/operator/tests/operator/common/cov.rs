@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 
 use dpc_operator::api::{
-    AccountRef, AuthType, ConnectionOverrideSpec, ConnectionOverridesSpec, DeletionPolicy,
-    KeySelector, PropertyFrom, SecretsLocation,
+    AuthType, ConnectionOverrideSpec, DeletionPolicy, KeySelector, PropertyFrom,
 };
 
 use super::*;
@@ -22,44 +21,15 @@ impl Cov {
     pub fn new(name: &str, connection: &str) -> Self {
         Self {
             name: name.into(),
-            spec: ConnectionOverrideSpec {
-                account_ref: AccountRef {
-                    name: ACCOUNT.into(),
-                    kind: None,
-                    namespace: None,
-                },
-                project_id: PROJECT.into(),
-                environment_name: "PROD".into(),
-                connection_name: connection.into(),
-                auth_type: None,
-                connection_overrides: ConnectionOverridesSpec {
-                    secrets_location: Some(SecretsLocation {
-                        type_: "AWS_SECRET_MANAGER".into(),
-                        region: Some("eu-west-1".into()),
-                        extra: BTreeMap::new(),
-                    }),
-                    connection_properties: [(
-                        "secretName".to_string(),
-                        format!("prod/{connection}"),
-                    )]
-                    .into(),
-                    connection_properties_from: Vec::new(),
-                },
-                deletion_policy: None,
-                sync_interval: None,
-                drift_policy: None,
-                management_policy: None,
-                deletion_timeout: None,
-            },
+            spec: dpc_operator::api::fixtures::override_spec(ACCOUNT, "PROD", connection)
+                .in_aws("eu-west-1")
+                .with_literal("secretName", &format!("prod/{connection}")),
             annotations: BTreeMap::new(),
         }
     }
 
     pub fn property(mut self, name: &str, value: &str) -> Self {
-        self.spec
-            .connection_overrides
-            .connection_properties
-            .insert(name.into(), value.into());
+        self.spec = self.spec.with_literal(name, value);
         self
     }
 
@@ -72,18 +42,7 @@ impl Cov {
     }
 
     pub fn property_from_secret(mut self, property: &str, secret: &str, key: &str) -> Self {
-        self.spec
-            .connection_overrides
-            .connection_properties_from
-            .push(PropertyFrom {
-                property: property.into(),
-                secret_key_ref: Some(KeySelector {
-                    name: secret.into(),
-                    key: key.into(),
-                    namespace: None,
-                }),
-                config_map_key_ref: None,
-            });
+        self.spec = self.spec.with_secret_value(property, secret, key);
         self
     }
 

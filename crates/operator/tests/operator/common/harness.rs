@@ -1,7 +1,7 @@
 //! What a test does with its harness: apply objects and Secrets, wait for conditions and
 //! calls, stop and restart the controller.
 
-use dpc_operator::api::{ConnectionOverride, CredentialsSecretRef, DpcAccount, DpcAccountSpec};
+use dpc_operator::api::{ConnectionOverride, DpcAccount, DpcAccountSpec};
 use dpc_operator::config::OperatorConfig;
 use dpc_operator::context::Context;
 use dpc_operator::controller;
@@ -214,21 +214,13 @@ impl Harness {
     /// An account spec pointed at this harness's simulator, with credentials from Secret
     /// `creds` (in `namespace`, for a ClusterDpcAccount).
     pub fn account_spec(&self, creds: &str, namespace: Option<&str>) -> DpcAccountSpec {
-        DpcAccountSpec {
-            region: None,
-            api_url: Some(self.sim.api_url()),
-            token_url: Some(self.sim.token_url()),
-            audience: None,
-            credentials_secret_ref: CredentialsSecretRef {
-                name: creds.into(),
-                namespace: namespace.map(str::to_string),
-                client_id_key: "client_id".into(),
-                client_secret_key: "client_secret".into(),
-            },
-            account_id: None,
-            requests_per_minute: Some(self.requests_per_minute),
-            request_burst: Some(100),
-        }
+        let mut spec = dpc_operator::api::fixtures::account_spec(creds);
+        spec.api_url = Some(self.sim.api_url());
+        spec.token_url = Some(self.sim.token_url());
+        spec.credentials_secret_ref.namespace = namespace.map(str::to_string);
+        spec.requests_per_minute = Some(self.requests_per_minute);
+        spec.request_burst = Some(100);
+        spec
     }
 
     /// A handle of the operator's own DPC client for this harness's account (calls made
