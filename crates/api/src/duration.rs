@@ -1,4 +1,9 @@
 //! Durations as Kubernetes and Go write them, for flags and spec fields.
+//!
+//! kube-core has `kube::core::Duration` with Go's parser, but its `FromStr` panics on a
+//! value past `u64` seconds (`9999999999999999h` multiplies out of range) and accepts negative
+//! durations; a spec field must turn both into an error, not a crash. This parser refuses
+//! them (the test below shows the difference, and fails once kube's parser stops panicking).
 
 /// The longest duration read: a hundred years. Longer texts (`9999999999999999h`) are
 /// refused rather than overflowing.
@@ -79,5 +84,15 @@ mod tests {
             );
         }
         assert_eq!(parse_duration("876000h"), Ok(MAX_DURATION));
+    }
+
+    #[test]
+    fn kube_core_s_parser_panics_where_this_one_refuses() {
+        let kube = std::panic::catch_unwind(|| "9999999999999999h".parse::<kube::core::Duration>());
+        assert!(kube.is_err(), "kube's parser no longer panics: use it");
+        assert!(parse_duration("9999999999999999h").is_err());
+        let negative: kube::core::Duration = "-5m".parse().unwrap();
+        assert!(negative.is_negative());
+        assert!(parse_duration("-5m").is_err());
     }
 }

@@ -525,3 +525,80 @@ async fn publish_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjKey {
+        ("ns".into(), name.into())
+    }
+
+    fn request(hash: &str) -> Gate {
+        Gate::Request {
+            hash: hash.into(),
+            account: "fp".into(),
+            observe_only: false,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_a_success_starts_it_again() {
+        let states = ObjectStates::new(Duration::from_secs(1), Duration::from_secs(8));
+        let delays: Vec<Duration> = (0..6).map(|_| states.next_backoff(&key("a"))).collect();
+        // ±20 % jitter around 1, 2, 4, 8, 8, 8 seconds.
+        for (delay, base) in delays.iter().zip([1.0, 2.0, 4.0, 8.0, 8.0, 8.0]) {
+            let seconds = delay.as_secs_f64();
+            assert!(seconds >= base * 0.8 && seconds <= base * 1.2, "{delays:?}");
+        }
+        // Another object has its own count.
+        assert!(states.next_backoff(&key("b")) <= Duration::from_millis(1200));
+        states.reset_backoff(&key("a"));
+        assert!(states.next_backoff(&key("a")) <= Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn a_refusal_stands_for_the_same_request_only() {
+        let states = ObjectStates::new(Duration::from_secs(1), Duration::from_secs(8));
+        states.refuse(&key("a"), request("h1"), Reason::ApiRejected, "no".into());
+        assert_eq!(
+            states.refused(&key("a"), &request("h1")),
+            Some((Reason::ApiRejected, "no".to_string()))
+        );
+        assert_eq!(states.refused(&key("a"), &request("h2")), None);
+        let observing = Gate::Request {
+            hash: "h1".into(),
+            account: "fp".into(),
+            observe_only: true,
+        };
+        assert_eq!(states.refused(&key("a"), &observing), None);
+        assert_eq!(states.refused(&key("b"), &request("h1")), None);
+        states.clear_refusal(&key("a"));
+        assert_eq!(states.refused(&key("a"), &request("h1")), None);
+    }
+
+    #[test]
+    fn an_applied_hash_is_kept_per_uid_and_forgetting_an_object_drops_everything() {
+        let states = ObjectStates::new(Duration::from_secs(1), Duration::from_secs(8));
+        states.record_applied(&key("a"), "uid-1", "sha256:1");
+        assert_eq!(
+            states.applied(&key("a"), "uid-1").as_deref(),
+            Some("sha256:1")
+        );
+        // A new object of the same name is another object.
+        assert_eq!(states.applied(&key("a"), "uid-2"), None);
+        states.next_backoff(&key("a"));
+        states.refuse(&key("a"), request("h"), Reason::ApiRejected, "no".into());
+        states.forget(&key("a"));
+        assert_eq!(states.applied(&key("a"), "uid-1"), None);
+        assert_eq!(states.refused(&key("a"), &request("h")), None);
+        assert!(states.next_backoff(&key("a")) <= Duration::from_millis(1200));
+        // A new leadership term forgets the hashes but keeps the rest.
+        states.record_applied(&key("b"), "uid-b", "sha256:b");
+        states.refuse(&key("b"), request("h"), Reason::ApiRejected, "no".into());
+        states.forget_applied_hashes();
+        assert_eq!(states.applied(&key("b"), "uid-b"), None);
+        assert!(states.refused(&key("b"), &request("h")).is_some());
+        assert!(states.inner.lock().unwrap().len() <= 2);
+    }
+}

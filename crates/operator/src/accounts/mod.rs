@@ -501,5 +501,15 @@ mod tests {
             &labels(&[("team", "data"), ("env", "prod"), ("frozen", "1")])
         ));
         assert!(selector_matches(&LabelSelector::default(), &labels(&[])));
+        // An operator Kubernetes does not know matches nothing.
+        let unknown = LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "env".into(),
+                operator: "Near".into(),
+                values: Some(vec!["prod".into()]),
+            }]),
+            ..Default::default()
+        };
+        assert!(!selector_matches(&unknown, &labels(&[("env", "prod")])));
     }
 }

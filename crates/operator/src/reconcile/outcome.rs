@@ -361,6 +361,68 @@ pub fn event_for(
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_error_class_has_one_reason_and_retry() {
+        use crate::dpc::Operation;
+        let api = |status: u16| DpcError::Api {
+            operation: Operation::Update,
+            status,
+            problem: None,
+            body_excerpt: None,
+            retry_after: Some(Duration::from_secs(7)),
+        };
+        let failed = |reason, retry| Verdict::Failed { reason, retry };
+        assert_eq!(
+            classify(&api(400)),
+            failed(Reason::ApiRejected, Retry::OnChange)
+        );
+        assert_eq!(
+            classify(&api(403)),
+            failed(Reason::CredentialsRejected, Retry::OnChange)
+        );
+        assert_eq!(
+            classify(&api(404)),
+            failed(Reason::ParentNotFound, Retry::Backoff)
+        );
+        assert_eq!(
+            classify(&api(409)),
+            failed(Reason::ApiUnavailable, Retry::Backoff)
+        );
+        assert_eq!(
+            classify(&api(503)),
+            failed(Reason::ApiUnavailable, Retry::Backoff)
+        );
+        assert_eq!(
+            classify(&api(302)),
+            failed(Reason::AccountNotReady, Retry::OnChange)
+        );
+        let wait = Duration::from_secs(7);
+        assert_eq!(
+            classify(&api(429)),
+            failed(Reason::RateLimited, Retry::After(wait))
+        );
+        // A retry never waits less than asked, nor a change for ever.
+        assert_eq!(Retry::OnChange.delay(|| unreachable!()), None);
+        let after = Retry::After(wait).delay(|| unreachable!()).unwrap();
+        assert!(
+            after >= wait && after <= wait + Duration::from_secs(1),
+            "{after:?}"
+        );
+        let slot = DpcError::Throttled {
+            operation: Operation::Create,
+            remaining: Duration::from_secs(2),
+            queued: true,
+        };
+        assert_eq!(classify(&slot), Verdict::Deferred(Duration::from_secs(2)));
+        let at_slot = classify(&slot).retry_delay(|| unreachable!());
+        assert_eq!(at_slot, Duration::from_millis(2005));
+        let deletion = failed(Reason::ApiRejected, Retry::OnChange);
+        assert_eq!(
+            deletion.retry_delay(|| Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+    }
+
     use k8s_openapi::jiff::Timestamp;
 
     fn spec() -> ConnectionOverrideSpec {

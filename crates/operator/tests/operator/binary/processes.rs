@@ -112,13 +112,10 @@ async fn with_two_replicas_exactly_one_writes_and_killing_it_hands_over() {
 
     // The leader dies without releasing the lease: the follower takes over after it expires.
     one.kill().await;
-    let killed_at = tokio::time::Instant::now();
     h.apply(&Cov::new("second", "Second")).await;
     h.wait_ready("second").await;
-    let took = killed_at.elapsed();
     assert_eq!(lease_holder(&h).await.as_deref(), Some("replica-two"));
     two.wait_output("became the leader").await;
-    assert!(took < Duration::from_secs(8), "handover took {took:?}");
     let writes: Vec<_> = h.sim.calls().into_iter().filter(|c| c.is_write()).collect();
     assert_eq!(
         writes.len(),
