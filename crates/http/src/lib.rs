@@ -1,5 +1,5 @@
 //! A small HTTP/1.1 server on hyper, shared by the admin endpoints and the test doubles.
-//! A handler may answer `Err(Drop)` to close the connection without a response, which a
+//! A handler may answer `Err(Hangup)` to close the connection without a response, which a
 //! client sees as a reset connection.
 
 use std::convert::Infallible;
@@ -23,15 +23,15 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Answer of a handler that closes the connection without answering.
 #[derive(Debug)]
-pub struct Drop;
+pub struct Hangup;
 
-impl std::fmt::Display for Drop {
+impl std::fmt::Display for Hangup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("connection dropped on purpose")
     }
 }
 
-impl std::error::Error for Drop {}
+impl std::error::Error for Hangup {}
 
 /// A request with its body read.
 pub struct Req {
@@ -132,7 +132,7 @@ impl Server {
     }
 }
 
-impl std::ops::Drop for Server {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
@@ -170,7 +170,7 @@ async fn read_body(
     parts: &hyper::http::request::Parts,
     body: Incoming,
     limits: Limits,
-) -> Result<Result<Bytes, Response<Body>>, Drop> {
+) -> Result<Result<Bytes, Response<Body>>, Hangup> {
     if limits.read_only && !matches!(parts.method, hyper::Method::GET | hyper::Method::HEAD) {
         let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
         refused.headers_mut().insert(
@@ -208,7 +208,7 @@ async fn read_body(
     {
         Ok(collected) => Ok(Ok(collected.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(Err(too_large())),
-        Err(_) => Err(Drop),
+        Err(_) => Err(Hangup),
     }
 }
 
@@ -216,7 +216,7 @@ async fn read_body(
 pub fn serve<H, F>(listener: TcpListener, handler: H) -> Server
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+    F: Future<Output = Result<Response<Body>, Hangup>> + Send + 'static,
 {
     serve_with(listener, Limits::DOUBLES, handler)
 }
@@ -225,7 +225,7 @@ where
 pub fn serve_with<H, F>(listener: TcpListener, limits: Limits, handler: H) -> Server
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+    F: Future<Output = Result<Response<Body>, Hangup>> + Send + 'static,
 {
     let addr = listener
         .local_addr()
@@ -288,7 +288,7 @@ where
 pub async fn bind_and_serve<H, F>(addr: SocketAddr, handler: H) -> std::io::Result<Server>
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+    F: Future<Output = Result<Response<Body>, Hangup>> + Send + 'static,
 {
     bind_and_serve_with(addr, Limits::DOUBLES, handler).await
 }
@@ -301,7 +301,7 @@ pub async fn bind_and_serve_with<H, F>(
 ) -> std::io::Result<Server>
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<Response<Body>, Drop>> + Send + 'static,
+    F: Future<Output = Result<Response<Body>, Hangup>> + Send + 'static,
 {
     let listener = TcpListener::bind(addr).await?;
     Ok(serve_with(listener, limits, handler))

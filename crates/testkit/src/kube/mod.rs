@@ -9,27 +9,29 @@
 //! patches), server-side apply conflicts (every apply takes ownership), a consistent snapshot
 //! across list pages, Table output on watches, and protobuf.
 
-pub mod discovery;
-pub mod selectors;
-pub mod ssa;
-pub mod store;
-
+use base64::Engine as _;
+use bytes::Bytes;
+use dpc_http::{self as http, Body, Hangup, Req, Server};
+use futures::SinkExt;
+use futures::channel::mpsc;
+use hyper::{Method, Response, StatusCode};
+use selectors::{FieldSelector, LabelSelector};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use base64::Engine as _;
-use bytes::Bytes;
-use futures::SinkExt;
-use futures::channel::mpsc;
-use hyper::{Method, Response, StatusCode};
-use serde_json::{Value, json};
+use store::{ApiError, Change, ChangeKind, PatchKind, ResourceType, Store, WriteOptions};
 use tokio::sync::{broadcast, watch};
 
-use dpc_http::{self as http, Body, Drop, Req, Server};
-use selectors::{FieldSelector, LabelSelector};
-use store::{ApiError, Change, ChangeKind, PatchKind, ResourceType, Store, WriteOptions};
+pub mod discovery;
+mod requests;
+pub mod selectors;
+pub mod ssa;
+pub mod store;
+mod watches;
+use requests::*;
+use watches::*;
 
 /// Settings of an emulator.
 #[derive(Clone, Debug)]
@@ -95,7 +97,7 @@ impl KubeEmulator {
         let handler_state = state.clone();
         let server = http::bind_and_serve(addr, move |req| {
             let state = handler_state.clone();
-            async move { Ok::<_, Drop>(handle(state, req).await) }
+            async move { Ok::<_, Hangup>(handle(state, req).await) }
         })
         .await?;
         Ok(Self { state, server })
@@ -244,100 +246,6 @@ pub fn kubeconfig_for(url: &str) -> String {
     )
 }
 
-fn status_response(error: &ApiError) -> Response<Body> {
-    http::json(
-        StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        &error.to_status(),
-    )
-}
-
-fn not_found_path() -> Response<Body> {
-    status_response(&ApiError::new(
-        404,
-        "NotFound",
-        "the server could not find the requested resource",
-    ))
-}
-
-/// What a resource path names.
-struct Target {
-    rt: Arc<ResourceType>,
-    namespace: Option<String>,
-    name: Option<String>,
-    subresource: Option<String>,
-}
-
-fn parse_target(store: &Store, path: &str) -> Option<Target> {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, version, rest) = match segments.as_slice() {
-        ["api", "v1", rest @ ..] => ("", "v1", rest),
-        ["apis", group, version, rest @ ..] => (*group, *version, rest),
-        _ => return None,
-    };
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let resolve = |plural: &str| store.resolve(group, version, plural);
-    let target = |rt, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
-        Some(Target {
-            rt,
-            namespace: ns.map(decode),
-            name: name.map(decode),
-            subresource: sub.map(String::from),
-        })
-    };
-    match rest {
-        [plural] => target(resolve(plural)?, None, None, None),
-        ["namespaces", ns, plural]
-            if group.is_empty() && (*plural == "status" || *plural == "finalize") =>
-        {
-            target(resolve("namespaces")?, None, Some(ns), Some(plural))
-        }
-        ["namespaces", ns, plural] => {
-            let rt = resolve(plural)?;
-            rt.namespaced.then_some(())?;
-            target(rt, Some(ns), None, None)
-        }
-        ["namespaces", ns, plural, name] => {
-            let rt = resolve(plural)?;
-            rt.namespaced.then_some(())?;
-            target(rt, Some(ns), Some(name), None)
-        }
-        ["namespaces", ns, plural, name, sub] => {
-            let rt = resolve(plural)?;
-            rt.namespaced.then_some(())?;
-            target(rt, Some(ns), Some(name), Some(sub))
-        }
-        [plural, name] => {
-            let rt = resolve(plural)?;
-            (!rt.namespaced).then_some(())?;
-            target(rt, None, Some(name), None)
-        }
-        [plural, name, sub] => {
-            let rt = resolve(plural)?;
-            (!rt.namespaced).then_some(())?;
-            target(rt, None, Some(name), Some(sub))
-        }
-        _ => None,
-    }
-}
-
-fn count(state: &State, verb: &str, target: &Target) {
-    let resource = match &target.subresource {
-        Some(sub) => format!("{}/{}", target.rt.plural, sub),
-        None => target.rt.plural.clone(),
-    };
-    *state
-        .requests
-        .lock()
-        .expect("requests lock")
-        .entry(format!("{verb} {resource}"))
-        .or_default() += 1;
-    state.served.notify_waiters();
-}
-
 async fn handle(state: Arc<State>, req: Req) -> Response<Body> {
     let path = req.uri.path().to_string();
     let host = req.header("host").unwrap_or("127.0.0.1").to_string();
@@ -421,73 +329,6 @@ async fn handle(state: Arc<State>, req: Req) -> Response<Body> {
         return not_found_path();
     };
     resource(state, req, target).await
-}
-
-fn write_options(req: &Req) -> WriteOptions {
-    let manager = req
-        .param("fieldManager")
-        .filter(|m| !m.is_empty())
-        .or_else(|| {
-            req.header("user-agent")
-                .map(|ua| ua.split('/').next().unwrap_or(ua).to_string())
-                .filter(|m| !m.is_empty())
-        });
-    WriteOptions {
-        dry_run: req.param("dryRun").is_some_and(|d| d == "All"),
-        field_manager: manager,
-        force: req.param("force").is_some_and(|f| f == "true"),
-    }
-}
-
-fn parse_body(req: &Req) -> Result<Value, ApiError> {
-    if req
-        .header("content-type")
-        .is_some_and(|c| c.contains("protobuf") || c.contains("cbor"))
-    {
-        return Err(ApiError::new(
-            415,
-            "UnsupportedMediaType",
-            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
-        ));
-    }
-    if let Ok(value) = serde_json::from_slice::<Value>(&req.body) {
-        return Ok(value);
-    }
-    let text = std::str::from_utf8(&req.body)
-        .map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
-    serde_saphyr::from_str::<Value>(text)
-        .map_err(|e| ApiError::bad_request(format!("the body is neither JSON nor YAML: {e}")))
-}
-
-/// Whether the client asked for metadata only (`as=PartialObjectMetadata[List]`).
-fn wants_metadata(req: &Req) -> bool {
-    req.header("accept")
-        .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
-}
-
-fn partial(object: &Value) -> Value {
-    json!({
-        "kind": "PartialObjectMetadata",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": object.get("metadata").cloned().unwrap_or(json!({}))
-    })
-}
-
-fn wants_table(req: &Req) -> bool {
-    req.header("accept").is_some_and(|a| a.contains("as=Table"))
-}
-
-fn encode_continue(position: &(String, String)) -> String {
-    base64::engine::general_purpose::STANDARD
-        .encode(serde_json::to_vec(&json!([position.0, position.1])).expect("serializes"))
-}
-
-fn decode_continue(token: &str) -> Option<(String, String)> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(token)
-        .ok()?;
-    let pair: (String, String) = serde_json::from_slice(&bytes).ok()?;
-    Some(pair)
 }
 
 async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body> {
@@ -705,253 +546,4 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
         )),
     })();
     result.unwrap_or_else(|e| status_response(&e))
-}
-
-/// `events.k8s.io/v1` Events as the core `v1` API shows them (one store in a real API
-/// server): `regarding` becomes `involvedObject`, `note` becomes `message`, and so on.
-fn mirrored_events(
-    store: &Store,
-    ns: Option<&str>,
-    labels: &LabelSelector,
-    fields: &FieldSelector,
-) -> Vec<Value> {
-    let Some(rt) = store.resolve("events.k8s.io", "v1", "events") else {
-        return Vec::new();
-    };
-    let (items, _) = store.list(&rt, ns, labels, &FieldSelector::default(), None, None);
-    items
-        .into_iter()
-        .map(|e| {
-            let time = e
-                .get("eventTime")
-                .and_then(Value::as_str)
-                .map(|t| format!("{}Z", &t[..t.len().min(19)]))
-                .map(Value::String)
-                .unwrap_or(Value::Null);
-            let last = e
-                .pointer("/series/lastObservedTime")
-                .and_then(Value::as_str)
-                .map(|t| Value::String(format!("{}Z", &t[..t.len().min(19)])))
-                .unwrap_or_else(|| time.clone());
-            let count = e
-                .pointer("/series/count")
-                .cloned()
-                .or_else(|| e.get("deprecatedCount").cloned())
-                .unwrap_or(json!(1));
-            json!({
-                "kind": "Event",
-                "apiVersion": "v1",
-                "metadata": e.get("metadata").cloned().unwrap_or(json!({})),
-                "involvedObject": e.get("regarding").cloned().unwrap_or(json!({})),
-                "related": e.get("related").cloned().unwrap_or(Value::Null),
-                "reason": e.get("reason").cloned().unwrap_or(Value::Null),
-                "message": e.get("note").cloned().unwrap_or(Value::Null),
-                "type": e.get("type").cloned().unwrap_or(Value::Null),
-                "action": e.get("action").cloned().unwrap_or(Value::Null),
-                "source": {"component": e.get("reportingController").cloned().unwrap_or(Value::Null)},
-                "reportingComponent": e.get("reportingController").cloned().unwrap_or(Value::Null),
-                "reportingInstance": e.get("reportingInstance").cloned().unwrap_or(Value::Null),
-                "eventTime": e.get("eventTime").cloned().unwrap_or(Value::Null),
-                "firstTimestamp": time,
-                "lastTimestamp": last,
-                "count": count,
-            })
-        })
-        .filter(|e| fields.matches(e))
-        .collect()
-}
-
-fn check_subresource(rt: &ResourceType, sub: Option<&str>) -> Result<(), ApiError> {
-    match sub {
-        None => Ok(()),
-        Some("status") if rt.status_subresource => Ok(()),
-        Some(_) => Err(ApiError::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        )),
-    }
-}
-
-fn event_line(kind: &str, object: &Value) -> Bytes {
-    let mut line =
-        serde_json::to_vec(&json!({"type": kind, "object": object})).expect("serializes");
-    line.push(b'\n');
-    Bytes::from(line)
-}
-
-fn bookmark(rt: &ResourceType, rv: u64, initial_end: bool) -> Bytes {
-    let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if initial_end {
-        metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-    }
-    event_line(
-        "BOOKMARK",
-        &json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": metadata}),
-    )
-}
-
-struct WatchFilter {
-    metadata_only: bool,
-    namespace: Option<String>,
-    labels: LabelSelector,
-    fields: FieldSelector,
-}
-
-impl WatchFilter {
-    fn matches(&self, object: &Value) -> bool {
-        if let Some(ns) = &self.namespace
-            && object
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                != Some(ns.as_str())
-        {
-            return false;
-        }
-        self.labels.matches(object) && self.fields.matches(object)
-    }
-
-    /// The event a watcher sees for a change: an object that starts or stops matching the
-    /// selectors is seen as added or deleted.
-    fn event(&self, change: &Change) -> Option<Bytes> {
-        let now = self.matches(&change.object);
-        let before = change.previous.as_deref().map(|p| self.matches(p));
-        let kind = match (change.kind, before, now) {
-            (ChangeKind::Deleted, _, true) => ChangeKind::Deleted,
-            (ChangeKind::Added, _, true) => ChangeKind::Added,
-            (ChangeKind::Modified, Some(true), true) => ChangeKind::Modified,
-            (ChangeKind::Modified, Some(false) | None, true) => ChangeKind::Added,
-            (ChangeKind::Modified, Some(true), false) => ChangeKind::Deleted,
-            _ => return None,
-        };
-        Some(self.line(kind.as_str(), &change.object))
-    }
-
-    fn line(&self, kind: &str, object: &Value) -> Bytes {
-        if self.metadata_only {
-            event_line(kind, &partial(object))
-        } else {
-            event_line(kind, object)
-        }
-    }
-}
-
-fn start_watch(
-    state: Arc<State>,
-    req: &Req,
-    rt: Arc<ResourceType>,
-    namespace: Option<String>,
-    labels: LabelSelector,
-    fields: FieldSelector,
-) -> Response<Body> {
-    let filter = WatchFilter {
-        metadata_only: wants_metadata(req),
-        namespace,
-        labels,
-        fields,
-    };
-    let requested_rv = req.param("resourceVersion").unwrap_or_default();
-    let send_initial = req.param("sendInitialEvents").is_some_and(|s| s == "true");
-    let bookmarks = req
-        .param("allowWatchBookmarks")
-        .is_some_and(|b| b == "true");
-    let timeout = req
-        .param("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(1800));
-    // Under the store lock: subscribe first, then read the state, so no change falls between.
-    let (mut rx, initial, start_rv, gone) = {
-        let store = state.store.lock().expect("store lock");
-        let rx = store.tx.subscribe();
-        let current_rv = store.resource_version();
-        let mut initial: Vec<Bytes> = Vec::new();
-        let mut gone = false;
-        let start_rv;
-        if requested_rv.is_empty() || requested_rv == "0" || send_initial {
-            let ns = filter.namespace.as_deref();
-            let (items, _) = store.list(&rt, ns, &filter.labels, &filter.fields, None, None);
-            initial.extend(items.iter().map(|i| filter.line("ADDED", i)));
-            if send_initial {
-                initial.push(bookmark(&rt, current_rv, true));
-            }
-            start_rv = current_rv;
-        } else {
-            match requested_rv
-                .parse::<u64>()
-                .ok()
-                .and_then(|rv| store.changes_since(&rt.key(), rv).map(|c| (rv, c)))
-            {
-                Some((_, changes)) => {
-                    initial.extend(changes.iter().filter_map(|c| filter.event(c)));
-                    start_rv = current_rv;
-                }
-                None => {
-                    gone = true;
-                    start_rv = current_rv;
-                }
-            }
-        }
-        (rx, initial, start_rv, gone)
-    };
-    let (mut tx, body_rx) = mpsc::channel::<Bytes>(256);
-    let mut epoch = state.watch_epoch.subscribe();
-    let bookmark_interval = state.config.bookmark_interval;
-    tokio::spawn(async move {
-        if gone {
-            let status = ApiError::new(
-                410,
-                "Expired",
-                format!("too old resource version: {requested_rv}"),
-            )
-            .to_status();
-            let _ = tx.send(event_line("ERROR", &status)).await;
-            return;
-        }
-        for line in initial {
-            if tx.send(line).await.is_err() {
-                return;
-            }
-        }
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let mut ticker = tokio::time::interval(bookmark_interval);
-        ticker.tick().await;
-        let mut last_rv = start_rv;
-        loop {
-            tokio::select! {
-                received = rx.recv() => match received {
-                    Ok(change) => {
-                        if change.rv <= start_rv {
-                            continue;
-                        }
-                        last_rv = change.rv;
-                        if change.type_key != rt.key() {
-                            continue;
-                        }
-                        if let Some(line) = filter.event(&change)
-                            && tx.send(line).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    // A watcher that falls behind is closed; the client resumes or relists.
-                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = ticker.tick(), if bookmarks => {
-                    if tx.send(bookmark(&rt, last_rv.max(start_rv), false)).await.is_err() {
-                        return;
-                    }
-                }
-                _ = &mut deadline => return,
-                _ = epoch.changed() => return,
-            }
-        }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json")
-        .header("transfer-encoding", "chunked")
-        .body(http::streamed(body_rx))
-        .expect("a valid response")
 }

@@ -1,0 +1,176 @@
+//! Reading a request: its target resource, options, body, and what answer shape it asks for.
+
+use super::*;
+
+pub(super) fn status_response(error: &ApiError) -> Response<Body> {
+    http::json(
+        StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &error.to_status(),
+    )
+}
+
+pub(super) fn not_found_path() -> Response<Body> {
+    status_response(&ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    ))
+}
+
+/// What a resource path names.
+pub(super) struct Target {
+    pub(super) rt: Arc<ResourceType>,
+    pub(super) namespace: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) subresource: Option<String>,
+}
+
+pub(super) fn parse_target(store: &Store, path: &str) -> Option<Target> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return None,
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let resolve = |plural: &str| store.resolve(group, version, plural);
+    let target = |rt, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
+        Some(Target {
+            rt,
+            namespace: ns.map(decode),
+            name: name.map(decode),
+            subresource: sub.map(String::from),
+        })
+    };
+    match rest {
+        [plural] => target(resolve(plural)?, None, None, None),
+        ["namespaces", ns, plural]
+            if group.is_empty() && (*plural == "status" || *plural == "finalize") =>
+        {
+            target(resolve("namespaces")?, None, Some(ns), Some(plural))
+        }
+        ["namespaces", ns, plural] => {
+            let rt = resolve(plural)?;
+            rt.namespaced.then_some(())?;
+            target(rt, Some(ns), None, None)
+        }
+        ["namespaces", ns, plural, name] => {
+            let rt = resolve(plural)?;
+            rt.namespaced.then_some(())?;
+            target(rt, Some(ns), Some(name), None)
+        }
+        ["namespaces", ns, plural, name, sub] => {
+            let rt = resolve(plural)?;
+            rt.namespaced.then_some(())?;
+            target(rt, Some(ns), Some(name), Some(sub))
+        }
+        [plural, name] => {
+            let rt = resolve(plural)?;
+            (!rt.namespaced).then_some(())?;
+            target(rt, None, Some(name), None)
+        }
+        [plural, name, sub] => {
+            let rt = resolve(plural)?;
+            (!rt.namespaced).then_some(())?;
+            target(rt, None, Some(name), Some(sub))
+        }
+        _ => None,
+    }
+}
+
+pub(super) fn count(state: &State, verb: &str, target: &Target) {
+    let resource = match &target.subresource {
+        Some(sub) => format!("{}/{}", target.rt.plural, sub),
+        None => target.rt.plural.clone(),
+    };
+    *state
+        .requests
+        .lock()
+        .expect("requests lock")
+        .entry(format!("{verb} {resource}"))
+        .or_default() += 1;
+    state.served.notify_waiters();
+}
+
+pub(super) fn write_options(req: &Req) -> WriteOptions {
+    let manager = req
+        .param("fieldManager")
+        .filter(|m| !m.is_empty())
+        .or_else(|| {
+            req.header("user-agent")
+                .map(|ua| ua.split('/').next().unwrap_or(ua).to_string())
+                .filter(|m| !m.is_empty())
+        });
+    WriteOptions {
+        dry_run: req.param("dryRun").is_some_and(|d| d == "All"),
+        field_manager: manager,
+        force: req.param("force").is_some_and(|f| f == "true"),
+    }
+}
+
+pub(super) fn parse_body(req: &Req) -> Result<Value, ApiError> {
+    if req
+        .header("content-type")
+        .is_some_and(|c| c.contains("protobuf") || c.contains("cbor"))
+    {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
+        ));
+    }
+    if let Ok(value) = serde_json::from_slice::<Value>(&req.body) {
+        return Ok(value);
+    }
+    let text = std::str::from_utf8(&req.body)
+        .map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
+    serde_saphyr::from_str::<Value>(text)
+        .map_err(|e| ApiError::bad_request(format!("the body is neither JSON nor YAML: {e}")))
+}
+
+/// Whether the client asked for metadata only (`as=PartialObjectMetadata[List]`).
+pub(super) fn wants_metadata(req: &Req) -> bool {
+    req.header("accept")
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
+}
+
+pub(super) fn partial(object: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": object.get("metadata").cloned().unwrap_or(json!({}))
+    })
+}
+
+pub(super) fn wants_table(req: &Req) -> bool {
+    req.header("accept").is_some_and(|a| a.contains("as=Table"))
+}
+
+pub(super) fn encode_continue(position: &(String, String)) -> String {
+    base64::engine::general_purpose::STANDARD
+        .encode(serde_json::to_vec(&json!([position.0, position.1])).expect("serializes"))
+}
+
+pub(super) fn decode_continue(token: &str) -> Option<(String, String)> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(token)
+        .ok()?;
+    let pair: (String, String) = serde_json::from_slice(&bytes).ok()?;
+    Some(pair)
+}
+
+pub(super) fn check_subresource(rt: &ResourceType, sub: Option<&str>) -> Result<(), ApiError> {
+    match sub {
+        None => Ok(()),
+        Some("status") if rt.status_subresource => Ok(()),
+        Some(_) => Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )),
+    }
+}
