@@ -4,19 +4,19 @@
 
 pub use dpc_operator_api as api;
 
-pub mod accounts;
+pub(crate) mod accounts;
 pub mod admin;
-pub mod claims;
+pub(crate) mod claims;
 pub mod config;
 pub mod context;
 pub mod controller;
 pub mod dpc;
-pub mod drift;
-pub mod index;
-pub mod key;
+pub(crate) mod drift;
+pub(crate) mod index;
+pub(crate) mod key;
 pub mod leader;
 pub mod metrics;
-pub mod reconcile;
+pub(crate) mod reconcile;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod telemetry;

@@ -15,7 +15,7 @@ use crate::drift::Finding;
 use super::act::Applied;
 
 mod classify;
-pub use classify::{Retry, Verdict, classify, jittered};
+pub use classify::{Verdict, classify};
 
 /// How a pass ended.
 #[derive(Clone, Debug, PartialEq)]
