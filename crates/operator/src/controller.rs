@@ -124,6 +124,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     };
     ctx.begin_term(scopes.len());
     let mut tasks = Vec::new();
+    // A pass waiting for the first lists when shutdown begins gives up, so graceful shutdown
+    // (which waits for passes in flight) never waits for a list that will not come.
+    let stopping = ctx.clone();
+    let stop = shutdown.clone();
+    tasks.push(
+        async move {
+            stop.cancelled().await;
+            stopping.stop_waiting();
+        }
+        .boxed(),
+    );
     let trigger_ctx = ctx.clone();
     let trigger: crate::drift::Trigger = Arc::new(move |key: &ObjKey| trigger_ctx.trigger(key));
     tasks.push(ctx.drift.clone().run(trigger, shutdown.clone()).boxed());

@@ -68,6 +68,8 @@ pub struct Context {
     pending_scopes: AtomicUsize,
     running: AtomicBool,
     synced: AtomicBool,
+    /// Set when the controllers of this term are stopping.
+    stopping: AtomicBool,
     synced_changed: tokio::sync::Notify,
 }
 
@@ -124,6 +126,7 @@ impl Context {
             override_stores: Mutex::new(Vec::new()),
             pending_scopes: AtomicUsize::new(0),
             synced: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             synced_changed: tokio::sync::Notify::new(),
         })
     }
@@ -147,15 +150,25 @@ impl Context {
         self.synced.load(Ordering::Acquire)
     }
 
-    /// Waits until [`Context::is_synced`].
-    pub async fn wait_synced(&self) {
+    /// Waits until [`Context::is_synced`]; `false` when the controllers are stopping first
+    /// (a pass waiting here has nothing in flight, and graceful shutdown waits for it).
+    pub async fn wait_synced(&self) -> bool {
         loop {
             let changed = self.synced_changed.notified();
             if self.is_synced() {
-                return;
+                return true;
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return false;
             }
             changed.await;
         }
+    }
+
+    /// The controllers are stopping: passes still waiting for the first lists give up.
+    pub(crate) fn stop_waiting(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.synced_changed.notify_waiters();
     }
 
     /// Starts a term of running the controllers over `scopes` watched scopes. A replica
@@ -168,6 +181,7 @@ impl Context {
         self.account_triggers.lock().expect("triggers lock").clear();
         self.override_stores.lock().expect("stores lock").clear();
         self.objects.forget_applied_hashes();
+        self.stopping.store(false, Ordering::Release);
         self.running.store(true, Ordering::Release);
     }
 
@@ -319,5 +333,35 @@ impl Context {
                 .resync_interval
                 .mul_f64(rand::rng().random_range(0.9..1.1)),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offline_client() -> Client {
+        crate::install_crypto_provider();
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        Client::try_from(config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pass_waiting_for_the_first_lists_gives_up_when_the_controllers_stop() {
+        let ctx = Context::new(offline_client(), OperatorConfig::default());
+        ctx.begin_term(1);
+        let waiting = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.wait_synced().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "nothing has listed yet");
+        ctx.stop_waiting();
+        assert!(!waiting.await.unwrap(), "a stopped wait says so");
+        // A new term waits again, and a first list lets it through.
+        ctx.begin_term(1);
+        assert!(!ctx.is_synced());
+        ctx.scope_synced();
+        assert!(ctx.wait_synced().await);
     }
 }

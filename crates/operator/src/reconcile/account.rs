@@ -131,7 +131,9 @@ pub async fn reconcile<K: AccountObject>(
     account: Arc<K>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    ctx.wait_synced().await;
+    if !ctx.wait_synced().await {
+        return Ok(Action::await_change());
+    }
     let key = account.account_key();
     let span = info_span!("reconcile_account", kind = K::KIND, account = %key);
     async {

@@ -107,7 +107,9 @@ pub async fn reconcile_guarded(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result
 /// Reconciles one ConnectionOverride.
 pub async fn reconcile(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Act only once every watch has listed what exists (conflicts need the whole picture).
-    ctx.wait_synced().await;
+    if !ctx.wait_synced().await {
+        return Ok(Action::await_change());
+    }
     let meta = guard.meta();
     let key = key_of(meta);
     let span = info_span!("reconcile", namespace = %key.0, object = %key.1, generation = meta.generation.unwrap_or(0));
