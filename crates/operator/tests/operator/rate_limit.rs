@@ -132,16 +132,19 @@ async fn a_429_holds_all_twenty_waiting_objects_for_retry_after() {
     }
     let calls = h.sim.calls();
     let limited = calls.iter().find(|c| c.status == Some(429)).unwrap();
-    // From the moment the 429 was answered (calls already on their way may still arrive in
-    // the few milliseconds the answer takes to reach the client).
-    let answered = limited.done_ms.unwrap() + 20;
+    // Calls that arrive after the 429 was answered and before its Retry-After ends can only be
+    // ones already on their way when the client read the 429 — at most one per other
+    // reconcile in flight, whenever a loaded machine delivers them. A client that ignored
+    // Retry-After would send every one of the 19 waiting objects in that time.
+    let answered = limited.done_ms.unwrap();
     let inside: Vec<&Call> = calls
         .iter()
-        .filter(|c| c.at_ms > answered && c.at_ms < limited.done_ms.unwrap() + 3000)
+        .filter(|c| c.at_ms > answered && c.at_ms < answered + 3000)
         .collect();
+    let in_flight = usize::from(test_config().concurrency) - 1;
     assert!(
-        inside.is_empty(),
-        "{} calls during Retry-After",
+        inside.len() <= in_flight,
+        "{} calls during Retry-After (at most {in_flight} were already on their way)",
         inside.len()
     );
     assert_eq!(
