@@ -217,15 +217,10 @@ async fn token_check<K: AccountObject>(
         }
         Err(e) => {
             let verdict = classify(&e);
-            let reason = match verdict {
-                Verdict::Deferred(_) => Reason::RateLimited,
-                Verdict::Failed { reason, .. } => reason,
-            };
-            let delay = match verdict {
-                Verdict::Failed { retry, .. } => {
-                    retry.delay(|| ctx.objects.next_backoff(&backoff_key))
-                }
-                deferred => Some(deferred.retry_delay(|| ctx.objects.next_backoff(&backoff_key))),
+            let backoff = || ctx.objects.next_backoff(&backoff_key);
+            let (reason, delay) = match verdict {
+                Verdict::Deferred(_) => (Reason::RateLimited, Some(verdict.retry_delay(backoff))),
+                Verdict::Failed { reason, retry } => (reason, retry.delay(backoff)),
             };
             let next = delay.map_or(Action::await_change(), Action::requeue);
             (false, reason, e.to_string(), next)

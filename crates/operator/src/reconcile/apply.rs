@@ -8,8 +8,6 @@
 //! failure of the Kubernetes API for the error policy), so every way out of a pass writes its
 //! status in one place.
 
-use std::time::Duration;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -29,7 +27,7 @@ use crate::key::ObjKey;
 
 use super::act::{self, ActError, Applied, Plan};
 use super::build::{self, Desired};
-use super::outcome::{Outcome, Verdict, classify};
+use super::outcome::{Outcome, Verdict, at_slot, classify};
 use super::resolve::{self, Resolved};
 use super::{Error, validate, write};
 
@@ -413,7 +411,7 @@ fn failed(pass: &Pass<'_>, failure: ActError, gate: Gate) -> Stop {
             } else {
                 Reason::Updating
             };
-            let next = Action::requeue(wait + Duration::from_millis(5));
+            let next = Action::requeue(at_slot(wait));
             let outcome = Box::new(Outcome::Waiting { reason, message });
             return Stop::Report { outcome, next };
         }

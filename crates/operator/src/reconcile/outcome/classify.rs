@@ -47,7 +47,7 @@ impl Verdict {
     /// else after the backoff.
     pub fn retry_delay(self, backoff: impl FnOnce() -> Duration) -> Duration {
         match self {
-            Verdict::Deferred(wait) => wait + Duration::from_millis(5),
+            Verdict::Deferred(wait) => at_slot(wait),
             Verdict::Failed {
                 retry: Retry::After(wait),
                 ..
@@ -55,6 +55,11 @@ impl Verdict {
             Verdict::Failed { .. } => backoff(),
         }
     }
+}
+
+/// When to come back for a slot reserved `wait` from now: just after it opens.
+pub fn at_slot(wait: Duration) -> Duration {
+    wait + Duration::from_millis(5)
 }
 
 /// `base` plus up to a quarter of it (of at most 4 s), so objects told to wait the same time

@@ -15,7 +15,7 @@ use crate::drift::Finding;
 use super::act::Applied;
 
 mod classify;
-pub use classify::{Verdict, classify};
+pub use classify::{Verdict, at_slot, classify};
 
 /// How a pass ended.
 #[derive(Clone, Debug, PartialEq)]
