@@ -64,7 +64,7 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     );
 
     identity::grant(&h.client, &id).await;
-    wait_status(&format!("{admin}/readyz"), 200).await;
+    wait_status_within(&format!("{admin}/readyz"), 200, AFTER_A_GRANT).await;
     h.apply(&Cov::new("missing", "M").property_from_secret("secretKey", "absent", "k"))
         .await;
     h.wait_reason("missing", "SecretNotFound").await;

@@ -400,10 +400,20 @@ async fn lease_holder(h: &Harness) -> Option<String> {
         .holder_identity
 }
 
+/// How long a watch refused with 403 may take to try again once access is granted: kube-runtime's
+/// default watcher backoff grows to 30 s and its jitter can double a delay, so one retry may
+/// come up to 60 s after the last; a grant landing just after a retry waits that long.
+const AFTER_A_GRANT: Duration = Duration::from_secs(75);
+
 /// Polls an HTTP endpoint (nothing pushes readiness) until its status is `expect`.
 async fn wait_status(url: &str, expect: u16) -> String {
+    wait_status_within(url, expect, WAIT).await
+}
+
+/// [`wait_status`] with its own deadline.
+async fn wait_status_within(url: &str, expect: u16, within: Duration) -> String {
     let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Ok(response) = http.get(url).send().await {
             let status = response.status().as_u16();
