@@ -67,7 +67,7 @@ async fn resource_version_moves_on_writes_and_a_stale_update_conflicts() {
         .parse()
         .unwrap();
     let mut changed = created.clone();
-    changed.spec.environment_name = "DEV".into();
+    changed.spec.sync_interval = Some("10m".into());
     let updated = api(&client)
         .replace("a", &PostParams::default(), &changed)
         .await
@@ -114,20 +114,20 @@ async fn generation_moves_only_on_spec_changes_and_status_is_a_subresource() {
     );
 
     // Status through the main resource is ignored; through /status it is kept, spec ignored.
-    let sneaky = json!({"status": {"appliedHash": "main"}, "spec": {"environmentName": "QA"}});
+    let sneaky = json!({"status": {"appliedHash": "main"}, "spec": {"syncInterval": "7m"}});
     let main = api(&client)
         .patch("a", &PatchParams::default(), &Patch::Merge(&sneaky))
         .await
         .unwrap();
     assert_eq!(main.status, None);
     assert_eq!(main.metadata.generation, Some(2));
-    let status = json!({"status": {"appliedHash": "sub"}, "spec": {"environmentName": "ignored"}});
+    let status = json!({"status": {"appliedHash": "sub"}, "spec": {"syncInterval": "9m"}});
     let sub = api(&client)
         .patch_status("a", &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap();
     assert_eq!(sub.status.unwrap().applied_hash.as_deref(), Some("sub"));
-    assert_eq!(sub.spec.environment_name, "QA");
+    assert_eq!(sub.spec.sync_interval.as_deref(), Some("7m"));
     assert_eq!(
         sub.metadata.generation,
         Some(2),

@@ -24,7 +24,10 @@ use std::time::Duration;
 use store::{ApiError, Change, ChangeKind, PatchKind, ResourceType, Store, WriteOptions};
 use tokio::sync::{broadcast, watch};
 
+pub mod admission;
 pub mod discovery;
+pub mod openapi_pb;
+pub mod protobuf;
 mod requests;
 pub mod selectors;
 pub mod ssa;
@@ -270,7 +273,15 @@ async fn handle(state: Arc<State>, req: Req) -> Response<Body> {
             return http::json(StatusCode::OK, &discovery::group_list(&types));
         }
         (Method::GET, "/openapi/v2") => {
-            return http::json(StatusCode::OK, &discovery::openapi_v2(&types));
+            let document = discovery::openapi_v2(&types);
+            if req.header("accept").is_some_and(|a| a.contains("protobuf")) {
+                return Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", openapi_pb::MEDIA_TYPE)
+                    .body(http::full(openapi_pb::encode(&document)))
+                    .expect("a valid response");
+            }
+            return http::json(StatusCode::OK, &document);
         }
         (Method::GET, "/openapi/v3") => {
             return http::json(StatusCode::OK, &discovery::openapi_v3_index(&types));
@@ -331,6 +342,28 @@ async fn handle(state: Arc<State>, req: Req) -> Response<Body> {
     resource(state, req, target).await
 }
 
+/// Runs a write under the store lock and answers with the object written and, as `Warning`
+/// headers, what admission dropped.
+fn written(
+    state: &State,
+    req: &Req,
+    code: StatusCode,
+    write: impl FnOnce(&mut Store) -> Result<Value, ApiError>,
+) -> Result<Response<Body>, ApiError> {
+    let mut store = state.store.lock().expect("store lock");
+    let result = write(&mut store);
+    let warnings = store.take_warnings();
+    drop(store);
+    let mut response = answer(req, code, &result?);
+    for warning in warnings {
+        let quoted = serde_json::to_string(&warning).expect("a string serializes");
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&format!("299 - {quoted}")) {
+            response.headers_mut().append("warning", value);
+        }
+    }
+    Ok(response)
+}
+
 async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body> {
     let is_list = req.method == Method::GET
         && target.name.is_none()
@@ -351,7 +384,10 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
     }
     let rt = target.rt.clone();
     let ns = target.namespace.as_deref();
-    let options = write_options(&req);
+    let options = match write_options(&req) {
+        Ok(options) => options,
+        Err(e) => return answer(&req, status_code(&e), &e.to_status()),
+    };
     let result: Result<Response<Body>, ApiError> = (|| match (
         &req.method,
         &target.name,
@@ -413,7 +449,8 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
                     &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": metadata, "items": items}),
                 ));
             }
-            Ok(http::json(
+            Ok(answer(
+                &req,
                 StatusCode::OK,
                 &json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": metadata, "items": items}),
             ))
@@ -421,12 +458,9 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
         (&Method::POST, None, None) => {
             count(&state, "create", &target);
             let body = parse_body(&req)?;
-            let created = state
-                .store
-                .lock()
-                .expect("store lock")
-                .create(&rt, ns, body, &options)?;
-            Ok(http::json(StatusCode::CREATED, &created))
+            written(&state, &req, StatusCode::CREATED, |store| {
+                store.create(&rt, ns, body, &options)
+            })
         }
         (&Method::DELETE, None, None) => {
             count(&state, "deletecollection", &target);
@@ -480,18 +514,15 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             if wants_metadata(&req) {
                 return Ok(http::json(StatusCode::OK, &partial(&object)));
             }
-            Ok(http::json(StatusCode::OK, &object))
+            Ok(answer(&req, StatusCode::OK, &object))
         }
         (&Method::PUT, Some(name), sub) => {
             count(&state, "update", &target);
             check_subresource(&rt, sub)?;
             let body = parse_body(&req)?;
-            let updated = state
-                .store
-                .lock()
-                .expect("store lock")
-                .update(&rt, ns, name, body, sub, &options)?;
-            Ok(http::json(StatusCode::OK, &updated))
+            written(&state, &req, StatusCode::OK, |store| {
+                store.update(&rt, ns, name, body, sub, &options)
+            })
         }
         (&Method::PATCH, Some(name), sub) => {
             count(&state, "patch", &target);
@@ -515,12 +546,9 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
                 ));
             };
             let body = parse_body(&req)?;
-            let patched = state
-                .store
-                .lock()
-                .expect("store lock")
-                .patch(&rt, ns, name, kind, body, sub, &options)?;
-            Ok(http::json(StatusCode::OK, &patched))
+            written(&state, &req, StatusCode::OK, |store| {
+                store.patch(&rt, ns, name, kind, body, sub, &options)
+            })
         }
         (&Method::DELETE, Some(name), None) => {
             count(&state, "delete", &target);
@@ -534,7 +562,19 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
                 preconditions.as_ref(),
                 &options,
             )?;
-            Ok(http::json(StatusCode::OK, &deleted))
+            Ok(answer(&req, StatusCode::OK, &deleted))
+        }
+        (&Method::POST, Some(name), Some("token"))
+            if rt.group.is_empty() && rt.plural == "serviceaccounts" =>
+        {
+            count(&state, "create", &target);
+            let request = parse_body(&req)?;
+            state.store.lock().expect("store lock").get(&rt, ns, name)?;
+            Ok(answer(
+                &req,
+                StatusCode::CREATED,
+                &token_request(&request, name, ns),
+            ))
         }
         _ => Err(ApiError::new(
             405,
@@ -545,5 +585,5 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             ),
         )),
     })();
-    result.unwrap_or_else(|e| status_response(&e))
+    result.unwrap_or_else(|e| answer(&req, status_code(&e), &e.to_status()))
 }

@@ -1,12 +1,29 @@
 //! Reading a request: its target resource, options, body, and what answer shape it asks for.
 
+use super::admission::FieldValidation;
 use super::*;
 
 pub(super) fn status_response(error: &ApiError) -> Response<Body> {
-    http::json(
-        StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        &error.to_status(),
-    )
+    http::json(status_code(error), &error.to_status())
+}
+
+pub(super) fn status_code(error: &ApiError) -> StatusCode {
+    StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// An answer in protobuf when the client asks for it first and the kind has a protobuf form,
+/// in JSON otherwise.
+pub(super) fn answer(req: &Req, code: StatusCode, value: &Value) -> Response<Body> {
+    if protobuf::preferred(req.header("accept"))
+        && let Some(bytes) = protobuf::encode(value)
+    {
+        return Response::builder()
+            .status(code)
+            .header("content-type", protobuf::MEDIA_TYPE)
+            .body(http::full(bytes))
+            .expect("a valid response");
+    }
+    http::json(code, value)
 }
 
 pub(super) fn not_found_path() -> Response<Body> {
@@ -96,7 +113,7 @@ pub(super) fn count(state: &State, verb: &str, target: &Target) {
     state.served.notify_waiters();
 }
 
-pub(super) fn write_options(req: &Req) -> WriteOptions {
+pub(super) fn write_options(req: &Req) -> Result<WriteOptions, ApiError> {
     let manager = req
         .param("fieldManager")
         .filter(|m| !m.is_empty())
@@ -105,22 +122,27 @@ pub(super) fn write_options(req: &Req) -> WriteOptions {
                 .map(|ua| ua.split('/').next().unwrap_or(ua).to_string())
                 .filter(|m| !m.is_empty())
         });
-    WriteOptions {
+    Ok(WriteOptions {
         dry_run: req.param("dryRun").is_some_and(|d| d == "All"),
         field_manager: manager,
         force: req.param("force").is_some_and(|f| f == "true"),
-    }
+        field_validation: FieldValidation::parse(req.param("fieldValidation").as_deref())
+            .map_err(ApiError::bad_request)?,
+    })
 }
 
 pub(super) fn parse_body(req: &Req) -> Result<Value, ApiError> {
-    if req
-        .header("content-type")
-        .is_some_and(|c| c.contains("protobuf") || c.contains("cbor"))
-    {
+    let content_type = req.header("content-type").unwrap_or_default();
+    if content_type.starts_with(protobuf::MEDIA_TYPE) {
+        return protobuf::decode(&req.body).map_err(|e| {
+            ApiError::bad_request(format!("the protobuf body could not be decoded: {e}"))
+        });
+    }
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
         return Err(ApiError::new(
             415,
             "UnsupportedMediaType",
-            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf",
         ));
     }
     if let Ok(value) = serde_json::from_slice::<Value>(&req.body) {
@@ -173,4 +195,33 @@ pub(super) fn check_subresource(rt: &ResourceType, sub: Option<&str>) -> Result<
             "the server could not find the requested resource",
         )),
     }
+}
+
+/// The answer to `serviceaccounts/{name}/token`: the emulator authenticates nobody, so the
+/// token is an opaque random string with the lifetime asked for (an hour by default).
+pub(super) fn token_request(request: &Value, name: &str, ns: Option<&str>) -> Value {
+    let seconds = request
+        .pointer("/spec/expirationSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(3600);
+    let audiences = request
+        .pointer("/spec/audiences")
+        .filter(|a| a.as_array().is_some_and(|a| !a.is_empty()))
+        .cloned()
+        .unwrap_or(json!(["https://kubernetes.default.svc.cluster.local"]));
+    let expires =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(seconds);
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"audiences": audiences, "expirationSeconds": seconds},
+        "status": {
+            "token": format!("emulator.{token}"),
+            "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+        }
+    })
 }

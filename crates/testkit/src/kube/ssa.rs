@@ -1,8 +1,8 @@
 //! Server-side apply, simplified: field ownership per manager recorded in `managedFields`
 //! (FieldsV1), merge of maps and of list-maps keyed as the schema's
 //! `x-kubernetes-list-map-keys` say (other lists are atomic), and removal of fields a manager
-//! applied before and no longer applies, unless another manager owns them. Conflicts are not
-//! raised: every apply behaves as with `force=true` and takes ownership.
+//! applied before and no longer applies, unless another manager owns them. An apply that
+//! changes a field another manager owns is a conflict unless forced (the store raises it).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -227,6 +227,26 @@ pub fn merge(current: &mut Value, applied: &Value, schema: Option<&Value>) {
         return;
     }
     *current = applied.clone();
+}
+
+/// A path as the API server prints it in conflicts: `.spec.name`,
+/// `.status.conditions[type="Ready"]`.
+pub fn path_string(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::F(f) => {
+                out.push('.');
+                out.push_str(f);
+            }
+            Seg::K(k) => {
+                let keys: BTreeMap<String, Value> = serde_json::from_str(k).unwrap_or_default();
+                let parts: Vec<String> = keys.iter().map(|(n, v)| format!("{n}={v}")).collect();
+                out.push_str(&format!("[{}]", parts.join(",")));
+            }
+        }
+    }
+    out
 }
 
 /// Renders a field set as FieldsV1 JSON.

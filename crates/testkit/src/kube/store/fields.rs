@@ -146,7 +146,7 @@ pub(super) fn normalize_secret(rt: &ResourceType, object: &mut Value) {
             );
         }
     }
-    if object.get("type").is_none() {
+    if object.get("type").is_none_or(|t| t.is_null() || t == "") {
         object["type"] = Value::String("Opaque".into());
     }
 }

@@ -16,6 +16,66 @@ pub(super) struct ManagedEntry {
     fields: ssa::FieldSet,
 }
 
+impl ManagedEntry {
+    fn is(&self, manager: &str, operation: &str, subresource: Option<&str>) -> bool {
+        self.manager == manager
+            && self.operation == operation
+            && self.subresource.as_deref() == subresource
+    }
+
+    /// The manager as a conflict names it.
+    fn label(&self) -> String {
+        let mut label = format!("{:?}", self.manager);
+        if let Some(sub) = &self.subresource {
+            label.push_str(&format!(" with subresource {sub:?}"));
+        }
+        if self.operation == "Update" {
+            label.push_str(&format!(" using {}", self.api_version));
+            if !self.time.is_empty() {
+                label.push_str(&format!(" at {}", self.time));
+            }
+        }
+        label
+    }
+}
+
+/// `409 Conflict` for an apply that would change fields other managers own.
+pub(super) fn apply_conflict(conflicts: &[(String, ssa::Path)]) -> ApiError {
+    let message = match conflicts {
+        [(who, path)] => format!(
+            "Apply failed with 1 conflict: conflict with {who}: {}",
+            ssa::path_string(path)
+        ),
+        _ => {
+            let mut by_manager: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for (who, path) in conflicts {
+                by_manager
+                    .entry(who)
+                    .or_default()
+                    .push(format!("- {}", ssa::path_string(path)));
+            }
+            let lines: Vec<String> = by_manager
+                .into_iter()
+                .map(|(who, paths)| format!("conflicts with {who}:\n{}", paths.join("\n")))
+                .collect();
+            format!(
+                "Apply failed with {} conflicts: {}",
+                conflicts.len(),
+                lines.join("\n")
+            )
+        }
+    };
+    let causes: Vec<Value> = conflicts
+        .iter()
+        .map(|(who, path)| {
+            json!({"reason": "FieldManagerConflict", "message": format!("conflict with {who}"), "field": ssa::path_string(path)})
+        })
+        .collect();
+    let mut error = ApiError::new(409, "Conflict", message);
+    error.details = Some(json!({"causes": causes}));
+    error
+}
+
 impl Managed {
     pub(super) fn load(object: &Value) -> Self {
         let entries = meta(object)
@@ -92,11 +152,7 @@ impl Managed {
     ) -> ssa::FieldSet {
         self.0
             .iter()
-            .find(|e| {
-                e.manager == manager
-                    && e.operation == operation
-                    && e.subresource.as_deref() == subresource
-            })
+            .find(|e| e.is(manager, operation, subresource))
             .map(|e| e.fields.clone())
             .unwrap_or_default()
     }
@@ -107,14 +163,42 @@ impl Managed {
         subresource: Option<&str>,
         path: &ssa::Path,
     ) -> bool {
-        self.0.iter().any(|e| {
-            !(e.manager == manager
-                && e.operation == "Apply"
-                && e.subresource.as_deref() == subresource)
-                && e.fields.contains(path)
-        })
+        self.0
+            .iter()
+            .any(|e| !e.is(manager, "Apply", subresource) && e.fields.contains(path))
     }
 
+    /// The fields of `applied` that another manager owns and the apply would change, each with
+    /// that manager as the API server names it (`"m" using v1 at <time>` for an update).
+    pub(super) fn conflicts(
+        &self,
+        manager: &str,
+        subresource: Option<&str>,
+        (fields, applied): (&ssa::FieldSet, &Value),
+        current: &Value,
+        schema: Option<&Value>,
+    ) -> Vec<(String, ssa::Path)> {
+        let mut found = Vec::new();
+        for entry in &self.0 {
+            if entry.is(manager, "Apply", subresource) {
+                continue;
+            }
+            for path in fields.intersection(&entry.fields) {
+                let wanted = ssa::value_at(applied, path, schema);
+                if wanted.is_some_and(Value::is_object) {
+                    continue;
+                }
+                if wanted != ssa::value_at(current, path, schema) {
+                    found.push((entry.label(), path.clone()));
+                }
+            }
+        }
+        found
+    }
+
+    /// Records `fields` as owned by `manager`'s `operation`; with `exclusive`, nobody else owns
+    /// them any more (an update, a forced apply), otherwise owners of the same values keep
+    /// sharing them.
     pub(super) fn take(
         &mut self,
         manager: &str,
@@ -122,21 +206,19 @@ impl Managed {
         rt: &ResourceType,
         subresource: Option<&str>,
         fields: ssa::FieldSet,
+        exclusive: bool,
     ) {
         for entry in &mut self.0 {
-            if !(entry.manager == manager
-                && entry.operation == operation
-                && entry.subresource.as_deref() == subresource)
-            {
+            if exclusive && !entry.is(manager, operation, subresource) {
                 entry.fields.retain(|p| !fields.contains(p));
             }
         }
         let time = now_rfc3339();
-        match self.0.iter_mut().find(|e| {
-            e.manager == manager
-                && e.operation == operation
-                && e.subresource.as_deref() == subresource
-        }) {
+        match self
+            .0
+            .iter_mut()
+            .find(|e| e.is(manager, operation, subresource))
+        {
             Some(entry) => {
                 if operation == "Apply" {
                     entry.fields = fields;
@@ -163,8 +245,9 @@ impl Managed {
         rt: &ResourceType,
         subresource: Option<&str>,
         fields: ssa::FieldSet,
+        force: bool,
     ) {
-        self.take(manager, "Apply", rt, subresource, fields);
+        self.take(manager, "Apply", rt, subresource, fields, force);
     }
 
     pub(super) fn record_update(
@@ -175,7 +258,7 @@ impl Managed {
         fields: ssa::FieldSet,
     ) {
         if !fields.is_empty() {
-            self.take(manager, "Update", rt, subresource, fields);
+            self.take(manager, "Update", rt, subresource, fields, true);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! status subresource kept apart from the main resource, patches, finalizers with
 //! `deletionTimestamp`, namespace termination, and CRDs that start serving their resource.
 
+use super::admission::{self, FieldValidation, Refusal};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::ssa;
 use crds::*;
@@ -204,6 +205,45 @@ impl ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// An admission refusal as the API server answers it: `400` for fields a strict decode does
+/// not know, `422 Invalid` with one cause per field otherwise.
+fn refused(rt: &ResourceType, name: &str, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::UnknownFields(fields) => {
+            let listed: Vec<String> = fields
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+            ApiError::bad_request(format!("strict decoding error: {}", listed.join(", ")))
+        }
+        Refusal::Invalid(errors) => {
+            let listed: Vec<String> = errors.iter().map(admission::FieldError::message).collect();
+            let what = match listed.as_slice() {
+                [one] => one.clone(),
+                many => format!("[{}]", many.join(", ")),
+            };
+            let qualified = if rt.group.is_empty() {
+                rt.kind.clone()
+            } else {
+                format!("{}.{}", rt.kind, rt.group)
+            };
+            let causes: Vec<Value> = errors
+                .iter()
+                .map(|e| json!({"reason": e.reason, "message": e.detail, "field": e.field}))
+                .collect();
+            let mut error = ApiError::new(
+                422,
+                "Invalid",
+                format!("{qualified} \"{name}\" is invalid: {what}"),
+            );
+            error.details = Some(json!({
+                "name": name, "group": rt.group, "kind": rt.kind, "causes": causes
+            }));
+            error
+        }
+    }
+}
+
 /// The kind of a recorded change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -246,6 +286,7 @@ pub struct WriteOptions {
     pub dry_run: bool,
     pub field_manager: Option<String>,
     pub force: bool,
+    pub field_validation: FieldValidation,
 }
 
 /// The kinds of patch.
@@ -266,6 +307,8 @@ pub struct Store {
     /// Changes at or below this resourceVersion are no longer in the history.
     compacted_rv: u64,
     pub tx: broadcast::Sender<Arc<Change>>,
+    /// Warnings of the last write (unknown fields dropped), for its answer.
+    warnings: Vec<String>,
 }
 
 impl Store {
@@ -278,6 +321,7 @@ impl Store {
             history_limit,
             compacted_rv: 0,
             tx,
+            warnings: Vec::new(),
         };
         for rt in builtin_types() {
             store.register(rt);
@@ -286,6 +330,11 @@ impl Store {
     }
 
     /// The current resourceVersion.
+    /// The warnings of the writes since the last call (for the `Warning` headers of an answer).
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
     pub fn resource_version(&self) -> u64 {
         self.rv
     }

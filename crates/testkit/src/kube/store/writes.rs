@@ -107,6 +107,7 @@ impl Store {
         if rt.status_subresource && rt.custom {
             object.as_object_mut().expect("checked").remove("status");
         }
+        self.admit(rt, &name, None, &mut object, options)?;
         if rt.is_namespace() {
             object["status"] = json!({"phase": "Active"});
         }
@@ -209,7 +210,7 @@ impl Store {
                 // Record the applier as owner of what it applied.
                 let mut stored = self.objects(rt).get(&key).cloned().expect("just created");
                 let mut managed = Managed::load(&stored);
-                managed.record_apply(&manager, rt, None, fields);
+                managed.record_apply(&manager, rt, None, fields, true);
                 managed.store(&mut stored);
                 self.objects_mut(rt).insert(key, stored.clone());
                 return Ok(Self::present(rt, &stored));
@@ -313,6 +314,18 @@ impl Store {
                 }
                 let new_fields = ssa::fields_of(&applied, schema);
                 let mut managed = Managed::load(&current);
+                if !options.force {
+                    let conflicts = managed.conflicts(
+                        &manager,
+                        subresource,
+                        (&new_fields, &applied),
+                        &current,
+                        schema,
+                    );
+                    if !conflicts.is_empty() {
+                        return Err(apply_conflict(&conflicts));
+                    }
+                }
                 let old_fields = managed.fields_of(&manager, "Apply", subresource);
                 let mut new = current.clone();
                 for stale in old_fields.difference(&new_fields) {
@@ -321,7 +334,7 @@ impl Store {
                     }
                 }
                 ssa::merge(&mut new, &applied, schema);
-                managed.record_apply(&manager, rt, subresource, new_fields);
+                managed.record_apply(&manager, rt, subresource, new_fields, options.force);
                 self.write(
                     rt,
                     key,
@@ -334,6 +347,28 @@ impl Store {
                     },
                 )
             }
+        }
+    }
+
+    /// Admits a custom resource's new state against its CRD (see [`admission`]); warnings
+    /// are kept for the answer.
+    fn admit(
+        &mut self,
+        rt: &ResourceType,
+        name: &str,
+        old: Option<&Value>,
+        new: &mut Value,
+        options: &WriteOptions,
+    ) -> ApiResult<()> {
+        let Some(schema) = rt.schema.as_ref().filter(|_| rt.custom) else {
+            return Ok(());
+        };
+        match admission::admit(schema, old, new, options.field_validation) {
+            Ok(warnings) => {
+                self.warnings.extend(warnings);
+                Ok(())
+            }
+            Err(refusal) => Err(refused(rt, name, refusal)),
         }
     }
 
@@ -432,6 +467,7 @@ impl Store {
             validate_crd(&new)?;
         }
         normalize_secret(rt, &mut new);
+        self.admit(rt, &name, Some(&current), &mut new, options)?;
         if rt.tracks_generation() && spec_part(&new) != spec_part(&current) {
             let generation = meta(&current)
                 .and_then(|m| m.get("generation"))
