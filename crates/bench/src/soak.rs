@@ -115,6 +115,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
     bench::create_objects(&world.client, 0..objects, soak_spec).await;
 
     let log = |n: usize| options.work_dir.join(format!("operator-{n}.log"));
+    let sync = format!("{}s", SYNC.as_secs());
     let flags: Vec<String> = [
         "--concurrency",
         "8",
@@ -126,6 +127,8 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
         "5s",
         "--min-sync-interval",
         "1s",
+        "--default-sync-interval",
+        &sync,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -381,7 +384,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
 }
 
 fn soak_spec(i: usize) -> dpc_operator_api::ConnectionOverrideSpec {
-    let mut spec = bench::spec_of(i, 3, Some(SYNC), 0);
+    let mut spec = bench::spec_of(i, 3, 0);
     if i.is_multiple_of(2) {
         spec = spec.with_secret_value("secretKey", &secret_name(i), "key");
     }

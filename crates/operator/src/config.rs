@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// for tests).
     #[arg(long, env = "DPC_OPERATOR_MIN_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration, hide = true)]
     pub min_sync_interval: Duration,
+    /// The drift-check interval of objects without spec.syncInterval (the benchmark and the
+    /// soak shorten it; objects cannot ask for less than 30s).
+    #[arg(long, env = "DPC_OPERATOR_DEFAULT_SYNC_INTERVAL", default_value = "10m", value_parser = parse_duration, hide = true)]
+    pub default_sync_interval: Duration,
     /// First retry delay after a transient DPC failure (doubles up to --backoff-max).
     #[arg(long, env = "DPC_OPERATOR_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration)]
     pub backoff_base: Duration,
@@ -126,6 +130,7 @@ impl RunArgs {
                 .collect(),
             resync_interval: self.resync_interval,
             min_sync_interval: self.min_sync_interval,
+            default_sync_interval: self.default_sync_interval,
             label_selector: self.selector.clone().filter(|s| !s.is_empty()),
             per_object_metrics: !self.no_per_object_metrics,
             backoff_base: self.backoff_base,

@@ -135,9 +135,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
     .await;
     let created = Instant::now();
     let envs = options.environments;
-    let sync = options.sync_interval;
     create_objects(&world.client, 0..options.objects, |i| {
-        spec_of(i, envs, Some(sync), options.objects)
+        spec_of(i, envs, options.objects)
     })
     .await;
     let seconds_to_create_objects = created.elapsed().as_secs_f64();
@@ -153,6 +152,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         options.concurrency.to_string(),
         "--min-sync-interval".into(),
         "1s".into(),
+        "--default-sync-interval".into(),
+        format!("{}ms", options.sync_interval.as_millis()),
     ];
     extra.extend(options.operator_args.iter().cloned());
     let started_ms = world.sim.now_ms();

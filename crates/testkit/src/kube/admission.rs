@@ -325,7 +325,7 @@ fn schema_errors(schema: &Value, object: &Value) -> Vec<Found> {
             K::Enum { options } => {
                 let supported: Vec<String> = options
                     .as_array()
-                    .map(|o| o.iter().map(show).collect())
+                    .map(|o| o.iter().map(show_allowed).collect())
                     .unwrap_or_default();
                 (
                     "FieldValueNotSupported",
@@ -354,7 +354,10 @@ fn schema_errors(schema: &Value, object: &Value) -> Vec<Found> {
             K::MaxLength { limit } => (
                 "FieldValueTooLong",
                 field,
-                format!("Too long: may not be more than {limit} bytes"),
+                format!(
+                    "Too long: may not be more than {limit} {}",
+                    if *limit == 1 { "byte" } else { "bytes" }
+                ),
                 true,
             ),
             K::MinLength { limit } => (
@@ -369,12 +372,13 @@ fn schema_errors(schema: &Value, object: &Value) -> Vec<Found> {
                 "FieldValueInvalid",
                 field.clone(),
                 format!(
-                    "Invalid value: {shown}: {field} in body should be greater than {}{limit}",
+                    "Invalid value: {shown}: {field} in body should be greater than {}{}",
                     if matches!(e.kind(), K::Minimum { .. }) {
                         "or equal to "
                     } else {
                         ""
-                    }
+                    },
+                    go_number(limit)
                 ),
                 true,
             ),
@@ -382,12 +386,13 @@ fn schema_errors(schema: &Value, object: &Value) -> Vec<Found> {
                 "FieldValueInvalid",
                 field.clone(),
                 format!(
-                    "Invalid value: {shown}: {field} in body should be less than {}{limit}",
+                    "Invalid value: {shown}: {field} in body should be less than {}{}",
                     if matches!(e.kind(), K::Maximum { .. }) {
                         "or equal to "
                     } else {
                         ""
-                    }
+                    },
+                    go_number(limit)
                 ),
                 true,
             ),
@@ -460,7 +465,7 @@ fn rule_errors(schema: &Value, old: Option<&Value>, new: &Value) -> Vec<Found> {
         .into_iter()
         .map(|e| {
             let field = e.field_path.clone();
-            let got = lookup(new, &field).map(type_name).unwrap_or("object");
+            let got = lookup(new, &field).map_or_else(|| "null".into(), show);
             let (reason, detail) = match e.reason.as_deref() {
                 Some("FieldValueRequired") => (
                     "FieldValueRequired",
@@ -469,13 +474,12 @@ fn rule_errors(schema: &Value, old: Option<&Value>, new: &Value) -> Vec<Found> {
                 Some("FieldValueForbidden") => {
                     ("FieldValueForbidden", format!("Forbidden: {}", e.message))
                 }
-                Some("FieldValueDuplicate") => (
-                    "FieldValueDuplicate",
-                    format!("Duplicate value: \"{got}\": {}", e.message),
-                ),
+                Some("FieldValueDuplicate") => {
+                    ("FieldValueDuplicate", format!("Duplicate value: {got}"))
+                }
                 _ => (
                     "FieldValueInvalid",
-                    format!("Invalid value: \"{got}\": {}", e.message),
+                    format!("Invalid value: {got}: {}", e.message),
                 ),
             };
             let transition = e.rule.contains("oldSelf");
@@ -558,14 +562,33 @@ fn count(value: &Value) -> usize {
     }
 }
 
-/// A value as Go's `%#v`/`%q` shows it in a field error.
+/// A bad value as the API server's field errors print it: strings quoted, numbers and
+/// booleans bare, anything else as JSON.
 fn show(value: &Value) -> String {
     match value {
-        Value::String(s) => serde_json::to_string(s).expect("a string serializes"),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        Value::Null => "\"null\"".into(),
-        other => format!("\"{}\"", type_name(other)),
+        Value::String(s) => quote(s),
+        Value::Number(_) => go_number(value),
+        other => serde_json::to_string(other).expect("JSON serializes"),
+    }
+}
+
+/// A supported value of an enum: quoted, whatever its type (`"null"` for null).
+fn show_allowed(value: &Value) -> String {
+    match value {
+        Value::String(s) => quote(s),
+        other => quote(&serde_json::to_string(other).expect("JSON serializes")),
+    }
+}
+
+fn quote(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+/// A number as Go's `%v` prints it: `1` for an integral float.
+fn go_number(value: &Value) -> String {
+    match value.as_f64() {
+        Some(f) if value.is_f64() && f.fract() == 0.0 && f.abs() < 1e21 => format!("{}", f as i64),
+        _ => value.to_string(),
     }
 }
 
@@ -670,7 +693,7 @@ mod tests {
         };
         assert_eq!(
             errors[0].message(),
-            "spec.id: Invalid value: \"string\": id is immutable"
+            format!("spec.id: Invalid value: \"{other}\": id is immutable")
         );
         // A stored object that already breaks a rule may still be updated elsewhere.
         let stored = json!({"spec": {"id": ID, "count": 0}});

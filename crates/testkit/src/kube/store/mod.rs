@@ -278,6 +278,9 @@ struct TypeState {
     /// Served versions of this type.
     versions: BTreeMap<String, Arc<ResourceType>>,
     objects: BTreeMap<(String, String), Value>,
+    /// The resourceVersion when the type began to be served: as kube-apiserver's watch cache,
+    /// a watch cannot resume from before it.
+    since_rv: u64,
 }
 
 /// Options of a write.
@@ -351,9 +354,11 @@ impl Store {
     }
 
     fn register(&mut self, rt: ResourceType) {
+        let since_rv = self.rv;
         let entry = self.types.entry(rt.key()).or_insert_with(|| TypeState {
             versions: BTreeMap::new(),
             objects: BTreeMap::new(),
+            since_rv,
         });
         entry.versions.insert(rt.version.clone(), Arc::new(rt));
     }
@@ -408,7 +413,8 @@ impl Store {
 
     /// Changes after `rv` of one type, or `None` when `rv` is older than the history.
     pub fn changes_since(&self, type_key: &TypeKey, rv: u64) -> Option<Vec<Arc<Change>>> {
-        if rv < self.compacted_rv {
+        let since = self.types.get(type_key).map_or(0, |t| t.since_rv);
+        if rv < self.compacted_rv || rv < since {
             return None;
         }
         Some(

@@ -1,0 +1,386 @@
+//! Admission of our custom resources: every invalid object, immutable fields, unknown fields
+//! under each `fieldValidation`, defaults, and server-side apply ownership and conflicts.
+
+use super::target::Target;
+use super::*;
+
+const MERGE: &str = "application/merge-patch+json";
+const APPLY: &str = "application/apply-patch+yaml";
+
+/// Sets `pointer` of `object` to `value` (`null` removes it), creating parents.
+fn with(mut object: Value, pointer: &str, value: Value) -> Value {
+    let (parent, field) = pointer.rsplit_once('/').expect("a pointer");
+    let mut node = &mut object;
+    for part in parent.split('/').skip(1) {
+        if node.get(part).is_none() {
+            node[part] = json!({});
+        }
+        node = node.get_mut(part).expect("just made");
+    }
+    if value.is_null() {
+        node.as_object_mut().expect("an object").remove(field);
+    } else {
+        node[field] = value;
+    }
+    object
+}
+
+/// Creates each object (strictly, as kubectl does) and sees the answer and its causes.
+async fn refusals(t: &Target, plural: &str, cases: Vec<(&str, Value)>) -> Seen {
+    let mut seen = Seen::default();
+    let path = format!("{}?fieldValidation=Strict", t.path(plural, None));
+    for (label, object) in cases {
+        let reply = t.call("POST", &path, None, Some(&object)).await;
+        seen.see(format!("{label}: answer"), reply.brief(t));
+        seen.see(format!("{label}: causes"), reply.causes(t));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn every_invalid_connection_override_is_refused_as_the_server_refuses_it() {
+    let base = cov("bad");
+    let from_both = json!([{"property": "password",
+        "secretKeyRef": {"name": "s", "key": "k"}, "configMapKeyRef": {"name": "c", "key": "k"}}]);
+    let twice = json!([{"property": "password", "secretKeyRef": {"name": "s", "key": "k"}},
+        {"property": "password", "secretKeyRef": {"name": "s", "key": "j"}}]);
+    let cases = vec![
+        (
+            "a project id that is not a UUID",
+            with(base.clone(), "/spec/projectId", json!("not-a-uuid")),
+        ),
+        (
+            "an unknown authType",
+            with(base.clone(), "/spec/authType", json!("FOO")),
+        ),
+        (
+            "a negative syncInterval",
+            with(base.clone(), "/spec/syncInterval", json!("-5m")),
+        ),
+        (
+            "a syncInterval under 30s",
+            with(base.clone(), "/spec/syncInterval", json!("10s")),
+        ),
+        (
+            "a syncInterval over 24h",
+            with(base.clone(), "/spec/syncInterval", json!("25h")),
+        ),
+        (
+            "a deletionTimeout over a year",
+            with(base.clone(), "/spec/deletionTimeout", json!("9000h")),
+        ),
+        (
+            "a comma in the connection name",
+            with(base.clone(), "/spec/connectionName", json!("a,b")),
+        ),
+        (
+            "an empty environment name",
+            with(base.clone(), "/spec/environmentName", json!("")),
+        ),
+        (
+            "no project id",
+            with(base.clone(), "/spec/projectId", Value::Null),
+        ),
+        ("no spec", with(base.clone(), "/spec", Value::Null)),
+        (
+            "an unknown deletionPolicy",
+            with(base.clone(), "/spec/deletionPolicy", json!("Keep")),
+        ),
+        (
+            "a number for a string",
+            with(base.clone(), "/spec/connectionName", json!(7)),
+        ),
+        (
+            "an unknown field",
+            with(base.clone(), "/spec/colour", json!("blue")),
+        ),
+        (
+            "a property from a Secret and a ConfigMap",
+            with(
+                base.clone(),
+                "/spec/connectionOverrides/connectionPropertiesFrom",
+                from_both,
+            ),
+        ),
+        (
+            "a property named twice",
+            with(
+                base.clone(),
+                "/spec/connectionOverrides/connectionPropertiesFrom",
+                twice,
+            ),
+        ),
+        (
+            "a property both literal and from a Secret",
+            with(
+                base.clone(),
+                "/spec/connectionOverrides/connectionPropertiesFrom",
+                json!([{"property": "username", "secretKeyRef": {"name": "s", "key": "k"}}]),
+            ),
+        ),
+        (
+            "an unknown account kind",
+            with(base.clone(), "/spec/accountRef/kind", json!("Account")),
+        ),
+    ];
+    compare(|t| {
+        let cases = cases.clone();
+        async move { refusals(&t, "connectionoverrides", cases).await }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_invalid_account_is_refused_as_the_server_refuses_it() {
+    let base = account("bad");
+    let cluster = with(
+        with(account("bad"), "/kind", json!("ClusterDpcAccount")),
+        "/metadata/namespace",
+        Value::Null,
+    );
+    let account_cases = vec![
+        (
+            "neither region nor apiUrl",
+            with(base.clone(), "/spec/region", Value::Null),
+        ),
+        (
+            "no credentials",
+            with(base.clone(), "/spec/credentialsSecretRef", Value::Null),
+        ),
+        (
+            "an empty credentials name",
+            with(base.clone(), "/spec/credentialsSecretRef/name", json!("")),
+        ),
+        (
+            "a zero rate",
+            with(base.clone(), "/spec/requestsPerMinute", json!(0)),
+        ),
+        (
+            "an unknown region",
+            with(base.clone(), "/spec/region", json!("eu9")),
+        ),
+    ];
+    let cluster_cases = vec![
+        (
+            "a cluster account without a credentials namespace",
+            cluster.clone(),
+        ),
+        (
+            "a cluster account with one",
+            with(
+                cluster,
+                "/spec/credentialsSecretRef/namespace",
+                json!("dpc-system"),
+            ),
+        ),
+    ];
+    compare(|t| {
+        let (account_cases, cluster_cases) = (account_cases.clone(), cluster_cases.clone());
+        async move {
+            let mut seen = refusals(&t, "dpcaccounts", account_cases).await;
+            let created = refusals(&t, "clusterdpcaccounts", cluster_cases).await;
+            seen.0.extend(created.0);
+            // A cluster-scoped object outlives the case's namespace.
+            t.call(
+                "DELETE",
+                &t.path("clusterdpcaccounts", Some("bad")),
+                None,
+                None,
+            )
+            .await;
+            seen
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn identity_fields_are_immutable() {
+    compare(|t| async move {
+        let mut seen = Seen::default();
+        t.call(
+            "POST",
+            &t.path("connectionoverrides", None),
+            None,
+            Some(&cov("a")),
+        )
+        .await;
+        let one = t.path("connectionoverrides", Some("a"));
+        for patch in [
+            json!({"spec": {"projectId": "11111111-2222-4333-8444-555555555555"}}),
+            json!({"spec": {"environmentName": "DEV"}}),
+            json!({"spec": {"connectionName": "Other"}}),
+            json!({"spec": {"accountRef": {"name": "other"}}}),
+            json!({"spec": {"syncInterval": "5m"}}),
+        ] {
+            let reply = t.call("PATCH", &one, Some(MERGE), Some(&patch)).await;
+            seen.see(format!("{patch}: answer"), reply.brief(&t));
+            seen.see(format!("{patch}: causes"), reply.causes(&t));
+        }
+        seen
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_fields_by_field_validation_and_defaults() {
+    compare(|t| async move {
+        let mut seen = Seen::default();
+        let all = t.path("connectionoverrides", None);
+        for (name, mode) in [
+            ("strict", "Strict"),
+            ("warn", "Warn"),
+            ("ignore", "Ignore"),
+            ("unset", ""),
+        ] {
+            let object = with(
+                with(cov(name), "/spec/colour", json!("blue")),
+                "/spec/connectionOverrides/odd",
+                json!(1),
+            );
+            let query = if mode.is_empty() {
+                String::new()
+            } else {
+                format!("?fieldValidation={mode}")
+            };
+            let reply = t
+                .call("POST", &format!("{all}{query}"), None, Some(&object))
+                .await;
+            seen.see(format!("{mode}: answer"), reply.brief(&t));
+            let warnings: Vec<String> = reply
+                .headers
+                .get_all("warning")
+                .iter()
+                .map(|w| t.norm(w.to_str().unwrap_or_default()))
+                .collect();
+            seen.see(format!("{mode}: warnings"), json!(warnings));
+            seen.see(
+                format!("{mode}: stored spec keys"),
+                reply
+                    .at("/spec")
+                    .as_object()
+                    .map(|s| json!(s.keys().collect::<Vec<_>>()))
+                    .unwrap_or_default(),
+            );
+        }
+        let bad_mode = t
+            .call(
+                "POST",
+                &format!("{all}?fieldValidation=Loose"),
+                None,
+                Some(&cov("x")),
+            )
+            .await;
+        seen.see("an unknown fieldValidation", bad_mode.brief(&t));
+        let defaulted = t
+            .call(
+                "POST",
+                &t.path("dpcaccounts", None),
+                None,
+                Some(&account("defaults")),
+            )
+            .await;
+        seen.see("defaults", defaulted.at("/spec"));
+        seen
+    })
+    .await;
+}
+
+fn applied(name: &str, interval: &str) -> Value {
+    with(cov(name), "/spec/syncInterval", json!(interval))
+}
+
+#[tokio::test]
+async fn server_side_apply_shares_owns_and_conflicts() {
+    compare(|t| async move {
+        let mut seen = Seen::default();
+        let one = t.path("connectionoverrides", Some("a"));
+        let apply = |manager: &str, force: bool| {
+            format!(
+                "{one}?fieldManager={manager}{}",
+                if force { "&force=true" } else { "" }
+            )
+        };
+        let first = t
+            .call(
+                "PATCH",
+                &apply("alice", false),
+                Some(APPLY),
+                Some(&applied("a", "5m")),
+            )
+            .await;
+        seen.see("alice creates", first.brief(&t));
+        seen.see("alice creates: managers", first.managers());
+        let same = t
+            .call(
+                "PATCH",
+                &apply("bob", false),
+                Some(APPLY),
+                Some(&applied("a", "5m")),
+            )
+            .await;
+        seen.see("bob applies the same values", same.brief(&t));
+        seen.see("bob applies the same values: managers", same.managers());
+        let other = t
+            .call(
+                "PATCH",
+                &apply("bob", false),
+                Some(APPLY),
+                Some(&applied("a", "6m")),
+            )
+            .await;
+        seen.see("bob changes a shared field", other.brief(&t));
+        seen.see("bob changes a shared field: causes", other.causes(&t));
+        let mut two = applied("a", "6m");
+        two["spec"]["connectionOverrides"]["connectionProperties"]["username"] = json!("other");
+        let both = t
+            .call("PATCH", &apply("carol", false), Some(APPLY), Some(&two))
+            .await;
+        seen.see("carol changes two owned fields", both.brief(&t));
+        seen.see("carol changes two owned fields: causes", both.causes(&t));
+        let forced = t
+            .call(
+                "PATCH",
+                &apply("bob", true),
+                Some(APPLY),
+                Some(&applied("a", "6m")),
+            )
+            .await;
+        seen.see("bob forces", forced.brief(&t));
+        seen.see("bob forces: value", forced.at("/spec/syncInterval"));
+        seen.see("bob forces: managers", forced.managers());
+        let back = t
+            .call(
+                "PATCH",
+                &apply("alice", false),
+                Some(APPLY),
+                Some(&applied("a", "5m")),
+            )
+            .await;
+        seen.see("alice applies her old value", back.brief(&t));
+        let edit = t
+            .call(
+                "PATCH",
+                &format!("{one}?fieldManager=editor"),
+                Some(MERGE),
+                Some(&json!({"spec": {"syncInterval": "7m"}})),
+            )
+            .await;
+        seen.see("an editor changes it", edit.managers());
+        let after_edit = t
+            .call(
+                "PATCH",
+                &apply("bob", false),
+                Some(APPLY),
+                Some(&applied("a", "6m")),
+            )
+            .await;
+        seen.see("bob applies over the edit", after_edit.brief(&t));
+        let no_manager = t
+            .call("PATCH", &one, Some(APPLY), Some(&applied("a", "6m")))
+            .await;
+        seen.see("an apply without a field manager", no_manager.brief(&t));
+        seen
+    })
+    .await;
+}
