@@ -273,15 +273,7 @@ async fn handle(state: Arc<State>, req: Req) -> Response<Body> {
             return http::json(StatusCode::OK, &discovery::group_list(&types));
         }
         (Method::GET, "/openapi/v2") => {
-            let document = discovery::openapi_v2(&types);
-            if req.header("accept").is_some_and(|a| a.contains("protobuf")) {
-                return Response::builder()
-                    .status(StatusCode::OK)
-                    .header("content-type", openapi_pb::MEDIA_TYPE)
-                    .body(http::full(openapi_pb::encode(&document)))
-                    .expect("a valid response");
-            }
-            return http::json(StatusCode::OK, &document);
+            return openapi_v2(&req, &types);
         }
         (Method::GET, "/openapi/v3") => {
             return http::json(StatusCode::OK, &discovery::openapi_v3_index(&types));
@@ -342,28 +334,6 @@ async fn handle(state: Arc<State>, req: Req) -> Response<Body> {
     resource(state, req, target).await
 }
 
-/// Runs a write under the store lock and answers with the object written and, as `Warning`
-/// headers, what admission dropped.
-fn written(
-    state: &State,
-    req: &Req,
-    code: StatusCode,
-    write: impl FnOnce(&mut Store) -> Result<Value, ApiError>,
-) -> Result<Response<Body>, ApiError> {
-    let mut store = state.store.lock().expect("store lock");
-    let result = write(&mut store);
-    let warnings = store.take_warnings();
-    drop(store);
-    let mut response = answer(req, code, &result?);
-    for warning in warnings {
-        let quoted = serde_json::to_string(&warning).expect("a string serializes");
-        if let Ok(value) = hyper::header::HeaderValue::from_str(&format!("299 - {quoted}")) {
-            response.headers_mut().append("warning", value);
-        }
-    }
-    Ok(response)
-}
-
 async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body> {
     let is_list = req.method == Method::GET
         && target.name.is_none()
@@ -397,6 +367,7 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             let labels = LabelSelector::parse(&req.param("labelSelector").unwrap_or_default())
                 .map_err(ApiError::bad_request)?;
             let fields = FieldSelector::parse(&req.param("fieldSelector").unwrap_or_default())
+                .and_then(|f| f.supported_by(&rt.group, &rt.plural).map(|()| f))
                 .map_err(ApiError::bad_request)?;
             if req.param("watch").is_some_and(|w| w == "true" || w == "1") {
                 count(&state, "watch", &target);
@@ -426,6 +397,11 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             if rt.group.is_empty() && rt.plural == "events" {
                 items.extend(mirrored_events(&store, ns, &labels, &fields));
             }
+            // As from etcd: how many are left, when no selector makes that unknown.
+            let remaining = next
+                .as_ref()
+                .filter(|_| labels.is_empty() && fields.is_empty())
+                .map(|position| store.count_after(&rt, ns, position));
             let rv = store.resource_version();
             drop(store);
             let token = next.as_ref().map(encode_continue);
@@ -439,8 +415,12 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
                 ));
             }
             let mut metadata = json!({"resourceVersion": rv.to_string()});
-            if let Some(token) = token {
-                metadata["continue"] = json!(token);
+            // Custom resource lists always carry `continue`, empty on the last page.
+            if token.is_some() || rt.custom {
+                metadata["continue"] = json!(token.unwrap_or_default());
+            }
+            if let Some(remaining) = remaining {
+                metadata["remainingItemCount"] = json!(remaining);
             }
             if wants_metadata(&req) {
                 let items: Vec<Value> = items.iter().map(partial).collect();
@@ -458,8 +438,8 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
         (&Method::POST, None, None) => {
             count(&state, "create", &target);
             let body = parse_body(&req)?;
-            written(&state, &req, StatusCode::CREATED, |store| {
-                store.create(&rt, ns, body, &options)
+            written(&state, &req, |store| {
+                Ok((StatusCode::CREATED, store.create(&rt, ns, body, &options)?))
             })
         }
         (&Method::DELETE, None, None) => {
@@ -467,6 +447,7 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             let labels = LabelSelector::parse(&req.param("labelSelector").unwrap_or_default())
                 .map_err(ApiError::bad_request)?;
             let fields = FieldSelector::parse(&req.param("fieldSelector").unwrap_or_default())
+                .and_then(|f| f.supported_by(&rt.group, &rt.plural).map(|()| f))
                 .map_err(ApiError::bad_request)?;
             let mut store = state.store.lock().expect("store lock");
             let (items, _) = store.list(&rt, ns, &labels, &fields, None, None);
@@ -520,8 +501,11 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             count(&state, "update", &target);
             check_subresource(&rt, sub)?;
             let body = parse_body(&req)?;
-            written(&state, &req, StatusCode::OK, |store| {
-                store.update(&rt, ns, name, body, sub, &options)
+            written(&state, &req, |store| {
+                Ok((
+                    StatusCode::OK,
+                    store.update(&rt, ns, name, body, sub, &options)?,
+                ))
             })
         }
         (&Method::PATCH, Some(name), sub) => {
@@ -545,9 +529,22 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
                     ),
                 ));
             };
+            if kind == PatchKind::Strategic && rt.custom {
+                // Custom resources have no strategic merge patch (no patch strategies).
+                return Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                ));
+            }
             let body = parse_body(&req)?;
-            written(&state, &req, StatusCode::OK, |store| {
-                store.patch(&rt, ns, name, kind, body, sub, &options)
+            written(&state, &req, |store| {
+                // An apply that creates the object answers 201, as a create does.
+                let code = match store.get(&rt, ns, name) {
+                    Ok(_) => StatusCode::OK,
+                    Err(_) => StatusCode::CREATED,
+                };
+                Ok((code, store.patch(&rt, ns, name, kind, body, sub, &options)?))
             })
         }
         (&Method::DELETE, Some(name), None) => {
@@ -555,13 +552,17 @@ async fn resource(state: Arc<State>, req: Req, target: Target) -> Response<Body>
             let preconditions = serde_json::from_slice::<Value>(&req.body)
                 .ok()
                 .and_then(|b| b.get("preconditions").cloned());
-            let deleted = state.store.lock().expect("store lock").delete(
-                &rt,
-                ns,
-                name,
-                preconditions.as_ref(),
-                &options,
-            )?;
+            let mut store = state.store.lock().expect("store lock");
+            let deleted = store.delete(&rt, ns, name, preconditions.as_ref(), &options)?;
+            // Gone at once: the server answers with a Status; held by finalizers: the object.
+            if store.get(&rt, ns, name).is_err() && !options.dry_run {
+                return Ok(answer(
+                    &req,
+                    StatusCode::OK,
+                    &deleted_status(&rt, name, &deleted),
+                ));
+            }
+            drop(store);
             Ok(answer(&req, StatusCode::OK, &deleted))
         }
         (&Method::POST, Some(name), Some("token"))

@@ -114,20 +114,66 @@ pub(super) fn count(state: &State, verb: &str, target: &Target) {
 }
 
 pub(super) fn write_options(req: &Req) -> Result<WriteOptions, ApiError> {
-    let manager = req
-        .param("fieldManager")
-        .filter(|m| !m.is_empty())
-        .or_else(|| {
-            req.header("user-agent")
-                .map(|ua| ua.split('/').next().unwrap_or(ua).to_string())
-                .filter(|m| !m.is_empty())
-        });
+    let applying = req
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/apply-patch"));
+    let options_kind = match req.method {
+        Method::POST => "CreateOptions",
+        Method::PUT => "UpdateOptions",
+        Method::DELETE => "DeleteOptions",
+        _ => "PatchOptions",
+    };
+    let invalid_options = |field: &str, reason: &'static str, detail: String| {
+        let mut error = ApiError::new(
+            422,
+            "Invalid",
+            format!("{options_kind}.meta.k8s.io \"\" is invalid: {field}: {detail}"),
+        );
+        error.details = Some(json!({"group": "meta.k8s.io", "kind": options_kind,
+            "causes": [{"reason": reason, "message": detail, "field": field}]}));
+        error
+    };
+    let named = req.param("fieldManager").filter(|m| !m.is_empty());
+    if applying && named.is_none() && req.method == Method::PATCH {
+        return Err(invalid_options(
+            "fieldManager",
+            "FieldValueRequired",
+            "Required value: is required for apply patch".into(),
+        ));
+    }
+    // As the API server: the user agent up to its first `/` names an unnamed manager.
+    let manager = named.unwrap_or_else(|| {
+        let agent = req.header("user-agent").unwrap_or_default();
+        let prefix: String = agent
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect();
+        if prefix.is_empty() {
+            "unknown".into()
+        } else {
+            prefix
+        }
+    });
+    let validation = req.param("fieldValidation");
+    let field_validation = FieldValidation::parse(validation.as_deref()).ok_or_else(|| {
+        invalid_options(
+            "fieldValidation",
+            "FieldValueNotSupported",
+            format!(
+                "Unsupported value: {:?}: supported values: \"\", \"Ignore\", \"Strict\", \"Warn\"",
+                validation.unwrap_or_default()
+            ),
+        )
+    })?;
     Ok(WriteOptions {
         dry_run: req.param("dryRun").is_some_and(|d| d == "All"),
-        field_manager: manager,
+        field_manager: Some(manager),
         force: req.param("force").is_some_and(|f| f == "true"),
-        field_validation: FieldValidation::parse(req.param("fieldValidation").as_deref())
-            .map_err(ApiError::bad_request)?,
+        field_validation,
     })
 }
 
@@ -224,4 +270,55 @@ pub(super) fn token_request(request: &Value, name: &str, ns: Option<&str>) -> Va
             "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
         }
     })
+}
+
+/// The `Status` of an object deleted at once.
+pub(super) fn deleted_status(rt: &ResourceType, name: &str, object: &Value) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": {
+            "name": name,
+            "group": rt.group,
+            "kind": rt.plural,
+            "uid": object.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)
+        }
+    })
+}
+
+/// Runs a write under the store lock and answers with the object written and, as `Warning`
+/// headers, what admission dropped.
+pub(super) fn written(
+    state: &State,
+    req: &Req,
+    write: impl FnOnce(&mut Store) -> Result<(StatusCode, Value), ApiError>,
+) -> Result<Response<Body>, ApiError> {
+    let mut store = state.store.lock().expect("store lock");
+    let result = write(&mut store);
+    let warnings = store.take_warnings();
+    drop(store);
+    let (code, object) = result?;
+    let mut response = answer(req, code, &object);
+    for warning in warnings {
+        let quoted = serde_json::to_string(&warning).expect("a string serializes");
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&format!("299 - {quoted}")) {
+            response.headers_mut().append("warning", value);
+        }
+    }
+    Ok(response)
+}
+
+/// `/openapi/v2`, in protobuf when asked (kubectl always asks), else JSON.
+pub(super) fn openapi_v2(req: &Req, types: &[Arc<ResourceType>]) -> Response<Body> {
+    let document = discovery::openapi_v2(types);
+    if req.header("accept").is_some_and(|a| a.contains("protobuf")) {
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", openapi_pb::MEDIA_TYPE)
+            .body(http::full(openapi_pb::encode(&document)))
+            .expect("a valid response");
+    }
+    http::json(StatusCode::OK, &document)
 }

@@ -52,6 +52,10 @@ fn parse_set(rest: &str) -> Result<Vec<String>, String> {
 }
 
 impl LabelSelector {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Parses the `labelSelector` query syntax.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut requirements = Vec::new();
@@ -60,12 +64,22 @@ impl LabelSelector {
             if part.is_empty() {
                 continue;
             }
+            // A value may not hold an operator: `a===b` is `a == "=b"`, which the server
+            // refuses as it reads it.
+            let value_of = |v: &str| -> Result<String, String> {
+                match v.trim().chars().find(|c| "=!".contains(*c)) {
+                    Some(c) => Err(format!(
+                        "unable to parse requirement: found '{c}', expected: identifier"
+                    )),
+                    None => Ok(v.trim().to_string()),
+                }
+            };
             let requirement = if let Some((key, value)) = part.split_once("!=") {
-                Requirement::NotEquals(key.trim().into(), value.trim().into())
+                Requirement::NotEquals(key.trim().into(), value_of(value)?)
             } else if let Some((key, value)) = part.split_once("==") {
-                Requirement::Equals(key.trim().into(), value.trim().into())
+                Requirement::Equals(key.trim().into(), value_of(value)?)
             } else if let Some((key, value)) = part.split_once('=') {
-                Requirement::Equals(key.trim().into(), value.trim().into())
+                Requirement::Equals(key.trim().into(), value_of(value)?)
             } else if let Some(idx) = part.find(" notin ") {
                 Requirement::NotIn(part[..idx].trim().into(), parse_set(&part[idx + 7..])?)
             } else if let Some(idx) = part.find(" in ") {
@@ -109,6 +123,10 @@ impl LabelSelector {
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Parses the `fieldSelector` query syntax.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut terms = Vec::new();
@@ -133,6 +151,39 @@ impl FieldSelector {
             terms.push((field.to_string(), equal, value.trim().to_string()));
         }
         Ok(Self(terms))
+    }
+
+    /// Refuses fields the API server does not index for the type `(group, plural)`, with its
+    /// message: every type has `metadata.name` and `metadata.namespace`; Secrets, Namespaces
+    /// and Events add their own; custom resources add nothing (no selectableFields here).
+    pub fn supported_by(&self, group: &str, plural: &str) -> Result<(), String> {
+        const EVENT: &[&str] = &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ];
+        let extra: &[&str] = match (group, plural) {
+            ("", "secrets") => &["type"],
+            ("", "namespaces") => &["status.phase"],
+            ("" | "events.k8s.io", "events") => EVENT,
+            _ => &[],
+        };
+        for (field, _, _) in &self.0 {
+            if !matches!(field.as_str(), "metadata.name" | "metadata.namespace")
+                && !extra.contains(&field.as_str())
+            {
+                return Err(format!("field label not supported: {field}"));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the object satisfies every term.
@@ -177,6 +228,10 @@ mod tests {
         assert!(!ok("!app"));
         assert!(ok("app in (web),!missing,tier"));
         assert!(LabelSelector::parse("app in web").is_err());
+        assert_eq!(
+            LabelSelector::parse("app===web").unwrap_err(),
+            "unable to parse requirement: found '=', expected: identifier"
+        );
     }
 
     #[test]
@@ -195,5 +250,12 @@ mod tests {
                 .matches(&event)
         );
         assert!(FieldSelector::parse("count=2").unwrap().matches(&event));
+        let spec = FieldSelector::parse("spec.x=1").unwrap();
+        assert_eq!(
+            spec.supported_by("dpc-operator.io", "connectionoverrides"),
+            Err("field label not supported: spec.x".into())
+        );
+        let secret_type = FieldSelector::parse("type=Opaque").unwrap();
+        assert!(secret_type.supported_by("", "secrets").is_ok());
     }
 }

@@ -80,20 +80,35 @@ fn key_of(item: &Value, keys: &[String]) -> Option<String> {
 
 /// The field set of an object (or apply configuration).
 pub fn fields_of(value: &Value, schema: Option<&Value>) -> FieldSet {
+    owned_by(value, schema, false)
+}
+
+/// The field set of `value`; with `objects`, the objects holding fields are members too
+/// (FieldsV1's `.`), as an update that creates them owns them.
+fn owned_by(value: &Value, schema: Option<&Value>, objects: bool) -> FieldSet {
     let mut set = FieldSet::new();
-    collect(value, schema, &mut Vec::new(), &mut set);
+    collect(value, schema, objects, &mut Vec::new(), &mut set);
     set.retain(|p| !ignored_top(p) && !p.is_empty());
     // metadata itself is only a container.
     set
 }
 
-fn collect(value: &Value, schema: Option<&Value>, path: &mut Path, out: &mut FieldSet) {
+fn collect(
+    value: &Value,
+    schema: Option<&Value>,
+    objects: bool,
+    path: &mut Path,
+    out: &mut FieldSet,
+) {
     match value {
         Value::Object(map) if !map.is_empty() => {
+            if objects && !path.is_empty() && path.as_slice() != [Seg::F("metadata".into())] {
+                out.insert(path.clone());
+            }
             for (k, v) in map {
                 path.push(Seg::F(k.clone()));
                 if !ignored_top(path) {
-                    collect(v, child_schema(schema, k), path, out);
+                    collect(v, child_schema(schema, k), objects, path, out);
                 }
                 path.pop();
             }
@@ -105,7 +120,7 @@ fn collect(value: &Value, schema: Option<&Value>, path: &mut Path, out: &mut Fie
                         Some(key) => {
                             path.push(Seg::K(key));
                             out.insert(path.clone());
-                            collect(item, item_schema(schema), path, out);
+                            collect(item, item_schema(schema), objects, path, out);
                             path.pop();
                         }
                         None => {
@@ -249,6 +264,33 @@ pub fn path_string(path: &[Seg]) -> String {
     out
 }
 
+/// Whether `set` holds paths strictly under `path` (then `path` is an object, not a leaf):
+/// the smallest path after it in the set's order extends it, if any does.
+pub fn has_members(set: &FieldSet, path: &Path) -> bool {
+    set.range(path.clone()..)
+        .find(|p| *p != path)
+        .is_some_and(|next| next.starts_with(path))
+}
+
+/// The order the API server lists paths in: at each level, fields before the objects
+/// holding more fields, each by name.
+pub fn server_order(a: &Path, b: &Path) -> std::cmp::Ordering {
+    for i in 0..a.len().min(b.len()) {
+        let (a_leaf, b_leaf) = (i + 1 == a.len(), i + 1 == b.len());
+        if a[i] != b[i] || a_leaf != b_leaf {
+            if a_leaf != b_leaf {
+                return if a_leaf {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                };
+            }
+            return a[i].cmp(&b[i]);
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
 /// Renders a field set as FieldsV1 JSON.
 pub fn to_fields_v1(set: &FieldSet) -> Value {
     let mut root = Map::new();
@@ -263,7 +305,7 @@ pub fn to_fields_v1(set: &FieldSet) -> Value {
                 .entry(name)
                 .or_insert_with(|| Value::Object(Map::new()));
             let map = entry.as_object_mut().expect("field set nodes are objects");
-            if i + 1 == path.len() && matches!(seg, Seg::K(_)) {
+            if i + 1 == path.len() && (matches!(seg, Seg::K(_)) || has_members(set, path)) {
                 map.insert(".".into(), Value::Object(Map::new()));
             }
             node = map;
@@ -307,9 +349,16 @@ pub fn from_fields_v1(value: &Value) -> FieldSet {
 /// The leaf paths whose values differ between `old` and `new` (added or changed), for
 /// recording what an update operation took ownership of.
 pub fn changed_fields(old: &Value, new: &Value, schema: Option<&Value>) -> FieldSet {
-    fields_of(new, schema)
+    owned_by(new, schema, true)
         .into_iter()
-        .filter(|p| value_at(old, p, schema) != value_at(new, p, schema))
+        .filter(|p| {
+            let (before, after) = (value_at(old, p, schema), value_at(new, p, schema));
+            // An object is taken over only by creating it, not by changing what it holds.
+            match after {
+                Some(Value::Object(_)) => before.is_none(),
+                _ => before != after,
+            }
+        })
         .collect()
 }
 

@@ -7,29 +7,13 @@ use super::*;
 const MERGE: &str = "application/merge-patch+json";
 const APPLY: &str = "application/apply-patch+yaml";
 
-/// Sets `pointer` of `object` to `value` (`null` removes it), creating parents.
-fn with(mut object: Value, pointer: &str, value: Value) -> Value {
-    let (parent, field) = pointer.rsplit_once('/').expect("a pointer");
-    let mut node = &mut object;
-    for part in parent.split('/').skip(1) {
-        if node.get(part).is_none() {
-            node[part] = json!({});
-        }
-        node = node.get_mut(part).expect("just made");
-    }
-    if value.is_null() {
-        node.as_object_mut().expect("an object").remove(field);
-    } else {
-        node[field] = value;
-    }
-    object
-}
-
 /// Creates each object (strictly, as kubectl does) and sees the answer and its causes.
 async fn refusals(t: &Target, plural: &str, cases: Vec<(&str, Value)>) -> Seen {
     let mut seen = Seen::default();
     let path = format!("{}?fieldValidation=Strict", t.path(plural, None));
-    for (label, object) in cases {
+    for (i, (label, object)) in cases.into_iter().enumerate() {
+        // Each its own name: one accepted must not make the next a duplicate.
+        let object = with(object, "/metadata/name", json!(format!("{}-{i}", t.ns)));
         let reply = t.call("POST", &path, None, Some(&object)).await;
         seen.see(format!("{label}: answer"), reply.brief(t));
         seen.see(format!("{label}: causes"), reply.causes(t));
@@ -311,6 +295,7 @@ async fn server_side_apply_shares_owns_and_conflicts() {
             .await;
         seen.see("alice creates", first.brief(&t));
         seen.see("alice creates: managers", first.managers());
+        seen.see("alice creates: fields", first.fields_of("alice"));
         let same = t
             .call(
                 "PATCH",
@@ -376,6 +361,16 @@ async fn server_side_apply_shares_owns_and_conflicts() {
             )
             .await;
         seen.see("bob applies over the edit", after_edit.brief(&t));
+        let unknown = with(applied("a", "6m"), "/spec/colour", json!("blue"));
+        // (With several unknown fields the server names one of them at random.)
+        for (mode, body) in [("Strict", &unknown), ("Ignore", &unknown)] {
+            let path = format!("{}&fieldValidation={mode}", apply("bob", true));
+            let reply = t.call("PATCH", &path, Some(APPLY), Some(body)).await;
+            seen.see(
+                format!("an apply with unknown fields ({mode})"),
+                reply.brief(&t),
+            );
+        }
         let no_manager = t
             .call("PATCH", &one, Some(APPLY), Some(&applied("a", "6m")))
             .await;

@@ -110,10 +110,10 @@ async fn kubectl_applies_lists_and_round_trips_what_it_gets() {
         let got = t.kubectl(&["get", "cov", "-o", "yaml"], None).await;
         seen.see("get -o yaml: exit", got.code);
         let got = t.kubectl(&["get", "cov", "-o", "json"], None).await;
-        let ran = t.kubectl(&["apply", "-f", "-"], Some(&got.stdout)).await;
+        let ran = t.kubectl(&["apply", "-f", "-"], Some(&got.raw)).await;
         see_ran(&mut seen, "get | apply", &ran);
         let yaml_out = t.kubectl(&["get", "cov,cm", "-o", "yaml"], None).await;
-        let ran = t.kubectl(&["apply", "-f", "-"], Some(&yaml_out.stdout)).await;
+        let ran = t.kubectl(&["apply", "-f", "-"], Some(&yaml_out.raw)).await;
         see_ran(&mut seen, "get -o yaml | apply", &ran);
         let ran = t.kubectl(&["get", "cov"], None).await;
         seen.see("get: exit", ran.code);

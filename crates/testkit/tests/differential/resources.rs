@@ -43,6 +43,7 @@ async fn every_verb(t: Target, plural: &str, object: Value, field: &str) -> Seen
         )
         .await;
     see_write(&mut seen, &t, "create", &created, 0);
+    seen.see("fields of the creator", created.fields_of("creator"));
     let again = t.call("POST", &all, None, Some(&object)).await;
     seen.see("create again", again.brief(&t));
     let got = t.call("GET", &one, None, None).await;
@@ -56,8 +57,7 @@ async fn every_verb(t: Target, plural: &str, object: Value, field: &str) -> Seen
     );
 
     let pointer = format!("/{}", field.replace('.', "/"));
-    let mut changed = got.body.clone();
-    *changed.pointer_mut(&pointer).expect("the field exists") = json!("put");
+    let changed = with(got.body.clone(), &pointer, json!("put"));
     let put = t
         .call(
             "PUT",
@@ -139,8 +139,7 @@ async fn every_verb(t: Target, plural: &str, object: Value, field: &str) -> Seen
         &strategic,
         json_patch.rv(),
     );
-    let mut applied = object.clone();
-    *applied.pointer_mut(&pointer).expect("the field exists") = json!("applied");
+    let applied = with(object.clone(), &pointer, json!("applied"));
     let apply = t
         .call(
             "PATCH",
@@ -166,7 +165,15 @@ async fn every_verb(t: Target, plural: &str, object: Value, field: &str) -> Seen
 
 #[tokio::test]
 async fn a_custom_resource_through_every_verb() {
-    compare(|t| every_verb(t, "connectionoverrides", cov("a"), "spec.syncInterval")).await;
+    compare(|t| {
+        every_verb(
+            t,
+            "connectionoverrides",
+            cov("a"),
+            "spec.connectionOverrides.connectionProperties.username",
+        )
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -208,6 +215,8 @@ async fn the_status_subresource_keeps_spec_and_status_apart() {
             .await;
         see_write(&mut seen, &t, "apply of status", &applied, main.rv());
         seen.see("conditions", applied.at("/status/conditions/0/type"));
+        seen.see("fields of the status apply", applied.fields_of("reporter"));
+        seen.see("fields of the status update", applied.fields_of("status-writer"));
         let bad = json!({"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}});
         let refused = t.call("PATCH", &format!("{one}/status"), Some(MERGE), Some(&bad)).await;
         seen.see("invalid status", refused.brief(&t));
@@ -325,39 +334,67 @@ async fn label_and_field_selectors_pick_objects() {
     .await;
 }
 
+/// A list's `continue`: `"token"`, `""`, or absent (`null`), and its `remainingItemCount`.
+fn paging(reply: &Reply) -> Value {
+    let token = match reply.at("/metadata/continue") {
+        Value::String(t) if t.is_empty() => json!(""),
+        Value::String(_) => json!("token"),
+        other => other,
+    };
+    json!({"continue": token, "remainingItemCount": reply.at("/metadata/remainingItemCount")})
+}
+
 #[tokio::test]
 async fn lists_come_in_pages() {
     compare(|t| async move {
         let mut seen = Seen::default();
         three(&t).await;
-        let all = t.path("connectionoverrides", None);
-        let first = t.call("GET", &format!("{all}?limit=2"), None, None).await;
-        seen.see("first page", names(&first));
-        let token = first.at("/metadata/continue");
-        seen.see("first page continues", token.is_string());
-        let token = token.as_str().unwrap_or_default().to_string();
-        let second = t
-            .call(
-                "GET",
-                &format!("{all}?limit=2&continue={token}"),
-                None,
-                None,
-            )
-            .await;
-        seen.see("second page", names(&second));
-        seen.see(
-            "second page continues",
-            second.at("/metadata/continue").is_string(),
-        );
+        for (name, _) in [("c1", ""), ("c2", ""), ("c3", "")] {
+            let map = json!({"metadata": {"name": name, "labels": {"team": "a"}}});
+            t.call("POST", &t.path("configmaps", None), None, Some(&map))
+                .await;
+        }
+        for plural in ["connectionoverrides", "configmaps"] {
+            let all = t.path(plural, None);
+            let mut query = format!("{all}?limit=2");
+            for page in 1..=3 {
+                let reply = t.call("GET", &query, None, None).await;
+                seen.see(format!("{plural} page {page}"), names(&reply));
+                seen.see(format!("{plural} page {page} paging"), paging(&reply));
+                match reply.at("/metadata/continue").as_str() {
+                    Some(token) if !token.is_empty() => {
+                        query = format!("{all}?limit=2&continue={token}");
+                    }
+                    _ => break,
+                }
+            }
+            let selected = t
+                .call(
+                    "GET",
+                    &format!("{all}?limit=1&labelSelector=team%3Da"),
+                    None,
+                    None,
+                )
+                .await;
+            seen.see(format!("{plural} selected page paging"), paging(&selected));
+            let whole = t.call("GET", &format!("{all}?limit=3"), None, None).await;
+            seen.see(format!("{plural} a page of all"), paging(&whole));
+            let unpaged = t.call("GET", &all, None, None).await;
+            seen.see(format!("{plural} unpaged"), paging(&unpaged));
+        }
         let bad = t
             .call(
                 "GET",
-                &format!("{all}?limit=2&continue=bm90IGEgdG9rZW4"),
+                &format!(
+                    "{}?limit=2&continue=bm90IGEgdG9rZW4",
+                    t.path("configmaps", None)
+                ),
                 None,
                 None,
             )
             .await;
-        seen.see("a made-up token", bad.code);
+        // (The server's message quotes its JSON decoder's error.)
+        seen.see("a made-up token", json!([bad.code, bad.at("/reason")]));
         seen
     })
     .await;

@@ -82,6 +82,16 @@ impl Reply {
             .unwrap_or(0)
     }
 
+    /// The `fieldsV1` of `manager`'s entry.
+    pub fn fields_of(&self, manager: &str) -> Value {
+        self.body
+            .pointer("/metadata/managedFields")
+            .and_then(Value::as_array)
+            .and_then(|entries| entries.iter().find(|e| e["manager"] == manager))
+            .map(|e| e["fieldsV1"].clone())
+            .unwrap_or(Value::Null)
+    }
+
     /// The managers of `managedFields`, as `manager/operation[/subresource]`, sorted.
     pub fn managers(&self) -> Value {
         let mut managers: Vec<String> = self
@@ -106,11 +116,13 @@ impl Reply {
     }
 }
 
-/// What kubectl did.
+/// What kubectl did: its exit code, and what it printed, normalized (`raw` is stdout as
+/// printed, for piping into another command).
 pub struct Ran {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
+    pub raw: String,
 }
 
 impl Target {
@@ -282,10 +294,12 @@ impl Target {
             .await
             .unwrap_or_else(|_| panic!("kubectl {} hung", args.join(" ")))
             .expect("kubectl ran");
+        let raw = String::from_utf8_lossy(&output.stdout).into_owned();
         Ran {
             code: output.status.code().unwrap_or(-1),
-            stdout: self.norm(&String::from_utf8_lossy(&output.stdout)),
+            stdout: self.norm(&raw),
             stderr: self.norm(&String::from_utf8_lossy(&output.stderr)),
+            raw,
         }
     }
 
@@ -298,8 +312,11 @@ impl Target {
             regex::Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
                 .unwrap()
         });
+        static VERSION: LazyLock<regex::Regex> =
+            LazyLock::new(|| regex::Regex::new(r"Resource Version:( +)\d+").unwrap());
         let text = text.replace(&self.ns, "NS");
         let text = TIME.replace_all(&text, "TIME");
+        let text = VERSION.replace_all(&text, "Resource Version:${1}RV");
         UID.replace_all(&text, "UID").into_owned()
     }
 }

@@ -31,9 +31,6 @@ impl ManagedEntry {
         }
         if self.operation == "Update" {
             label.push_str(&format!(" using {}", self.api_version));
-            if !self.time.is_empty() {
-                label.push_str(&format!(" at {}", self.time));
-            }
         }
         label
     }
@@ -47,16 +44,20 @@ pub(super) fn apply_conflict(conflicts: &[(String, ssa::Path)]) -> ApiError {
             ssa::path_string(path)
         ),
         _ => {
-            let mut by_manager: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            let mut by_manager: BTreeMap<&str, Vec<&ssa::Path>> = BTreeMap::new();
             for (who, path) in conflicts {
-                by_manager
-                    .entry(who)
-                    .or_default()
-                    .push(format!("- {}", ssa::path_string(path)));
+                by_manager.entry(who).or_default().push(path);
             }
             let lines: Vec<String> = by_manager
                 .into_iter()
-                .map(|(who, paths)| format!("conflicts with {who}:\n{}", paths.join("\n")))
+                .map(|(who, mut paths)| {
+                    paths.sort_by(|a, b| ssa::server_order(a, b));
+                    let listed: Vec<String> = paths
+                        .iter()
+                        .map(|p| format!("- {}", ssa::path_string(p)))
+                        .collect();
+                    format!("conflicts with {who}:\n{}", listed.join("\n"))
+                })
                 .collect();
             format!(
                 "Apply failed with {} conflicts: {}",
@@ -196,6 +197,34 @@ impl Managed {
         found
     }
 
+    /// Takes `paths` away from every manager but `manager`'s apply (a forced apply wins them).
+    pub(super) fn release(
+        &mut self,
+        manager: &str,
+        subresource: Option<&str>,
+        paths: &[(String, ssa::Path)],
+    ) {
+        for entry in &mut self.0 {
+            if !entry.is(manager, "Apply", subresource) {
+                entry
+                    .fields
+                    .retain(|p| !paths.iter().any(|(_, taken)| taken == p));
+            }
+        }
+    }
+
+    /// Whether anyone but `manager`'s apply owns a path under `path`.
+    pub(super) fn others_own_under(
+        &self,
+        manager: &str,
+        subresource: Option<&str>,
+        path: &ssa::Path,
+    ) -> bool {
+        self.0
+            .iter()
+            .any(|e| !e.is(manager, "Apply", subresource) && ssa::has_members(&e.fields, path))
+    }
+
     /// Records `fields` as owned by `manager`'s `operation`; with `exclusive`, nobody else owns
     /// them any more (an update, a forced apply), otherwise owners of the same values keep
     /// sharing them.
@@ -245,9 +274,9 @@ impl Managed {
         rt: &ResourceType,
         subresource: Option<&str>,
         fields: ssa::FieldSet,
-        force: bool,
     ) {
-        self.take(manager, "Apply", rt, subresource, fields, force);
+        // Owners of the same values keep sharing them; conflicts were settled before.
+        self.take(manager, "Apply", rt, subresource, fields, false);
     }
 
     pub(super) fn record_update(

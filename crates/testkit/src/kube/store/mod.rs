@@ -80,6 +80,15 @@ impl ResourceType {
         }
     }
 
+    /// `Kind.group` (or `Kind` for the core group), as error messages name a type.
+    pub fn qualified_kind(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.clone()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+
     pub fn key(&self) -> TypeKey {
         (self.group.clone(), self.plural.clone())
     }
@@ -193,9 +202,11 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        if !self.reason.is_empty() {
+            status["reason"] = json!(self.reason);
+        }
         if let Some(details) = &self.details {
             status["details"] = details.clone();
         }
@@ -214,7 +225,12 @@ fn refused(rt: &ResourceType, name: &str, refusal: Refusal) -> ApiError {
                 .iter()
                 .map(|f| format!("unknown field \"{f}\""))
                 .collect();
-            ApiError::bad_request(format!("strict decoding error: {}", listed.join(", ")))
+            ApiError::bad_request(format!(
+                "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+                listed.join(", "),
+                kind = rt.kind,
+                version = rt.version
+            ))
         }
         Refusal::Invalid(errors) => {
             let listed: Vec<String> = errors.iter().map(admission::FieldError::message).collect();
@@ -222,11 +238,7 @@ fn refused(rt: &ResourceType, name: &str, refusal: Refusal) -> ApiError {
                 [one] => one.clone(),
                 many => format!("[{}]", many.join(", ")),
             };
-            let qualified = if rt.group.is_empty() {
-                rt.kind.clone()
-            } else {
-                format!("{}.{}", rt.kind, rt.group)
-            };
+            let qualified = rt.qualified_kind();
             let causes: Vec<Value> = errors
                 .iter()
                 .map(|e| json!({"reason": e.reason, "message": e.detail, "field": e.field}))
@@ -527,6 +539,22 @@ impl Store {
             items.push(Self::present(rt, object));
         }
         (items, next.flatten())
+    }
+
+    /// The number of objects of `rt` (in `ns`) after `position`.
+    pub fn count_after(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        position: &(String, String),
+    ) -> usize {
+        self.objects(rt)
+            .range((
+                std::ops::Bound::Excluded(position.clone()),
+                std::ops::Bound::Unbounded,
+            ))
+            .filter(|(key, _)| !rt.namespaced || ns.is_none_or(|n| n == key.0))
+            .count()
     }
 
     fn check_namespace(&self, rt: &ResourceType, ns: &str) -> ApiResult<()> {

@@ -173,6 +173,31 @@ impl Store {
         )
     }
 
+    /// Refuses an apply configuration with fields the schema does not declare, whatever the
+    /// `fieldValidation`, as the API server does: it cannot make the typed patch.
+    fn check_apply_fields(rt: &ResourceType, name: &str, applied: &Value) -> ApiResult<()> {
+        let Some(schema) = rt.schema.as_ref().filter(|_| rt.custom) else {
+            return Ok(());
+        };
+        // The server names one unknown field (of several, one at random): the first here.
+        let Some(field) = admission::unknown_fields(schema, applied)
+            .into_iter()
+            .next()
+        else {
+            return Ok(());
+        };
+        let body_ns = meta_str(applied, "namespace").unwrap_or_default();
+        Err(ApiError::new(
+            500,
+            "",
+            format!(
+                "failed to create typed patch object ({body_ns}/{name}; {}, Kind={}): .{field}: field not declared in schema",
+                rt.api_version(),
+                rt.kind
+            ),
+        ))
+    }
+
     /// Patches an object; an apply patch creates it when missing.
     #[allow(clippy::too_many_arguments)]
     pub fn patch(
@@ -185,6 +210,9 @@ impl Store {
         subresource: Option<&str>,
         options: &WriteOptions,
     ) -> ApiResult<Value> {
+        if kind == PatchKind::Apply {
+            Self::check_apply_fields(rt, name, &patch)?;
+        }
         let key = (Self::namespace_of(rt, ns), name.to_string());
         let current = self.objects(rt).get(&key).cloned();
         let Some(current) = current else {
@@ -210,7 +238,7 @@ impl Store {
                 // Record the applier as owner of what it applied.
                 let mut stored = self.objects(rt).get(&key).cloned().expect("just created");
                 let mut managed = Managed::load(&stored);
-                managed.record_apply(&manager, rt, None, fields, true);
+                managed.record_apply(&manager, rt, None, fields);
                 managed.store(&mut stored);
                 self.objects_mut(rt).insert(key, stored.clone());
                 return Ok(Self::present(rt, &stored));
@@ -314,27 +342,31 @@ impl Store {
                 }
                 let new_fields = ssa::fields_of(&applied, schema);
                 let mut managed = Managed::load(&current);
-                if !options.force {
-                    let conflicts = managed.conflicts(
-                        &manager,
-                        subresource,
-                        (&new_fields, &applied),
-                        &current,
-                        schema,
-                    );
-                    if !conflicts.is_empty() {
+                let conflicts = managed.conflicts(
+                    &manager,
+                    subresource,
+                    (&new_fields, &applied),
+                    &current,
+                    schema,
+                );
+                if !conflicts.is_empty() {
+                    if !options.force {
                         return Err(apply_conflict(&conflicts));
                     }
+                    managed.release(&manager, subresource, &conflicts);
                 }
                 let old_fields = managed.fields_of(&manager, "Apply", subresource);
                 let mut new = current.clone();
                 for stale in old_fields.difference(&new_fields) {
-                    if !managed.owned_by_other(&manager, subresource, stale) {
+                    // An object goes only when nothing under it is still wanted.
+                    let held = ssa::has_members(&new_fields, stale)
+                        || managed.others_own_under(&manager, subresource, stale);
+                    if !held && !managed.owned_by_other(&manager, subresource, stale) {
                         ssa::remove_at(&mut new, stale, schema);
                     }
                 }
                 ssa::merge(&mut new, &applied, schema);
-                managed.record_apply(&manager, rt, subresource, new_fields, options.force);
+                managed.record_apply(&manager, rt, subresource, new_fields);
                 self.write(
                     rt,
                     key,
@@ -452,13 +484,19 @@ impl Store {
         }
         if meta_str(&current, "deletionTimestamp").is_some() {
             let before = finalizers(&current);
-            if let Some(added) = finalizers(&new).into_iter().find(|f| !before.contains(f)) {
+            let added: Vec<String> = finalizers(&new)
+                .into_iter()
+                .filter(|f| !before.contains(f))
+                .map(|f| format!("{f:?}"))
+                .collect();
+            if !added.is_empty() {
                 return Err(ApiError::invalid(
                     rt,
                     &name,
                     format!(
-                        "{} \"{name}\" is invalid: metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers [\"{added}\"]",
-                        rt.kind
+                        "{} \"{name}\" is invalid: metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+                        rt.qualified_kind(),
+                        added.join(", ")
                     ),
                 ));
             }

@@ -1,0 +1,120 @@
+//! The `x-kubernetes-validations` CEL rules, evaluated by kube's CEL interpreter.
+
+use super::values::{lookup, show};
+use super::{FieldError, Found};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The `x-kubernetes-validations` failures.
+pub(super) fn rule_errors(schema: &Value, old: Option<&Value>, new: &Value) -> Vec<Found> {
+    use kube::core::cel::{CompiledSchema, Validator, compile_schema};
+    use std::cell::RefCell;
+    thread_local! {
+        static VALIDATOR: Validator = Validator::new();
+        static COMPILED: RefCell<Vec<(Value, Arc<CompiledSchema>)>> = const { RefCell::new(Vec::new()) };
+    }
+    let compiled = COMPILED.with_borrow_mut(|cache| {
+        if let Some((_, c)) = cache.iter().find(|(s, _)| s == schema) {
+            return c.clone();
+        }
+        let compiled = Arc::new(compile_schema(&namespace_escaped(schema)));
+        if cache.len() > 64 {
+            cache.clear();
+        }
+        cache.push((schema.clone(), compiled.clone()));
+        compiled
+    });
+    let Err(errors) = VALIDATOR.with(|v| v.validate_compiled(&compiled, new, old)) else {
+        return Vec::new();
+    };
+    errors
+        .into_vec()
+        .into_iter()
+        .map(|e| {
+            let field = e.field_path.clone();
+            // Objects and lists are not printed (the server omits them).
+            let got = match lookup(new, &field) {
+                Some(Value::Object(_) | Value::Array(_)) => None,
+                Some(v) => Some(show(v)),
+                None => Some("null".into()),
+            };
+            let with_value = |kind: &str, message: &str| match (&got, message) {
+                (Some(got), "") => format!("{kind}: {got}"),
+                (Some(got), _) => format!("{kind}: {got}: {message}"),
+                (None, "") => kind.to_string(),
+                (None, _) => format!("{kind}: {message}"),
+            };
+            let (reason, detail) = match e.reason.as_deref() {
+                Some("FieldValueRequired") => (
+                    "FieldValueRequired",
+                    format!("Required value: {}", e.message),
+                ),
+                Some("FieldValueForbidden") => {
+                    ("FieldValueForbidden", format!("Forbidden: {}", e.message))
+                }
+                Some("FieldValueDuplicate") => {
+                    ("FieldValueDuplicate", with_value("Duplicate value", ""))
+                }
+                _ => ("FieldValueInvalid", with_value("Invalid value", &e.message)),
+            };
+            let transition = e.rule.contains("oldSelf");
+            Found {
+                error: FieldError::new(reason, &field, detail),
+                ratchets: !transition,
+            }
+        })
+        .collect()
+}
+
+/// The schema with `.namespace` in its rules written `.__namespace__`. kube-apiserver lets a
+/// rule select a field named `namespace` directly (`self.metadata.namespace`) as well as
+/// escaped; kube's CEL interpreter only knows the escaped name, so the rules are given to it
+/// escaped (outside string literals).
+fn namespace_escaped(schema: &Value) -> Value {
+    fn escape(rule: &str) -> String {
+        let mut out = String::with_capacity(rule.len());
+        let mut quote: Option<char> = None;
+        let mut rest = rule;
+        while let Some(c) = rest.chars().next() {
+            match quote {
+                Some(_) if c == '\\' => {
+                    let escaped: String = rest.chars().take(2).collect();
+                    out.push_str(&escaped);
+                    rest = &rest[escaped.len()..];
+                    continue;
+                }
+                Some(q) if c == q => quote = None,
+                None if c == '"' || c == '\'' => quote = Some(c),
+                None if rest.starts_with(".namespace")
+                    && !rest[".namespace".len()..]
+                        .starts_with(|n: char| n.is_ascii_alphanumeric() || n == '_') =>
+                {
+                    out.push_str(".__namespace__");
+                    rest = &rest[".namespace".len()..];
+                    continue;
+                }
+                _ => {}
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+    match schema {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = match (k.as_str(), v) {
+                        ("rule" | "messageExpression", Value::String(rule)) => {
+                            Value::String(escape(rule))
+                        }
+                        _ => namespace_escaped(v),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(namespace_escaped).collect()),
+        other => other.clone(),
+    }
+}
