@@ -17,8 +17,8 @@ use dpc_testkit::kube::KubeEmulator;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-struct Kubectl {
-    kubeconfig: PathBuf,
+pub(crate) struct Kubectl {
+    pub(crate) kubeconfig: PathBuf,
 }
 
 impl Kubectl {
@@ -34,17 +34,32 @@ impl Kubectl {
         stdout
     }
 
-    async fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let output = tokio::time::timeout(
-            Duration::from_secs(60),
-            Command::new("kubectl")
-                .env("KUBECONFIG", &self.kubeconfig)
-                .args(args)
-                .output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("kubectl {} hung", args.join(" ")))
-        .expect("kubectl is installed (it is on every machine of this kind)");
+    pub(crate) async fn run(&self, args: &[&str]) -> (i32, String, String) {
+        self.run_input(args, "").await
+    }
+
+    /// Runs kubectl with `input` on its standard input: exit code, stdout, stderr.
+    pub(crate) async fn run_input(&self, args: &[&str], input: &str) -> (i32, String, String) {
+        use tokio::io::AsyncWriteExt;
+        let mut child = Command::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("kubectl is installed (it is on every machine of this kind)");
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .expect("kubectl reads its input");
+        drop(stdin);
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl {} hung", args.join(" ")))
+            .expect("kubectl ran");
         (
             output.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&output.stdout).into_owned(),

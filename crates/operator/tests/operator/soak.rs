@@ -11,7 +11,7 @@ async fn nothing_is_lost_under_faults_and_kills() {
     dpc_operator::install_crypto_provider();
     let options = SoakOptions {
         objects: 16,
-        duration: Duration::from_secs(15),
+        duration: Duration::from_secs(20),
         seed: 11,
         kills: 2,
         operator: env!("CARGO_BIN_EXE_dpc-operator").into(),
@@ -22,9 +22,11 @@ async fn nothing_is_lost_under_faults_and_kills() {
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert_eq!(report.kills, 2);
+    // About a fifth of the calls fail by chance, and the calls' count depends on timing: at
+    // least five faults of two kinds were seen (about 14 are expected in 20 s).
     let faults: usize = report.faults_by_kind.values().sum();
     assert!(
-        faults >= 10,
+        faults >= 5 && report.faults_by_kind.len() >= 2,
         "faults were injected: {:?}",
         report.faults_by_kind
     );

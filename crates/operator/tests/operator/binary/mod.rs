@@ -6,6 +6,7 @@
 
 mod flows;
 mod processes;
+mod sandbox;
 
 use crate::common::audit;
 use crate::common::identity::{self, Identity, Scope};
