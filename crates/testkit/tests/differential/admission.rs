@@ -106,6 +106,46 @@ async fn every_invalid_connection_override_is_refused_as_the_server_refuses_it()
             "an unknown account kind",
             with(base.clone(), "/spec/accountRef/kind", json!("Account")),
         ),
+        (
+            "an unknown driftPolicy",
+            with(base.clone(), "/spec/driftPolicy", json!("Ignore")),
+        ),
+        (
+            "an unknown managementPolicy",
+            with(base.clone(), "/spec/managementPolicy", json!("Own")),
+        ),
+        (
+            "a connection name over 255 bytes",
+            with(base.clone(), "/spec/connectionName", json!("c".repeat(256))),
+        ),
+        (
+            "a syncInterval over 32 bytes",
+            with(base.clone(), "/spec/syncInterval", json!("1m".repeat(17))),
+        ),
+        (
+            "a deletionTimeout that is no duration",
+            with(base.clone(), "/spec/deletionTimeout", json!("soon")),
+        ),
+        (
+            "a secrets location without a type",
+            with(
+                base.clone(),
+                "/spec/connectionOverrides/secretsLocation",
+                json!({"region": "eu-west-1"}),
+            ),
+        ),
+        (
+            "a Secret reference without a key",
+            with(
+                base.clone(),
+                "/spec/connectionOverrides/connectionPropertiesFrom",
+                json!([{"property": "password", "secretKeyRef": {"name": "s"}}]),
+            ),
+        ),
+        (
+            "a null where a string is wanted",
+            with(base.clone(), "/spec/authType", Value::Null),
+        ),
     ];
     compare(|t| {
         let cases = cases.clone();
@@ -143,11 +183,43 @@ async fn every_invalid_account_is_refused_as_the_server_refuses_it() {
             "an unknown region",
             with(base.clone(), "/spec/region", json!("eu9")),
         ),
+        (
+            "a burst of zero",
+            with(base.clone(), "/spec/requestBurst", json!(0)),
+        ),
+        (
+            "a rate over int32",
+            with(
+                base.clone(),
+                "/spec/requestsPerMinute",
+                json!(3_000_000_000i64),
+            ),
+        ),
+        (
+            "a rate as a string",
+            with(base.clone(), "/spec/requestsPerMinute", json!("60")),
+        ),
+        (
+            "an apiUrl and no region",
+            with(
+                with(base.clone(), "/spec/region", Value::Null),
+                "/spec/apiUrl",
+                json!("https://dpc.example.com"),
+            ),
+        ),
     ];
     let cluster_cases = vec![
         (
             "a cluster account without a credentials namespace",
             cluster.clone(),
+        ),
+        (
+            "a namespace selector without an operator",
+            with(
+                cluster.clone(),
+                "/spec/allowedNamespaces/selector",
+                json!({"matchExpressions": [{"key": "team"}]}),
+            ),
         ),
         (
             "a cluster account with one",
@@ -201,6 +273,21 @@ async fn identity_fields_are_immutable() {
             seen.see(format!("{patch}: answer"), reply.brief(&t));
             seen.see(format!("{patch}: causes"), reply.causes(&t));
         }
+        // The same rules through an update and an apply.
+        let current = t.call("GET", &one, None, None).await.body;
+        let moved = with(current, "/spec/environmentName", json!("QA"));
+        let put = t.call("PUT", &one, None, Some(&moved)).await;
+        seen.see("update of an identity field", put.brief(&t));
+        let applied = with(cov("a"), "/spec/driftPolicy", json!("Sometimes"));
+        let path = format!("{one}?fieldManager=applier&force=true");
+        let apply = t.call("PATCH", &path, Some(APPLY), Some(&applied)).await;
+        seen.see("apply of an unknown driftPolicy", apply.brief(&t));
+        seen.see("apply of an unknown driftPolicy: causes", apply.causes(&t));
+        let status = json!({"apiVersion": "dpc-operator.io/v1alpha1", "kind": "ConnectionOverride",
+            "metadata": {"name": "a"}, "status": {"observedGeneration": "first"}});
+        let path = format!("{one}/status?fieldManager=reporter&force=true");
+        let bad_status = t.call("PATCH", &path, Some(APPLY), Some(&status)).await;
+        seen.see("apply of a bad status", bad_status.brief(&t));
         seen
     })
     .await;

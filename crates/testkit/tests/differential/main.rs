@@ -26,8 +26,8 @@ pub const KNOWN_DIFFERENCES: &[&str] = &[
     "the watch history is the last N changes (EmulatorConfig::history_limit) since the type was first served, not etcd's compaction window",
     "no Warning headers other than for unknown fields dropped by admission",
     "the OpenAPI documents carry only the served kinds, with minimal schemas for built-in kinds",
-    "CEL rules run in kube's CEL interpreter: no cost budget, and a rule selecting a field named `namespace` is given to it escaped",
-    "messages that quote Go internals differ in wording (a malformed continue token, an undecodable body), and of several unknown fields in an apply the server names one at random where the emulator names the first",
+    "CEL rules run in kube's CEL interpreter: no cost budget, a rule selecting a field named `namespace` is given to it escaped, and a rule that fails to run (a string that is no duration) reports the interpreter's error text",
+    "messages that quote Go internals differ in wording (a malformed continue token, an undecodable body), of several untypable fields in an apply the server names one at random where the emulator names the first, and a wrongly typed string or boolean in an apply is worded differently (the numeric case matches)",
 ];
 
 #[test]

@@ -314,7 +314,16 @@ impl Target {
         });
         static VERSION: LazyLock<regex::Regex> =
             LazyLock::new(|| regex::Regex::new(r"Resource Version:( +)\d+").unwrap());
+        // A CEL rule that failed to run: the error is the interpreter's own wording (a known
+        // difference); the value, the rule's message and the rest are compared.
+        static RULE_ERROR: LazyLock<regex::Regex> = LazyLock::new(|| {
+            regex::Regex::new(
+                r#"(Invalid value: "(?:string|integer|number|boolean|object|array)": ).*? evaluating rule: "#,
+            )
+            .unwrap()
+        });
         let text = text.replace(&self.ns, "NS");
+        let text = RULE_ERROR.replace_all(&text, "${1}<error> evaluating rule: ");
         let text = TIME.replace_all(&text, "TIME");
         let text = VERSION.replace_all(&text, "Resource Version:${1}RV");
         UID.replace_all(&text, "UID").into_owned()

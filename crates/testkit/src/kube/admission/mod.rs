@@ -26,7 +26,7 @@ mod values;
 
 use rules::rule_errors;
 pub use schema::json_schema;
-use schema::{list_errors, schema_errors};
+use schema::{schema_errors, structural_errors};
 use values::changed;
 
 /// `fieldValidation` of a write.
@@ -105,8 +105,9 @@ pub fn admit(
             errors.retain(|e| !e.ratchets || changed(old, new, &e.error.field));
         }
     };
-    let mut errors = schema_errors(schema, new);
-    list_errors(schema, new, "", &mut errors);
+    let (mut errors, duplicates) = structural_errors(schema, new);
+    errors.extend(schema_errors(schema, new));
+    errors.extend(duplicates);
     ratchet(&mut errors);
     // As kube-apiserver: these errors leave the object too broken for the CEL rules to run.
     let blocking = [
@@ -145,11 +146,16 @@ pub fn admit(
     }
 }
 
-/// The fields of `value` its schema does not declare (as pruning would drop them).
-pub fn unknown_fields(schema: &Value, value: &Value) -> Vec<String> {
+/// Why an apply configuration cannot be made a typed patch, as server-side apply words it
+/// (`.spec.x: field not declared in schema`, `.spec.n: expected numeric …`): the server names
+/// one such field (of several, one at random); this names the first.
+pub fn untypable(schema: &Value, value: &Value) -> Option<String> {
     let mut unknown = Vec::new();
     prune(schema, &mut value.clone(), "", true, &mut unknown);
     unknown
+        .first()
+        .map(|field| format!(".{field}: field not declared in schema"))
+        .or_else(|| schema::apply_type_errors(schema, value).into_iter().next())
 }
 
 /// A field error and whether an unchanged field is forgiven on update.

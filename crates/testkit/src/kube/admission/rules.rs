@@ -1,7 +1,8 @@
 //! The `x-kubernetes-validations` CEL rules, evaluated by kube's CEL interpreter.
 
-use super::values::{lookup, show};
+use super::values::{lookup, show, type_name};
 use super::{FieldError, Found};
+use kube::core::cel::ErrorKind;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -44,6 +45,23 @@ pub(super) fn rule_errors(schema: &Value, old: Option<&Value>, new: &Value) -> V
                 (None, "") => kind.to_string(),
                 (None, _) => format!("{kind}: {message}"),
             };
+            if matches!(
+                e.kind,
+                ErrorKind::EvaluationError | ErrorKind::UnsupportedReference
+            ) {
+                // As the server words a rule that failed to run: the schema type as the value,
+                // then the interpreter's error and the rule's message.
+                let cause = e.message.trim_start_matches("rule evaluation error: ");
+                let kind = lookup(new, &field).map_or("object", type_name);
+                let detail = format!(
+                    "Invalid value: \"{kind}\": {cause} evaluating rule: {}",
+                    rule_message(schema, &e.rule)
+                );
+                return Found {
+                    error: FieldError::new("FieldValueInvalid", &field, detail),
+                    ratchets: false,
+                };
+            }
             let (reason, detail) = match e.reason.as_deref() {
                 Some("FieldValueRequired") => (
                     "FieldValueRequired",
@@ -64,6 +82,30 @@ pub(super) fn rule_errors(schema: &Value, old: Option<&Value>, new: &Value) -> V
             }
         })
         .collect()
+}
+
+/// The message of the rule whose expression is `rule` (or the server's default for a rule
+/// without one).
+fn rule_message(schema: &Value, rule: &str) -> String {
+    fn find(schema: &Value, rule: &str) -> Option<String> {
+        match schema {
+            Value::Object(map) => {
+                let own = map
+                    .get("x-kubernetes-validations")
+                    .and_then(Value::as_array)
+                    .and_then(|rules| rules.iter().find(|r| r["rule"] == rule))
+                    .map(|r| {
+                        r.get("message")
+                            .and_then(Value::as_str)
+                            .map_or_else(|| format!("failed rule: {rule}"), String::from)
+                    });
+                own.or_else(|| map.values().find_map(|v| find(v, rule)))
+            }
+            Value::Array(items) => items.iter().find_map(|v| find(v, rule)),
+            _ => None,
+        }
+    }
+    find(schema, rule).unwrap_or_else(|| format!("failed rule: {rule}"))
 }
 
 /// The schema with `.namespace` in its rules written `.__namespace__`. kube-apiserver lets a

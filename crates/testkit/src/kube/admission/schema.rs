@@ -260,59 +260,145 @@ pub(super) fn schema_errors(schema: &Value, object: &Value) -> Vec<Found> {
     found
 }
 
-/// Duplicates in lists the schema says are sets (`x-kubernetes-list-type: set`) or maps by
-/// keys (`map` with `x-kubernetes-list-map-keys`): each later duplicate, by its keys.
-pub(super) fn list_errors(schema: &Value, value: &Value, path: &str, found: &mut Vec<Found>) {
+/// Calls `f` with every value of `value` that `schema` describes, its schema and its path.
+fn visit(schema: &Value, value: &Value, path: &str, f: &mut dyn FnMut(&Value, &Value, &str)) {
+    f(schema, value, path);
     match value {
         Value::Object(map) => {
             let properties = schema.get("properties").and_then(Value::as_object);
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             for (key, child) in map {
                 if let Some(s) = properties.and_then(|p| p.get(key)).or(additional) {
-                    list_errors(s, child, &join(path, key), found);
+                    visit(s, child, &join(path, key), f);
                 }
             }
         }
         Value::Array(items) => {
-            let item_schema = schema.get("items").filter(|i| i.is_object());
-            let keys: Vec<&str> = schema
-                .get("x-kubernetes-list-map-keys")
-                .and_then(Value::as_array)
-                .map(|k| k.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            let identity = |item: &Value| -> Option<Value> {
-                match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
-                    Some("set") => Some(item.clone()),
-                    Some("map") => Some(Value::Object(
-                        keys.iter()
-                            .filter_map(|k| item.get(*k).map(|v| (k.to_string(), v.clone())))
-                            .collect(),
-                    )),
-                    _ => None,
-                }
-            };
-            let mut seen: Vec<Value> = Vec::new();
-            for (i, item) in items.iter().enumerate() {
-                let here = format!("{path}[{i}]");
-                if let Some(id) = identity(item) {
-                    if seen.contains(&id) {
-                        found.push(Found {
-                            error: FieldError::new(
-                                "FieldValueDuplicate",
-                                &here,
-                                format!("Duplicate value: {}", show(&id)),
-                            ),
-                            ratchets: true,
-                        });
-                    } else {
-                        seen.push(id);
-                    }
-                }
-                if let Some(s) = item_schema {
-                    list_errors(s, item, &here, found);
+            if let Some(s) = schema.get("items").filter(|i| i.is_object()) {
+                for (i, item) in items.iter().enumerate() {
+                    visit(s, item, &format!("{path}[{i}]"), f);
                 }
             }
         }
         _ => {}
+    }
+}
+
+/// What the server checks besides the JSON schema: integers within their `int32`/`int64`
+/// format (reported first, without a field, as the server does), and duplicates in lists
+/// that are sets (`x-kubernetes-list-type: set`) or maps by keys (`map`), each later
+/// duplicate by its keys.
+pub(super) fn structural_errors(schema: &Value, value: &Value) -> (Vec<Found>, Vec<Found>) {
+    let (mut formats, mut duplicates) = (Vec::new(), Vec::new());
+    visit(schema, value, "", &mut |schema, value, path| {
+        if let Some(error) = format_error(schema, value, path) {
+            formats.push(error);
+        }
+        if let Value::Array(items) = value {
+            duplicates.extend(list_duplicates(schema, items, path));
+        }
+    });
+    (formats, duplicates)
+}
+
+fn format_error(schema: &Value, value: &Value, path: &str) -> Option<Found> {
+    let Value::Number(n) = value else {
+        return None;
+    };
+    let format = schema.get("format").and_then(Value::as_str)?;
+    // A fraction is a type error of its own; only whole numbers are checked here.
+    let whole = n
+        .as_i64()
+        .map(i128::from)
+        .or_else(|| n.as_u64().map(i128::from))
+        .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i128))?;
+    let fits = match format {
+        "int32" => i32::try_from(whole).is_ok(),
+        "int64" => i64::try_from(whole).is_ok(),
+        _ => return None,
+    };
+    (!fits).then(|| Found {
+        error: FieldError::new(
+            "FieldValueInvalid",
+            "",
+            format!("Invalid value: \"\": Checked value must be of type integer with format {format} in {path}"),
+        ),
+        ratchets: false,
+    })
+}
+
+fn list_duplicates(schema: &Value, items: &[Value], path: &str) -> Vec<Found> {
+    let keys: Vec<&str> = schema
+        .get("x-kubernetes-list-map-keys")
+        .and_then(Value::as_array)
+        .map(|k| k.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let identity = |item: &Value| -> Option<Value> {
+        match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+            Some("set") => Some(item.clone()),
+            Some("map") => Some(Value::Object(
+                keys.iter()
+                    .filter_map(|k| item.get(*k).map(|v| (k.to_string(), v.clone())))
+                    .collect(),
+            )),
+            _ => None,
+        }
+    };
+    let mut seen: Vec<Value> = Vec::new();
+    let mut found = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(id) = identity(item) else {
+            continue;
+        };
+        if seen.contains(&id) {
+            found.push(Found {
+                error: FieldError::new(
+                    "FieldValueDuplicate",
+                    &format!("{path}[{i}]"),
+                    format!("Duplicate value: {}", show(&id)),
+                ),
+                ratchets: true,
+            });
+        } else {
+            seen.push(id);
+        }
+    }
+    found
+}
+
+/// What makes an apply configuration untypable, as server-side apply words it: a value of
+/// another type than its schema's (`.status.n: expected numeric (int or float), got string`).
+pub(super) fn apply_type_errors(schema: &Value, value: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    visit(schema, value, "", &mut |schema, value, path| {
+        if value.is_null() || flag(schema, "x-kubernetes-int-or-string") {
+            return;
+        }
+        let expected = match schema.get("type").and_then(Value::as_str) {
+            Some("integer" | "number") if !value.is_number() => "numeric (int or float)",
+            Some("string") if !value.is_string() => "string",
+            Some("boolean") if !value.is_boolean() => "boolean",
+            Some("object") if !value.is_object() => "map",
+            Some("array") if !value.is_array() => "list",
+            _ => return,
+        };
+        found.push(format!(
+            ".{path}: expected {expected}, got {}",
+            go_type(value)
+        ));
+    });
+    found
+}
+
+/// The Go type an unstructured value decodes to, as `%T` prints it.
+fn go_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "<nil>",
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_f64() => "float64",
+        Value::Number(_) => "int64",
+        Value::String(_) => "string",
+        Value::Array(_) => "[]interface {}",
+        Value::Object(_) => "map[string]interface {}",
     }
 }

@@ -173,17 +173,14 @@ impl Store {
         )
     }
 
-    /// Refuses an apply configuration with fields the schema does not declare, whatever the
-    /// `fieldValidation`, as the API server does: it cannot make the typed patch.
-    fn check_apply_fields(rt: &ResourceType, name: &str, applied: &Value) -> ApiResult<()> {
+    /// Refuses an apply configuration with fields the schema does not declare or values of
+    /// another type, whatever the `fieldValidation`, as the API server does: it cannot make
+    /// the typed patch.
+    fn check_apply_config(rt: &ResourceType, name: &str, applied: &Value) -> ApiResult<()> {
         let Some(schema) = rt.schema.as_ref().filter(|_| rt.custom) else {
             return Ok(());
         };
-        // The server names one unknown field (of several, one at random): the first here.
-        let Some(field) = admission::unknown_fields(schema, applied)
-            .into_iter()
-            .next()
-        else {
+        let Some(why) = admission::untypable(schema, applied) else {
             return Ok(());
         };
         let body_ns = meta_str(applied, "namespace").unwrap_or_default();
@@ -191,7 +188,7 @@ impl Store {
             500,
             "",
             format!(
-                "failed to create typed patch object ({body_ns}/{name}; {}, Kind={}): .{field}: field not declared in schema",
+                "failed to create typed patch object ({body_ns}/{name}; {}, Kind={}): {why}",
                 rt.api_version(),
                 rt.kind
             ),
@@ -211,7 +208,7 @@ impl Store {
         options: &WriteOptions,
     ) -> ApiResult<Value> {
         if kind == PatchKind::Apply {
-            Self::check_apply_fields(rt, name, &patch)?;
+            Self::check_apply_config(rt, name, &patch)?;
         }
         let key = (Self::namespace_of(rt, ns), name.to_string());
         let current = self.objects(rt).get(&key).cloned();
