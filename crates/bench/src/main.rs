@@ -69,7 +69,8 @@ struct Args {
     requests_per_minute: u32,
     #[arg(long, default_value_t = 50)]
     burst: u32,
-    /// spec.syncInterval of the objects; the quiet phase is three of them.
+    /// The objects' drift-check interval (given to the operator as its default: the CRD
+    /// refuses less than 30 s in an object); the quiet phase is three of them.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     sync_interval: Duration,
     /// Secrets rotated at once.

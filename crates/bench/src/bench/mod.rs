@@ -43,7 +43,8 @@ pub struct BenchOptions {
     /// The account's `requestsPerMinute` (and the simulator's limit, with the burst).
     pub requests_per_minute: u32,
     pub burst: u32,
-    /// `spec.syncInterval` of every object; the quiet phase lasts three of them.
+    /// The drift-check interval of every object (the operator's `--default-sync-interval`:
+    /// objects may not ask for less than 30 s); the quiet phase lasts three of them.
     pub sync_interval: Duration,
     /// How many Secrets are rotated at once.
     pub rotations: usize,

@@ -86,14 +86,39 @@ pub enum Refusal {
     Invalid(Vec<FieldError>),
 }
 
-/// Admits `new` (pruned and defaulted in place) against `schema`; `old` is the stored object
-/// on updates. Returns the warnings to send back (unknown fields dropped).
+/// A CRD version's schema, ready for admission: its JSON-schema validator and CEL rules are
+/// compiled once, when the CRD is stored.
+pub struct Compiled {
+    schema: Value,
+    validator: jsonschema::Validator,
+    rules: rules::Rules,
+}
+
+impl Compiled {
+    pub fn new(schema: &Value) -> Self {
+        Self {
+            schema: schema.clone(),
+            validator: schema::validator(schema),
+            rules: rules::Rules::new(schema),
+        }
+    }
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Compiled(..)")
+    }
+}
+
+/// Admits `new` (pruned and defaulted in place) against its CRD's schema; `old` is the stored
+/// object on updates. Returns the warnings to send back (unknown fields dropped).
 pub fn admit(
-    schema: &Value,
+    compiled: &Compiled,
     old: Option<&Value>,
     new: &mut Value,
     validation: FieldValidation,
 ) -> Result<Vec<String>, Refusal> {
+    let schema = &compiled.schema;
     let mut unknown = Vec::new();
     prune(schema, new, "", true, &mut unknown);
     if validation == FieldValidation::Strict && !unknown.is_empty() {
@@ -106,7 +131,7 @@ pub fn admit(
         }
     };
     let (mut errors, duplicates) = structural_errors(schema, new);
-    errors.extend(schema_errors(schema, new));
+    errors.extend(schema_errors(&compiled.validator, new));
     errors.extend(duplicates);
     ratchet(&mut errors);
     // As kube-apiserver: these errors leave the object too broken for the CEL rules to run.
@@ -127,7 +152,7 @@ pub fn admit(
             ratchets: false,
         });
     } else {
-        let mut rules = rule_errors(schema, old, new);
+        let mut rules = rule_errors(&compiled.rules, schema, old, new);
         ratchet(&mut rules);
         errors.extend(rules);
     }
@@ -149,7 +174,8 @@ pub fn admit(
 /// Why an apply configuration cannot be made a typed patch, as server-side apply words it
 /// (`.spec.x: field not declared in schema`, `.spec.n: expected numeric …`): the server names
 /// one such field (of several, one at random); this names the first.
-pub fn untypable(schema: &Value, value: &Value) -> Option<String> {
+pub fn untypable(compiled: &Compiled, value: &Value) -> Option<String> {
+    let schema = &compiled.schema;
     let mut unknown = Vec::new();
     prune(schema, &mut value.clone(), "", true, &mut unknown);
     unknown

@@ -1,35 +1,67 @@
 //! The `x-kubernetes-validations` CEL rules, evaluated by kube's CEL interpreter.
 
 use super::values::{lookup, show, type_name};
-use super::{FieldError, Found};
-use kube::core::cel::ErrorKind;
+use super::{FieldError, Found, join};
+use kube::core::cel::{CompiledSchema, ErrorKind, Validator, compile_schema};
 use serde_json::Value;
-use std::sync::Arc;
 
-/// The `x-kubernetes-validations` failures.
-pub(super) fn rule_errors(schema: &Value, old: Option<&Value>, new: &Value) -> Vec<Found> {
-    use kube::core::cel::{CompiledSchema, Validator, compile_schema};
-    use std::cell::RefCell;
+/// A CRD version's rules, compiled once: by top-level field (`spec`, `status`) so a write
+/// that leaves one alone does not run its rules (an unchanged field would be ratcheted
+/// anyway), or whole when the root has rules of its own.
+pub(super) struct Rules(Vec<(Option<String>, CompiledSchema)>);
+
+impl Rules {
+    pub(super) fn new(schema: &Value) -> Self {
+        let has_rules = |s: &Value| s.to_string().contains("\"x-kubernetes-validations\"");
+        if schema.get("x-kubernetes-validations").is_some() {
+            return Self(vec![(None, compile_schema(&namespace_escaped(schema)))]);
+        }
+        let parts = schema
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(_, s)| has_rules(s))
+            .map(|(name, s)| (Some(name.clone()), compile_schema(&namespace_escaped(s))))
+            .collect();
+        Self(parts)
+    }
+}
+
+/// The `x-kubernetes-validations` failures of `new` (with `old` for transition rules).
+pub(super) fn rule_errors(
+    rules: &Rules,
+    schema: &Value,
+    old: Option<&Value>,
+    new: &Value,
+) -> Vec<Found> {
     thread_local! {
         static VALIDATOR: Validator = Validator::new();
-        static COMPILED: RefCell<Vec<(Value, Arc<CompiledSchema>)>> = const { RefCell::new(Vec::new()) };
     }
-    let compiled = COMPILED.with_borrow_mut(|cache| {
-        if let Some((_, c)) = cache.iter().find(|(s, _)| s == schema) {
-            return c.clone();
+    let mut errors = Vec::new();
+    for (part, compiled) in &rules.0 {
+        let (value, before) = match part {
+            None => (Some(new), old),
+            Some(p) => (new.get(p), old.and_then(|o| o.get(p))),
+        };
+        let Some(value) = value else { continue };
+        if old.is_some() && before == Some(value) {
+            continue;
         }
-        let compiled = Arc::new(compile_schema(&namespace_escaped(schema)));
-        if cache.len() > 64 {
-            cache.clear();
+        if let Err(failed) = VALIDATOR.with(|v| v.validate_compiled(compiled, value, before)) {
+            errors.extend(failed.into_vec().into_iter().map(|mut e| {
+                if let Some(p) = part {
+                    e.field_path = match e.field_path.as_str() {
+                        "" => p.clone(),
+                        f if f.starts_with('[') => format!("{p}{f}"),
+                        f => join(p, f),
+                    };
+                }
+                e
+            }));
         }
-        cache.push((schema.clone(), compiled.clone()));
-        compiled
-    });
-    let Err(errors) = VALIDATOR.with(|v| v.validate_compiled(&compiled, new, old)) else {
-        return Vec::new();
-    };
+    }
     errors
-        .into_vec()
         .into_iter()
         .map(|e| {
             let field = e.field_path.clone();

@@ -4,7 +4,6 @@
 use super::values::{count, field_path, go_number, show, show_allowed, type_name};
 use super::{FieldError, Found, flag, join};
 use serde_json::{Map, Value, json};
-use std::sync::{Arc, Mutex, OnceLock};
 
 /// A CRD schema as a JSON Schema (draft 2020-12): `nullable` becomes a `null` type,
 /// `x-kubernetes-int-or-string` an `anyOf`, OpenAPI's boolean exclusive bounds numeric ones;
@@ -81,32 +80,17 @@ fn without_metadata(schema: &Value) -> Value {
     schema
 }
 
-/// JSON-schema validators of the schemas seen so far (compiling one per write would make the
-/// emulator slow under the benchmark's thousands of status writes).
-fn validator(schema: &Value) -> Arc<jsonschema::Validator> {
-    type Cache = Mutex<Vec<(Value, Arc<jsonschema::Validator>)>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let mut cache = cache.lock().expect("validator cache lock");
-    if let Some((_, v)) = cache.iter().find(|(s, _)| s == schema) {
-        return v.clone();
-    }
-    let compiled = jsonschema::options()
+/// The JSON-schema validator of a CRD version's schema.
+pub(super) fn validator(schema: &Value) -> jsonschema::Validator {
+    jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
         .should_validate_formats(true)
         .build(&json_schema(&without_metadata(schema)))
-        .unwrap_or_else(|e| panic!("a CRD schema the validator cannot compile: {e}"));
-    let compiled = Arc::new(compiled);
-    if cache.len() > 64 {
-        cache.clear();
-    }
-    cache.push((schema.clone(), compiled.clone()));
-    compiled
+        .unwrap_or_else(|e| panic!("a CRD schema the validator cannot compile: {e}"))
 }
 
-pub(super) fn schema_errors(schema: &Value, object: &Value) -> Vec<Found> {
+pub(super) fn schema_errors(validator: &jsonschema::Validator, object: &Value) -> Vec<Found> {
     use jsonschema::error::ValidationErrorKind as K;
-    let validator = validator(schema);
     let mut found = Vec::new();
     for e in validator.iter_errors(object) {
         let field = field_path(object, &e.instance_path().to_string());

@@ -58,6 +58,9 @@ impl Store {
                     .cloned()
                     .unwrap_or_default(),
                 schema: version.pointer("/schema/openAPIV3Schema").cloned(),
+                admission: version
+                    .pointer("/schema/openAPIV3Schema")
+                    .map(|s| Arc::new(admission::Compiled::new(s))),
                 custom: true,
             });
         }

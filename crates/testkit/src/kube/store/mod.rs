@@ -41,6 +41,8 @@ pub struct ResourceType {
     pub printer_columns: Vec<Value>,
     /// The `openAPIV3Schema` of a CRD version.
     pub schema: Option<Value>,
+    /// The same, compiled for admission.
+    pub admission: Option<Arc<admission::Compiled>>,
     /// Defined by a CustomResourceDefinition.
     pub custom: bool,
 }
@@ -67,6 +69,7 @@ impl ResourceType {
             status_subresource: status,
             printer_columns: Vec::new(),
             schema: None,
+            admission: None,
             custom: false,
         }
     }

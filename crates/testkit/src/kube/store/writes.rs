@@ -177,10 +177,10 @@ impl Store {
     /// another type, whatever the `fieldValidation`, as the API server does: it cannot make
     /// the typed patch.
     fn check_apply_config(rt: &ResourceType, name: &str, applied: &Value) -> ApiResult<()> {
-        let Some(schema) = rt.schema.as_ref().filter(|_| rt.custom) else {
+        let Some(compiled) = rt.admission.as_deref() else {
             return Ok(());
         };
-        let Some(why) = admission::untypable(schema, applied) else {
+        let Some(why) = admission::untypable(compiled, applied) else {
             return Ok(());
         };
         let body_ns = meta_str(applied, "namespace").unwrap_or_default();
@@ -389,10 +389,10 @@ impl Store {
         new: &mut Value,
         options: &WriteOptions,
     ) -> ApiResult<()> {
-        let Some(schema) = rt.schema.as_ref().filter(|_| rt.custom) else {
+        let Some(compiled) = rt.admission.as_deref() else {
             return Ok(());
         };
-        match admission::admit(schema, old, new, options.field_validation) {
+        match admission::admit(compiled, old, new, options.field_validation) {
             Ok(warnings) => {
                 self.warnings.extend(warnings);
                 Ok(())
