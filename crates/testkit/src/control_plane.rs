@@ -531,3 +531,47 @@ fn spawn_with_parent_death_signal(command: &mut Command) -> std::io::Result<Chil
 fn spawn_with_parent_death_signal(command: &mut Command) -> std::io::Result<Child> {
     command.spawn()
 }
+
+/// Installs (or upgrades to) the operator's CRDs on the API server `server` through `client`,
+/// once per server and test process (every test binary applies the same CRDs with the same
+/// field manager), and waits until they are established.
+pub async fn install_crds(client: &kube::Client, server: &str) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, LazyLock, Mutex};
+    const ESTABLISHED_WITHIN: Duration = Duration::from_secs(30);
+    type Once = Arc<tokio::sync::OnceCell<()>>;
+    static DONE: LazyLock<Mutex<BTreeMap<String, Once>>> = LazyLock::new(Default::default);
+    let once = DONE
+        .lock()
+        .expect("the CRD install lock")
+        .entry(server.to_string())
+        .or_default()
+        .clone();
+    once.get_or_init(|| async {
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in dpc_operator_api::crds() {
+            let name = crd.metadata.name.clone().expect("a CRD has a name");
+            api.patch(
+                &name,
+                &PatchParams::apply("dpc-operator-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("installing the CRD {name}: {e}"));
+            let established = kube::runtime::wait::await_condition(
+                api.clone(),
+                &name,
+                kube::runtime::conditions::is_crd_established(),
+            );
+            tokio::time::timeout(ESTABLISHED_WITHIN, established)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the CRD {name} was not established within {ESTABLISHED_WITHIN:?}")
+                })
+                .expect("the CRD is read");
+        }
+    })
+    .await;
+}

@@ -4,9 +4,6 @@
 use dpc_testkit::control_plane;
 use dpc_testkit::kube::KubeEmulator;
 use http_body_util::BodyExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::Api;
-use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -138,7 +135,7 @@ impl Target {
         let cluster = control_plane::shared().await;
         let kubeconfig = cluster.kubeconfig_with_token("admin", &cluster.admin_token, "default");
         let client = control_plane::client_from(&kubeconfig).await;
-        install_crds(&client).await;
+        control_plane::install_crds(&client, &cluster.server).await;
         Self::with_namespace(client, kubeconfig, None).await
     }
 
@@ -333,33 +330,4 @@ impl Target {
 /// A name no other case or run uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
-}
-
-/// Installs our CRDs on the real server once per process (the operator's tests apply the same
-/// ones with the same field manager) and waits until they are served.
-async fn install_crds(client: &kube::Client) {
-    static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    ONCE.get_or_init(|| async {
-        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in dpc_operator_api::crds() {
-            let name = crd.metadata.name.clone().expect("a CRD has a name");
-            api.patch(
-                &name,
-                &PatchParams::apply("dpc-operator-tests").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("installing the CRD {name}: {e}"));
-            let established = kube::runtime::wait::await_condition(
-                api.clone(),
-                &name,
-                kube::runtime::conditions::is_crd_established(),
-            );
-            tokio::time::timeout(WAIT, established)
-                .await
-                .unwrap_or_else(|_| panic!("the CRD {name} was not established"))
-                .expect("the CRD is read");
-        }
-    })
-    .await;
 }

@@ -20,7 +20,6 @@ pub use calls::*;
 pub use cov::Cov;
 pub use json_log::assert_clean_json_log;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -32,7 +31,6 @@ use dpc_testkit::control_plane::Endpoint;
 use dpc_testkit::dpc::DpcSim;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -117,40 +115,7 @@ enum ScopeGuard {
     Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
 }
 
-/// Installs (or upgrades to) the CRDs on an API server, once per server and test process, and
-/// waits until they are established.
-pub async fn install_crds(client: &Client, server: &str) {
-    static DONE: std::sync::LazyLock<Mutex<BTreeMap<String, Arc<tokio::sync::OnceCell<()>>>>> =
-        std::sync::LazyLock::new(Default::default);
-    let once = DONE
-        .lock()
-        .unwrap()
-        .entry(server.to_string())
-        .or_default()
-        .clone();
-    once.get_or_init(|| async {
-        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in dpc_operator::api::crds() {
-            let name = crd.metadata.name.clone().unwrap();
-            api.patch(
-                &name,
-                &PatchParams::apply("dpc-operator-tests").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("installing the CRD {name}: {e}"));
-            tokio::time::timeout(
-                WAIT,
-                await_condition(api.clone(), &name, kube::runtime::conditions::is_crd_established()),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("the CRD {name} was not established within {WAIT:?}"))
-            .unwrap();
-        }
-    })
-    .await;
-}
+pub use dpc_testkit::control_plane::install_crds;
 
 /// A namespace name of this test's own: the test's name, made a DNS label, and a random tail.
 pub fn unique_name(prefix: &str) -> String {
