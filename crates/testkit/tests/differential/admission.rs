@@ -4,7 +4,6 @@
 use super::target::Target;
 use super::*;
 
-const MERGE: &str = "application/merge-patch+json";
 const APPLY: &str = "application/apply-patch+yaml";
 
 /// Creates each object (strictly, as kubectl does) and sees the answer and its causes.
@@ -21,132 +20,125 @@ async fn refusals(t: &Target, plural: &str, cases: Vec<(&str, Value)>) -> Seen {
     seen
 }
 
+/// Each `(label, pointer, value)` row as `base` with `pointer` set to `value` (`null` removes it).
+fn variants(base: &Value, rows: Vec<(&'static str, &str, Value)>) -> Vec<(&'static str, Value)> {
+    rows.into_iter()
+        .map(|(label, pointer, value)| (label, with(base.clone(), pointer, value)))
+        .collect()
+}
+
 #[tokio::test]
 async fn every_invalid_connection_override_is_refused_as_the_server_refuses_it() {
-    let base = cov("bad");
+    let from = "/spec/connectionOverrides/connectionPropertiesFrom";
+    let secret = |property: &str, key: &str| json!({"property": property, "secretKeyRef": {"name": "s", "key": key}});
     let from_both = json!([{"property": "password",
         "secretKeyRef": {"name": "s", "key": "k"}, "configMapKeyRef": {"name": "c", "key": "k"}}]);
-    let twice = json!([{"property": "password", "secretKeyRef": {"name": "s", "key": "k"}},
-        {"property": "password", "secretKeyRef": {"name": "s", "key": "j"}}]);
-    let cases = vec![
-        (
-            "a project id that is not a UUID",
-            with(base.clone(), "/spec/projectId", json!("not-a-uuid")),
-        ),
-        (
-            "an unknown authType",
-            with(base.clone(), "/spec/authType", json!("FOO")),
-        ),
-        (
-            "a negative syncInterval",
-            with(base.clone(), "/spec/syncInterval", json!("-5m")),
-        ),
-        (
-            "a syncInterval under 30s",
-            with(base.clone(), "/spec/syncInterval", json!("10s")),
-        ),
-        (
-            "a syncInterval over 24h",
-            with(base.clone(), "/spec/syncInterval", json!("25h")),
-        ),
-        (
-            "a deletionTimeout over a year",
-            with(base.clone(), "/spec/deletionTimeout", json!("9000h")),
-        ),
-        (
-            "a comma in the connection name",
-            with(base.clone(), "/spec/connectionName", json!("a,b")),
-        ),
-        (
-            "an empty environment name",
-            with(base.clone(), "/spec/environmentName", json!("")),
-        ),
-        (
-            "no project id",
-            with(base.clone(), "/spec/projectId", Value::Null),
-        ),
-        ("no spec", with(base.clone(), "/spec", Value::Null)),
-        (
-            "an unknown deletionPolicy",
-            with(base.clone(), "/spec/deletionPolicy", json!("Keep")),
-        ),
-        (
-            "a number for a string",
-            with(base.clone(), "/spec/connectionName", json!(7)),
-        ),
-        (
-            "an unknown field",
-            with(base.clone(), "/spec/colour", json!("blue")),
-        ),
-        (
-            "a property from a Secret and a ConfigMap",
-            with(
-                base.clone(),
-                "/spec/connectionOverrides/connectionPropertiesFrom",
-                from_both,
+    let cases = variants(
+        &cov("bad"),
+        vec![
+            (
+                "a project id that is not a UUID",
+                "/spec/projectId",
+                json!("not-a-uuid"),
             ),
-        ),
-        (
-            "a property named twice",
-            with(
-                base.clone(),
-                "/spec/connectionOverrides/connectionPropertiesFrom",
-                twice,
+            ("an unknown authType", "/spec/authType", json!("FOO")),
+            (
+                "a negative syncInterval",
+                "/spec/syncInterval",
+                json!("-5m"),
             ),
-        ),
-        (
-            "a property both literal and from a Secret",
-            with(
-                base.clone(),
-                "/spec/connectionOverrides/connectionPropertiesFrom",
-                json!([{"property": "username", "secretKeyRef": {"name": "s", "key": "k"}}]),
+            (
+                "a syncInterval under 30s",
+                "/spec/syncInterval",
+                json!("10s"),
             ),
-        ),
-        (
-            "an unknown account kind",
-            with(base.clone(), "/spec/accountRef/kind", json!("Account")),
-        ),
-        (
-            "an unknown driftPolicy",
-            with(base.clone(), "/spec/driftPolicy", json!("Ignore")),
-        ),
-        (
-            "an unknown managementPolicy",
-            with(base.clone(), "/spec/managementPolicy", json!("Own")),
-        ),
-        (
-            "a connection name over 255 bytes",
-            with(base.clone(), "/spec/connectionName", json!("c".repeat(256))),
-        ),
-        (
-            "a syncInterval over 32 bytes",
-            with(base.clone(), "/spec/syncInterval", json!("1m".repeat(17))),
-        ),
-        (
-            "a deletionTimeout that is no duration",
-            with(base.clone(), "/spec/deletionTimeout", json!("soon")),
-        ),
-        (
-            "a secrets location without a type",
-            with(
-                base.clone(),
+            (
+                "a syncInterval over 24h",
+                "/spec/syncInterval",
+                json!("25h"),
+            ),
+            (
+                "a deletionTimeout over a year",
+                "/spec/deletionTimeout",
+                json!("9000h"),
+            ),
+            (
+                "a comma in the connection name",
+                "/spec/connectionName",
+                json!("a,b"),
+            ),
+            (
+                "an empty environment name",
+                "/spec/environmentName",
+                json!(""),
+            ),
+            ("no project id", "/spec/projectId", Value::Null),
+            ("no spec", "/spec", Value::Null),
+            (
+                "an unknown deletionPolicy",
+                "/spec/deletionPolicy",
+                json!("Keep"),
+            ),
+            ("a number for a string", "/spec/connectionName", json!(7)),
+            ("an unknown field", "/spec/colour", json!("blue")),
+            ("a property from a Secret and a ConfigMap", from, from_both),
+            (
+                "a property named twice",
+                from,
+                json!([secret("password", "k"), secret("password", "j")]),
+            ),
+            (
+                "a property both literal and from a Secret",
+                from,
+                json!([secret("username", "k")]),
+            ),
+            (
+                "an unknown account kind",
+                "/spec/accountRef/kind",
+                json!("Account"),
+            ),
+            (
+                "an unknown driftPolicy",
+                "/spec/driftPolicy",
+                json!("Ignore"),
+            ),
+            (
+                "an unknown managementPolicy",
+                "/spec/managementPolicy",
+                json!("Own"),
+            ),
+            (
+                "a connection name over 255 bytes",
+                "/spec/connectionName",
+                json!("c".repeat(256)),
+            ),
+            (
+                "a syncInterval over 32 bytes",
+                "/spec/syncInterval",
+                json!("1m".repeat(17)),
+            ),
+            (
+                "a deletionTimeout that is no duration",
+                "/spec/deletionTimeout",
+                json!("soon"),
+            ),
+            (
+                "a secrets location without a type",
                 "/spec/connectionOverrides/secretsLocation",
                 json!({"region": "eu-west-1"}),
             ),
-        ),
-        (
-            "a Secret reference without a key",
-            with(
-                base.clone(),
-                "/spec/connectionOverrides/connectionPropertiesFrom",
+            (
+                "a Secret reference without a key",
+                from,
                 json!([{"property": "password", "secretKeyRef": {"name": "s"}}]),
             ),
-        ),
-        (
-            "a null where a string is wanted",
-            with(base.clone(), "/spec/authType", Value::Null),
-        ),
-    ];
+            (
+                "a null where a string is wanted",
+                "/spec/authType",
+                Value::Null,
+            ),
+        ],
+    );
     compare(|t| {
         let cases = cases.clone();
         async move { refusals(&t, "connectionoverrides", cases).await }
@@ -156,94 +148,74 @@ async fn every_invalid_connection_override_is_refused_as_the_server_refuses_it()
 
 #[tokio::test]
 async fn every_invalid_account_is_refused_as_the_server_refuses_it() {
-    let base = account("bad");
+    let no_region = with(account("bad"), "/spec/region", Value::Null);
+    let mut account_cases = variants(
+        &account("bad"),
+        vec![
+            ("no credentials", "/spec/credentialsSecretRef", Value::Null),
+            (
+                "an empty credentials name",
+                "/spec/credentialsSecretRef/name",
+                json!(""),
+            ),
+            ("a zero rate", "/spec/requestsPerMinute", json!(0)),
+            ("an unknown region", "/spec/region", json!("eu9")),
+            ("a burst of zero", "/spec/requestBurst", json!(0)),
+            (
+                "a rate over int32",
+                "/spec/requestsPerMinute",
+                json!(3_000_000_000i64),
+            ),
+            ("a rate as a string", "/spec/requestsPerMinute", json!("60")),
+        ],
+    );
+    account_cases.push(("neither region nor apiUrl", no_region.clone()));
+    account_cases.push((
+        "an apiUrl and no region",
+        with(no_region, "/spec/apiUrl", json!("https://dpc.example.com")),
+    ));
     let cluster = with(
         with(account("bad"), "/kind", json!("ClusterDpcAccount")),
         "/metadata/namespace",
         Value::Null,
     );
-    let account_cases = vec![
-        (
-            "neither region nor apiUrl",
-            with(base.clone(), "/spec/region", Value::Null),
-        ),
-        (
-            "no credentials",
-            with(base.clone(), "/spec/credentialsSecretRef", Value::Null),
-        ),
-        (
-            "an empty credentials name",
-            with(base.clone(), "/spec/credentialsSecretRef/name", json!("")),
-        ),
-        (
-            "a zero rate",
-            with(base.clone(), "/spec/requestsPerMinute", json!(0)),
-        ),
-        (
-            "an unknown region",
-            with(base.clone(), "/spec/region", json!("eu9")),
-        ),
-        (
-            "a burst of zero",
-            with(base.clone(), "/spec/requestBurst", json!(0)),
-        ),
-        (
-            "a rate over int32",
-            with(
-                base.clone(),
-                "/spec/requestsPerMinute",
-                json!(3_000_000_000i64),
-            ),
-        ),
-        (
-            "a rate as a string",
-            with(base.clone(), "/spec/requestsPerMinute", json!("60")),
-        ),
-        (
-            "an apiUrl and no region",
-            with(
-                with(base.clone(), "/spec/region", Value::Null),
-                "/spec/apiUrl",
-                json!("https://dpc.example.com"),
-            ),
-        ),
-    ];
-    let cluster_cases = vec![
-        (
-            "a cluster account without a credentials namespace",
-            cluster.clone(),
-        ),
-        (
-            "a namespace selector without an operator",
-            with(
-                cluster.clone(),
+    let mut cluster_cases = variants(
+        &cluster,
+        vec![
+            (
+                "a namespace selector without an operator",
                 "/spec/allowedNamespaces/selector",
                 json!({"matchExpressions": [{"key": "team"}]}),
             ),
-        ),
-        (
-            "a cluster account with one",
-            with(
-                cluster,
+            (
+                "a cluster account with one",
                 "/spec/credentialsSecretRef/namespace",
                 json!("dpc-system"),
             ),
-        ),
-    ];
+        ],
+    );
+    cluster_cases.insert(
+        0,
+        ("a cluster account without a credentials namespace", cluster),
+    );
     compare(|t| {
         let (account_cases, cluster_cases) = (account_cases.clone(), cluster_cases.clone());
         async move {
             let mut seen = refusals(&t, "dpcaccounts", account_cases).await;
+            let names = cluster_cases.len();
             let created = refusals(&t, "clusterdpcaccounts", cluster_cases).await;
             seen.0.extend(created.0);
             // A cluster-scoped object outlives the case's namespace.
-            t.call(
-                "DELETE",
-                &t.path("clusterdpcaccounts", Some("bad")),
-                None,
-                None,
-            )
-            .await;
+            for i in 0..names {
+                let name = format!("{}-{i}", t.ns);
+                t.call(
+                    "DELETE",
+                    &t.path("clusterdpcaccounts", Some(&name)),
+                    None,
+                    None,
+                )
+                .await;
+            }
             seen
         }
     })
@@ -254,13 +226,7 @@ async fn every_invalid_account_is_refused_as_the_server_refuses_it() {
 async fn identity_fields_are_immutable() {
     compare(|t| async move {
         let mut seen = Seen::default();
-        t.call(
-            "POST",
-            &t.path("connectionoverrides", None),
-            None,
-            Some(&cov("a")),
-        )
-        .await;
+        t.create("connectionoverrides", &cov("a")).await;
         let one = t.path("connectionoverrides", Some("a"));
         for patch in [
             json!({"spec": {"projectId": "11111111-2222-4333-8444-555555555555"}}),
@@ -269,7 +235,7 @@ async fn identity_fields_are_immutable() {
             json!({"spec": {"accountRef": {"name": "other"}}}),
             json!({"spec": {"syncInterval": "5m"}}),
         ] {
-            let reply = t.call("PATCH", &one, Some(MERGE), Some(&patch)).await;
+            let reply = t.merge(&one, &patch).await;
             seen.see(format!("{patch}: answer"), reply.brief(&t));
             seen.see(format!("{patch}: causes"), reply.causes(&t));
         }
@@ -343,14 +309,7 @@ async fn unknown_fields_by_field_validation_and_defaults() {
             )
             .await;
         seen.see("an unknown fieldValidation", bad_mode.brief(&t));
-        let defaulted = t
-            .call(
-                "POST",
-                &t.path("dpcaccounts", None),
-                None,
-                Some(&account("defaults")),
-            )
-            .await;
+        let defaulted = t.create("dpcaccounts", &account("defaults")).await;
         seen.see("defaults", defaulted.at("/spec"));
         seen
     })
@@ -431,11 +390,9 @@ async fn server_side_apply_shares_owns_and_conflicts() {
             .await;
         seen.see("alice applies her old value", back.brief(&t));
         let edit = t
-            .call(
-                "PATCH",
+            .merge(
                 &format!("{one}?fieldManager=editor"),
-                Some(MERGE),
-                Some(&json!({"spec": {"syncInterval": "7m"}})),
+                &json!({"spec": {"syncInterval": "7m"}}),
             )
             .await;
         seen.see("an editor changes it", edit.managers());

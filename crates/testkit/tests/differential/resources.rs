@@ -5,7 +5,6 @@
 use super::target::{Reply, Target};
 use super::*;
 
-const MERGE: &str = "application/merge-patch+json";
 const JSON_PATCH: &str = "application/json-patch+json";
 const STRATEGIC: &str = "application/strategic-merge-patch+json";
 const APPLY: &str = "application/apply-patch+yaml";
@@ -97,21 +96,11 @@ async fn every_verb(t: Target, plural: &str, object: Value, field: &str) -> Seen
         patch
     };
     let merge = t
-        .call(
-            "PATCH",
-            &format!("{one}?fieldManager=merger"),
-            Some(MERGE),
-            Some(&nested("merge")),
-        )
+        .merge(&format!("{one}?fieldManager=merger"), &nested("merge"))
         .await;
     see_write(&mut seen, &t, "merge patch", &merge, put.rv());
     let labels = t
-        .call(
-            "PATCH",
-            &one,
-            Some(MERGE),
-            Some(&json!({"metadata": {"labels": {"x": "y"}}})),
-        )
+        .merge(&one, &json!({"metadata": {"labels": {"x": "y"}}}))
         .await;
     see_write(&mut seen, &t, "merge patch of labels", &labels, merge.rv());
     let ops = json!([{"op": "replace", "path": pointer, "value": "json"}]);
@@ -158,7 +147,7 @@ async fn every_verb(t: Target, plural: &str, object: Value, field: &str) -> Seen
     seen.see("get after delete", gone.brief(&t));
     let twice = t.call("DELETE", &one, None, None).await;
     seen.see("delete again", twice.brief(&t));
-    let missing = t.call("PATCH", &one, Some(MERGE), Some(&json!({}))).await;
+    let missing = t.merge(&one, &json!({})).await;
     seen.see("patch of a missing object", missing.brief(&t));
     seen
 }
@@ -193,7 +182,7 @@ async fn the_status_subresource_keeps_spec_and_status_apart() {
     compare(|t| async move {
         let mut seen = Seen::default();
         let one = t.path("connectionoverrides", Some("a"));
-        let created = t.call("POST", &t.path("connectionoverrides", None), None, Some(&cov("a"))).await;
+        let created = t.create("connectionoverrides", &cov("a")).await;
         seen.see("create with status dropped", created.at("/status"));
         let mut both = created.body.clone();
         both["spec"]["syncInterval"] = json!("10m");
@@ -202,8 +191,7 @@ async fn the_status_subresource_keeps_spec_and_status_apart() {
         see_write(&mut seen, &t, "update of status", &status, created.rv());
         seen.see("spec through status", status.at("/spec/syncInterval"));
         seen.see("status through status", status.at("/status"));
-        let main = t
-            .call("PATCH", &one, Some(MERGE), Some(&json!({"status": {"observedGeneration": 7}, "spec": {"syncInterval": "11m"}})))
+        let main = t.merge(&one, &json!({"status": {"observedGeneration": 7}, "spec": {"syncInterval": "11m"}}))
             .await;
         see_write(&mut seen, &t, "patch of the main resource", &main, status.rv());
         seen.see("status through the main resource", main.at("/status"));
@@ -218,7 +206,7 @@ async fn the_status_subresource_keeps_spec_and_status_apart() {
         seen.see("fields of the status apply", applied.fields_of("reporter"));
         seen.see("fields of the status update", applied.fields_of("status-writer"));
         let bad = json!({"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}});
-        let refused = t.call("PATCH", &format!("{one}/status"), Some(MERGE), Some(&bad)).await;
+        let refused = t.merge(&format!("{one}/status"), &bad).await;
         seen.see("invalid status", refused.brief(&t));
         seen.see("invalid status causes", refused.causes(&t));
         seen
@@ -233,13 +221,7 @@ async fn finalizers_hold_a_deletion_until_removed() {
         let one = t.path("connectionoverrides", Some("a"));
         let mut object = cov("a");
         object["metadata"]["finalizers"] = json!(["example.com/hold"]);
-        t.call(
-            "POST",
-            &t.path("connectionoverrides", None),
-            None,
-            Some(&object),
-        )
-        .await;
+        t.create("connectionoverrides", &object).await;
         let deleted = t.call("DELETE", &one, None, None).await;
         seen.see("delete", deleted.brief(&t));
         seen.see("delete answers with", deleted.at("/kind"));
@@ -250,24 +232,14 @@ async fn finalizers_hold_a_deletion_until_removed() {
         let held = t.call("GET", &one, None, None).await;
         seen.see("still there", held.brief(&t));
         let more = json!({"metadata": {"finalizers": ["example.com/hold", "example.com/more"]}});
-        let added = t.call("PATCH", &one, Some(MERGE), Some(&more)).await;
+        let added = t.merge(&one, &more).await;
         seen.see("a finalizer added during deletion", added.brief(&t));
         let spec = t
-            .call(
-                "PATCH",
-                &one,
-                Some(MERGE),
-                Some(&json!({"spec": {"syncInterval": "9m"}})),
-            )
+            .merge(&one, &json!({"spec": {"syncInterval": "9m"}}))
             .await;
         seen.see("a spec change during deletion", spec.brief(&t));
         let released = t
-            .call(
-                "PATCH",
-                &one,
-                Some(MERGE),
-                Some(&json!({"metadata": {"finalizers": null}})),
-            )
+            .merge(&one, &json!({"metadata": {"finalizers": null}}))
             .await;
         seen.see("finalizer removed", released.brief(&t));
         let gone = t.call("GET", &one, None, None).await;
@@ -282,14 +254,7 @@ async fn three(t: &Target) {
     for (name, team) in [("c1", "a"), ("c2", "a"), ("c3", "b")] {
         let mut object = cov(name);
         object["metadata"]["labels"] = json!({"team": team});
-        let created = t
-            .call(
-                "POST",
-                &t.path("connectionoverrides", None),
-                None,
-                Some(&object),
-            )
-            .await;
+        let created = t.create("connectionoverrides", &object).await;
         assert_eq!(created.code, 201, "{}", created.body);
     }
 }
@@ -351,8 +316,7 @@ async fn lists_come_in_pages() {
         three(&t).await;
         for (name, _) in [("c1", ""), ("c2", ""), ("c3", "")] {
             let map = json!({"metadata": {"name": name, "labels": {"team": "a"}}});
-            t.call("POST", &t.path("configmaps", None), None, Some(&map))
-                .await;
+            t.create("configmaps", &map).await;
         }
         for plural in ["connectionoverrides", "configmaps"] {
             let all = t.path(plural, None);
@@ -437,22 +401,10 @@ async fn watch_events(t: &Target, query: &str, accept: Option<&str>) -> Value {
 async fn watches_resume_from_a_resource_version_and_old_ones_are_gone() {
     compare(|t| async move {
         let mut seen = Seen::default();
-        let created = t
-            .call(
-                "POST",
-                &t.path("connectionoverrides", None),
-                None,
-                Some(&cov("a")),
-            )
-            .await;
+        let created = t.create("connectionoverrides", &cov("a")).await;
         let one = t.path("connectionoverrides", Some("a"));
-        t.call(
-            "PATCH",
-            &one,
-            Some(MERGE),
-            Some(&json!({"spec": {"syncInterval": "9m"}})),
-        )
-        .await;
+        t.merge(&one, &json!({"spec": {"syncInterval": "9m"}}))
+            .await;
         t.call("DELETE", &one, None, None).await;
         let rv = created.rv();
         seen.see(
@@ -472,14 +424,7 @@ async fn watches_resume_from_a_resource_version_and_old_ones_are_gone() {
 async fn metadata_only_lists_and_watches() {
     compare(|t| async move {
         let mut seen = Seen::default();
-        let created = t
-            .call(
-                "POST",
-                &t.path("connectionoverrides", None),
-                None,
-                Some(&cov("a")),
-            )
-            .await;
+        let created = t.create("connectionoverrides", &cov("a")).await;
         let all = t.path("connectionoverrides", None);
         let listed = t
             .send("GET", &all, "application/json", Some(METADATA), Vec::new())
@@ -489,13 +434,8 @@ async fn metadata_only_lists_and_watches() {
         seen.see("item has a spec", !listed.at("/items/0/spec").is_null());
         seen.see("item labels", listed.at("/items/0/metadata/labels"));
         let one = t.path("connectionoverrides", Some("a"));
-        t.call(
-            "PATCH",
-            &one,
-            Some(MERGE),
-            Some(&json!({"metadata": {"labels": {"x": "y"}}})),
-        )
-        .await;
+        t.merge(&one, &json!({"metadata": {"labels": {"x": "y"}}}))
+            .await;
         let accept = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
         let query = format!("resourceVersion={}", created.rv());
         seen.see(

@@ -206,6 +206,18 @@ impl Target {
         }
     }
 
+    /// Creates `object` in `plural` (of the case's namespace).
+    pub async fn create(&self, plural: &str, object: &Value) -> Reply {
+        self.call("POST", &self.path(plural, None), None, Some(object))
+            .await
+    }
+
+    /// A JSON merge patch of `path`.
+    pub async fn merge(&self, path: &str, patch: &Value) -> Reply {
+        let merge = "application/merge-patch+json";
+        self.call("PATCH", path, Some(merge), Some(patch)).await
+    }
+
     /// Sends one request (`content_type` defaults to JSON) and reads the whole answer.
     pub async fn call(
         &self,

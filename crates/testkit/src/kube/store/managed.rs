@@ -158,19 +158,30 @@ impl Managed {
             .unwrap_or_default()
     }
 
-    pub(super) fn owned_by_other(
+    /// The entries of every manager but `manager`'s apply.
+    fn others<'a>(
+        &'a self,
+        manager: &'a str,
+        subresource: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a ManagedEntry> {
+        self.0
+            .iter()
+            .filter(move |e| !e.is(manager, "Apply", subresource))
+    }
+
+    /// Whether another manager owns `path`, or a field under it.
+    pub(super) fn owned_elsewhere(
         &self,
         manager: &str,
         subresource: Option<&str>,
         path: &ssa::Path,
     ) -> bool {
-        self.0
-            .iter()
-            .any(|e| !e.is(manager, "Apply", subresource) && e.fields.contains(path))
+        self.others(manager, subresource)
+            .any(|e| e.fields.contains(path) || ssa::has_members(&e.fields, path))
     }
 
     /// The fields of `applied` that another manager owns and the apply would change, each with
-    /// that manager as the API server names it (`"m" using v1 at <time>` for an update).
+    /// that manager as the API server names it (`"m" using v1` for an update).
     pub(super) fn conflicts(
         &self,
         manager: &str,
@@ -180,10 +191,7 @@ impl Managed {
         schema: Option<&Value>,
     ) -> Vec<(String, ssa::Path)> {
         let mut found = Vec::new();
-        for entry in &self.0 {
-            if entry.is(manager, "Apply", subresource) {
-                continue;
-            }
+        for entry in self.others(manager, subresource) {
             for path in fields.intersection(&entry.fields) {
                 let wanted = ssa::value_at(applied, path, schema);
                 if wanted.is_some_and(Value::is_object) {
@@ -213,21 +221,8 @@ impl Managed {
         }
     }
 
-    /// Whether anyone but `manager`'s apply owns a path under `path`.
-    pub(super) fn others_own_under(
-        &self,
-        manager: &str,
-        subresource: Option<&str>,
-        path: &ssa::Path,
-    ) -> bool {
-        self.0
-            .iter()
-            .any(|e| !e.is(manager, "Apply", subresource) && ssa::has_members(&e.fields, path))
-    }
-
-    /// Records `fields` as owned by `manager`'s `operation`; with `exclusive`, nobody else owns
-    /// them any more (an update, a forced apply), otherwise owners of the same values keep
-    /// sharing them.
+    /// Records `fields` as owned by `manager`'s `operation`; with `exclusive` (an update),
+    /// nobody else owns them any more, otherwise owners of the same values keep sharing them.
     pub(super) fn take(
         &mut self,
         manager: &str,

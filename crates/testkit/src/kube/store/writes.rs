@@ -355,10 +355,11 @@ impl Store {
                 let old_fields = managed.fields_of(&manager, "Apply", subresource);
                 let mut new = current.clone();
                 for stale in old_fields.difference(&new_fields) {
-                    // An object goes only when nothing under it is still wanted.
+                    // A field goes when nobody else owns it; an object, when nothing under
+                    // it is still wanted either.
                     let held = ssa::has_members(&new_fields, stale)
-                        || managed.others_own_under(&manager, subresource, stale);
-                    if !held && !managed.owned_by_other(&manager, subresource, stale) {
+                        || managed.owned_elsewhere(&manager, subresource, stale);
+                    if !held {
                         ssa::remove_at(&mut new, stale, schema);
                     }
                 }
