@@ -342,12 +342,14 @@ impl DriftChecker {
     }
 
     /// Reads the override of `connection` now, sharing a list answer younger than the share
-    /// window with other readers of the same environment.
+    /// window with other readers of the same environment, unless `fresh` asks for an answer
+    /// given after this call (a user asked to read DPC now).
     pub async fn read_now(
         &self,
         group_key: &GroupKey,
         handle: &AccountHandle,
         connection: &str,
+        fresh: bool,
     ) -> Result<Option<Seen>, DpcError> {
         let cache = {
             let mut groups = self.groups.lock().expect("drift lock");
@@ -362,9 +364,12 @@ impl DriftChecker {
             });
             group.cache.clone()
         };
-        let listing = self
-            .fetch(&cache, handle, group_key, self.share_window)
-            .await?;
+        let max_age = if fresh {
+            Duration::ZERO
+        } else {
+            self.share_window
+        };
+        let listing = self.fetch(&cache, handle, group_key, max_age).await?;
         Ok(listing.get(connection).cloned())
     }
 

@@ -14,6 +14,9 @@ pub enum Plan {
     Create,
     /// The desired body differs from the one last accepted: PUT (POST on 404).
     Update,
+    /// Nothing was ever accepted for this object, but DPC holds an override that differs:
+    /// PUT (POST on 404), without the POST that would only answer 409.
+    Adopt,
     /// DPC already holds this body.
     Nothing,
 }
@@ -38,6 +41,9 @@ pub enum Applied {
     Updated,
     /// PUT answered 404 (deleted behind our back) and POST created it again.
     Recreated,
+    /// DPC already held exactly the desired override: the object took it over without a
+    /// write (an imported or hand-written object for an override made in the DPC UI).
+    Taken,
 }
 
 impl Applied {
@@ -45,7 +51,7 @@ impl Applied {
     pub fn event_reason(self) -> &'static str {
         match self {
             Applied::Created => "Created",
-            Applied::Adopted => "Adopted",
+            Applied::Adopted | Applied::Taken => "Adopted",
             Applied::Updated => "Updated",
             Applied::Recreated => "Recreated",
         }
@@ -65,6 +71,9 @@ impl Applied {
             ),
             Applied::Recreated => format!(
                 "recreated the override of connection {connection} in environment {environment}, which had been deleted in DPC"
+            ),
+            Applied::Taken => format!(
+                "adopted the existing override of connection {connection} in environment {environment}, which already holds the desired state: nothing written"
             ),
         }
     }
@@ -89,7 +98,7 @@ pub async fn act(
     let mut next = match plan {
         Plan::Nothing => return Ok(None),
         Plan::Create => Operation::Create,
-        Plan::Update => Operation::Update,
+        Plan::Update | Plan::Adopt => Operation::Update,
     };
     let mut fell_back = false;
     for _ in 0..3 {
@@ -107,7 +116,7 @@ pub async fn act(
                 return Ok(Some((applied, answer.remote)));
             }
             (_, Ok(answer)) => {
-                let applied = if plan == Plan::Create {
+                let applied = if matches!(plan, Plan::Create | Plan::Adopt) {
                     Applied::Adopted
                 } else {
                     Applied::Updated

@@ -11,13 +11,13 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::accounts::ResolvedAccount;
 use crate::api::conditions::Reason;
 use crate::api::{
     ConnectionOverride, ConnectionOverrideStatus, DriftPolicy, ManagedOverride, ManagementPolicy,
-    RECONCILE_REQUESTED_ANNOTATION,
+    RECONCILE_REQUESTED_ANNOTATION, RemoteStatus,
 };
 use crate::claims::RemoteKey;
 use crate::context::{Context, Gate};
@@ -245,24 +245,33 @@ fn claim(pass: &Pass<'_>, account: &ResolvedAccount) -> Result<Option<Timestamp>
     })
 }
 
-/// Read: DPC now when observing, or when a reconcile was requested; otherwise what the last
+/// Read: DPC now when observing, when a reconcile was requested, or before the first write
+/// of an object that manages (DPC may already hold the override: made in the DPC UI and
+/// imported, or written by this object before its status was lost); otherwise what the last
 /// periodic check found, if it needs attention.
 async fn read(pass: &Pass<'_>, target: &Target) -> Result<Option<(Finding, Option<Seen>)>, Stop> {
     let (ctx, key, old) = (pass.ctx, pass.key, &pass.old);
     let requested = pass.requested.is_some() && pass.requested != old.last_handled_reconcile_at;
-    if !(pass.observe_only() || requested) {
+    let first_write = !pass.observe_only() && old.applied_hash.is_none();
+    if !(pass.observe_only() || requested || first_write) {
         return Ok(ctx.drift.take_finding(key).map(|f| (f, None)));
     }
     let connection = &pass.obj.spec.connection_name;
     match ctx
         .drift
-        .read_now(&target.group, &target.dpc, connection)
+        .read_now(&target.group, &target.dpc, connection, requested)
         .await
     {
         Ok(remote) => {
             let finding = drift::compare(&target.member.expected, remote.as_ref());
             ctx.drift.note(key, &finding);
             Ok(Some((finding, remote)))
+        }
+        // Only a way to save writes: the first write goes ahead without it (POST, then PUT
+        // on 409), and its own failure, if any, is what the object reports.
+        Err(error) if !(pass.observe_only() || requested) => {
+            debug!(detail = %error, "reading DPC before the first write failed; writing without it");
+            Ok(None)
         }
         Err(error) => {
             let during = Operation::List;
@@ -314,28 +323,43 @@ async fn write_override(
     let (ctx, key, spec) = (pass.ctx, pass.key, &pass.obj.spec);
     let mut plan = act::plan(pass.old.applied_hash.as_deref(), &desired.hash);
     let mut corrected = None;
-    if let Some((finding, _)) = finding.filter(|(f, _)| f.is_drift())
-        && plan == Plan::Nothing
-    {
-        if spec.drift_policy() == DriftPolicy::Report {
-            ctx.drift
-                .register(key, target.group, target.shared, target.member);
-            let outcome = Outcome::Drifted {
-                finding,
-                observed: false,
-            };
-            return Ok((outcome, Action::await_change()));
+    match finding {
+        // The first write of an object, and DPC already holds what it describes.
+        Some((Finding::InSync, seen)) if plan == Plan::Create => {
+            let managed = managed_override(pass, &target);
+            let taken = Some((Applied::Taken, seen.map(|s| s.status)));
+            return Ok(written(pass, target, desired, taken, None, managed));
         }
-        info!(drift = %finding.describe(), "correcting drift");
-        plan = match finding {
-            Finding::Missing => Plan::Create,
-            _ => Plan::Update,
-        };
-        corrected = Some(finding);
+        Some((Finding::Differs(_), _)) if plan == Plan::Create => plan = Plan::Adopt,
+        Some((finding, _)) if finding.is_drift() && plan == Plan::Nothing => {
+            if spec.drift_policy() == DriftPolicy::Report {
+                ctx.drift
+                    .register(key, target.group, target.shared, target.member);
+                let outcome = Outcome::Drifted {
+                    finding,
+                    observed: false,
+                };
+                return Ok((outcome, Action::await_change()));
+            }
+            info!(drift = %finding.describe(), "correcting drift");
+            plan = match finding {
+                Finding::Missing => Plan::Create,
+                _ => Plan::Update,
+            };
+            corrected = Some(finding);
+        }
+        _ => {}
     }
     let managed = managed_override(pass, &target);
     match act::act(&target.dpc, &spec.project_id, &desired, plan).await {
-        Ok(applied) => Ok(written(pass, target, desired, applied, corrected, managed)),
+        Ok(applied) => Ok(written(
+            pass,
+            target,
+            desired,
+            remote_status(applied),
+            corrected,
+            managed,
+        )),
         Err(failure) => Err(failed(pass, failure, target.gate)),
     }
 }
@@ -368,7 +392,7 @@ fn written(
     pass: &Pass<'_>,
     target: Target,
     desired: Desired,
-    applied: Option<(Applied, Option<crate::dpc::RemoteOverride>)>,
+    applied: Option<(Applied, Option<RemoteStatus>)>,
     corrected: Option<Finding>,
     managed: ManagedOverride,
 ) -> (Outcome, Action) {
@@ -376,11 +400,15 @@ fn written(
     ctx.objects.reset_backoff(key);
     ctx.objects.clear_refusal(key);
     let (applied, remote) = match applied {
-        Some((applied, remote)) => (Some(applied), remote.as_ref().map(|r| r.status())),
+        Some((applied, remote)) => (Some(applied), remote),
         None => (None, None),
     };
     if let Some(applied) = applied {
-        info!(write = applied.event_reason(), "DPC accepted the override");
+        if applied == Applied::Taken {
+            info!("DPC already holds the desired override; adopted without a write");
+        } else {
+            info!(write = applied.event_reason(), "DPC accepted the override");
+        }
         ctx.drift.note(key, &Finding::InSync);
     }
     ctx.drift
@@ -394,6 +422,13 @@ fn written(
         managed: Some(Box::new(managed)),
     };
     (outcome, Action::await_change())
+}
+
+/// What DPC echoed of a write, as status reports it.
+fn remote_status(
+    applied: Option<(Applied, Option<crate::dpc::RemoteOverride>)>,
+) -> Option<(Applied, Option<RemoteStatus>)> {
+    applied.map(|(applied, remote)| (applied, remote.map(|r| r.status())))
 }
 
 /// A failed DPC call: what to report and when to try again. A terminal failure is recorded

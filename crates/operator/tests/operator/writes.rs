@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::common::*;
 
 #[tokio::test]
-async fn new_object_gets_one_token_and_one_post_then_ready() {
+async fn new_object_gets_one_token_one_read_and_one_post_then_ready() {
     let h = Harness::start().await.run();
     let created = h
         .apply(&Cov::new("sf", "Salesforce").property("secretKey", "key"))
@@ -23,14 +23,20 @@ async fn new_object_gets_one_token_and_one_post_then_ready() {
     let calls = h.sim.calls();
     assert_eq!(
         summary(&calls),
-        [(SimOp::Token, Some(200)), (SimOp::Create, Some(201))]
+        [
+            (SimOp::Token, Some(200)),
+            (SimOp::List, Some(200)),
+            (SimOp::Create, Some(201))
+        ],
+        "DPC is read once before the first write: it may hold the override already"
     );
+    assert_eq!(calls[1].param("environmentName").as_deref(), Some("PROD"));
     let token = &calls[0];
     assert_eq!(
         token.body.as_ref().unwrap(),
         &json!({"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": "<matches>", "audience": "https://api.matillion.com"})
     );
-    let post = &calls[1];
+    let post = &calls[2];
     assert_eq!(
         post.path,
         format!("/dpc/v1/projects/{PROJECT}/connections/environment-overrides")
@@ -90,7 +96,7 @@ async fn new_object_gets_one_token_and_one_post_then_ready() {
 }
 
 #[tokio::test]
-async fn post_409_adopts_the_existing_override_with_one_put() {
+async fn an_existing_override_that_differs_is_adopted_with_one_put() {
     let h = Harness::start().await;
     h.sim.put_override(
         PROJECT,
@@ -103,14 +109,87 @@ async fn post_409_adopts_the_existing_override_with_one_put() {
     h.apply(&Cov::new("sf", "Salesforce")).await;
     h.wait_ready("sf").await;
 
-    assert_eq!(
-        write_summary(&h.sim.calls()),
-        [(SimOp::Create, Some(409)), (SimOp::Update, Some(200))]
-    );
+    let ops: Vec<SimOp> = h.sim.calls().iter().map(|c| c.op).collect();
+    assert_eq!(ops, [SimOp::Token, SimOp::List, SimOp::Update]);
     let stored = h.sim.get_override(PROJECT, "PROD", "Salesforce").unwrap();
     assert_eq!(
         stored.connection_overrides["connectionProperties"]["secretName"],
         "prod/Salesforce"
+    );
+    let (_, _, note) = h.wait_event("sf", "Adopted").await;
+    assert!(note.contains("and updated it"), "{note}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_existing_override_equal_to_the_spec_is_adopted_without_a_write() {
+    let h = Harness::start().await;
+    h.sim.put_override(
+        PROJECT,
+        "PROD",
+        "Salesforce",
+        None,
+        json!({"connectionProperties": {"secretName": "prod/Salesforce"},
+               "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}}),
+    );
+    let h = h.run();
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    let obj = h.wait_ready("sf").await;
+
+    assert_eq!(write_summary(&h.sim.calls()), []);
+    let status = obj.status.unwrap();
+    assert!(
+        status.applied_hash.is_some(),
+        "the hash DPC holds is recorded"
+    );
+    assert_eq!(
+        status.remote.unwrap().created_by.as_deref(),
+        Some("ui-user")
+    );
+    assert_eq!(
+        status
+            .managed_override
+            .map(|m| m.connection_name)
+            .as_deref(),
+        Some("Salesforce")
+    );
+    let (kind, _, note) = h.wait_event("sf", "Adopted").await;
+    assert_eq!(kind, "Normal");
+    assert!(note.contains("nothing written"), "{note}");
+
+    // From then on it is managed: a change of the spec is one PUT.
+    h.apply(&Cov::new("sf", "Salesforce").property("secretKey", "k"))
+        .await;
+    h.wait_for("sf", "Ready at generation 2", |o| {
+        is_ready(o) && o.metadata.generation == Some(2)
+    })
+    .await;
+    assert_eq!(write_summary(&h.sim.calls()), [(SimOp::Update, Some(200))]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn when_the_first_read_fails_post_409_still_adopts_with_one_put() {
+    let h = Harness::start().await;
+    h.sim.put_override(
+        PROJECT,
+        "PROD",
+        "Salesforce",
+        None,
+        json!({"connectionProperties": {"secretName": "old"}}),
+    );
+    h.sim.push_fault(Fault::status(SimOp::List, 503));
+    let h = h.run();
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    h.wait_ready("sf").await;
+
+    assert_eq!(
+        summary(&h.sim.calls())[1..],
+        [
+            (SimOp::List, Some(503)),
+            (SimOp::Create, Some(409)),
+            (SimOp::Update, Some(200))
+        ]
     );
     h.wait_event("sf", "Adopted").await;
     h.stop().await;

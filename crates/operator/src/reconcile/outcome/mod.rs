@@ -224,6 +224,7 @@ pub fn event_for(
             let action = match applied {
                 Applied::Created | Applied::Recreated => "Create",
                 Applied::Adopted | Applied::Updated => "Update",
+                Applied::Taken => "Adopt",
             };
             let note = applied.describe(&spec.connection_name, &spec.environment_name);
             Some(match corrected {
