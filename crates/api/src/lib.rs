@@ -36,6 +36,12 @@ pub const PAUSED_ANNOTATION: &str = "dpc-operator.io/paused";
 /// Annotation: a new value asks for a reconcile (with a read of DPC) now.
 pub const RECONCILE_REQUESTED_ANNOTATION: &str = "dpc-operator.io/reconcile-requested-at";
 
+/// Annotation written by `dpc-operator import`: the environment name as DPC spells it (the
+/// object's name is a DNS-1123 form of it).
+pub const IMPORTED_ENVIRONMENT_ANNOTATION: &str = "dpc-operator.io/imported-environment";
+/// Annotation written by `dpc-operator import`: the connection name as DPC spells it.
+pub const IMPORTED_CONNECTION_ANNOTATION: &str = "dpc-operator.io/imported-connection";
+
 /// Every CustomResourceDefinition the operator needs, in install order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![

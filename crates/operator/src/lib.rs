@@ -12,6 +12,7 @@ pub mod context;
 pub mod controller;
 pub mod dpc;
 pub(crate) mod drift;
+pub mod import;
 pub(crate) mod index;
 pub(crate) mod key;
 pub mod leader;
@@ -25,4 +26,23 @@ pub mod telemetry;
 /// Calling it again is harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A Kubernetes client from `kubeconfig`, or from the usual places ($KUBECONFIG,
+/// ~/.kube/config, the in-cluster configuration).
+pub async fn kube_client(kubeconfig: Option<&std::path::PathBuf>) -> Result<kube::Client, String> {
+    install_crypto_provider();
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| format!("using {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!("no Kubernetes configuration found (kubeconfig or in-cluster): {e}")
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
 }

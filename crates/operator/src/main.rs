@@ -1,7 +1,6 @@
 //! dpc-operator: parse flags, start telemetry, run the controller (or the sandbox, or a test
 //! double). Everything else lives in the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,6 +9,7 @@ use dpc_operator::admin::{self, Readiness};
 use dpc_operator::config::RunArgs;
 use dpc_operator::context::Context;
 use dpc_operator::controller;
+use dpc_operator::import::{self, ImportArgs};
 use dpc_operator::leader;
 #[cfg(feature = "sandbox")]
 use dpc_operator::sandbox::cli::{self as sandbox, SandboxArgs, SimCommand};
@@ -35,6 +35,9 @@ enum Command {
     /// Run the operator against the cluster of the usual kubeconfig or the in-cluster
     /// configuration (the default command).
     Run(Box<RunArgs>),
+    /// Print a ConnectionOverride for every environment connection override a DPC project
+    /// already holds, as YAML to commit (adopting them costs no write to DPC).
+    Import(Box<ImportArgs>),
     /// Run the whole operator without a cluster or a DPC account: a Kubernetes API emulator,
     /// a DPC simulator and the controller in one process, with the examples applied.
     #[cfg(feature = "sandbox")]
@@ -60,28 +63,12 @@ async fn main() -> ExitCode {
     match cli.command {
         None => run(cli.run).await,
         Some(Command::Run(args)) => run(*args).await,
+        Some(Command::Import(args)) => import::command(*args).await,
         #[cfg(feature = "sandbox")]
         Some(Command::Sandbox(args)) => sandbox::command(args, shutdown_on_signals()).await,
         #[cfg(feature = "sandbox")]
         Some(Command::Sim(which)) => sandbox::sim_command(which, shutdown_on_signals()).await,
     }
-}
-
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, String> {
-    dpc_operator::install_crypto_provider();
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .map_err(|e| format!("using {}: {e}", path.display()))?
-        }
-        None => kube::Config::infer().await.map_err(|e| {
-            format!("no Kubernetes configuration found (kubeconfig or in-cluster): {e}")
-        })?,
-    };
-    kube::Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
 }
 
 /// Cancels the token on SIGTERM or Ctrl-C.
@@ -112,7 +99,7 @@ async fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn run_operator(args: RunArgs) -> ExitCode {
-    let client = match kube_client(args.kubeconfig.as_ref()).await {
+    let client = match dpc_operator::kube_client(args.kubeconfig.as_ref()).await {
         Ok(client) => client,
         Err(e) => {
             error!("{e}");

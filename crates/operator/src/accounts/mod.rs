@@ -308,44 +308,76 @@ async fn resolve_dpc_account(
     name: &str,
     settings: &ClientSettings,
 ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
-    let full_name = format!("{namespace}/{name}");
-    let api: Api<DpcAccount> = Api::namespaced(client.clone(), namespace);
-    let account = match api.get_opt(name).await {
-        Ok(Some(account)) => account,
-        Ok(None) => {
-            let e = ResolveError::AccountNotFound {
-                kind: "DpcAccount",
-                name: full_name,
-            };
-            return (Err(e), Vec::new());
-        }
-        Err(source) => {
-            let what = format!("DpcAccount {full_name}");
-            return (Err(ResolveError::Kube { what, source }), Vec::new());
-        }
+    let account = match get_dpc_account(client, namespace, name).await {
+        Ok(account) => account,
+        Err(e) => return (Err(e), Vec::new()),
     };
-    let creds = &account.spec.credentials_secret_ref;
     let refs = vec![Reference::Secret {
         namespace: namespace.into(),
-        name: creds.name.clone(),
+        name: account.spec.credentials_secret_ref.name.clone(),
     }];
-    if let Some(other) = creds.namespace.as_deref().filter(|n| *n != namespace) {
-        let e = ResolveError::AccountInvalid {
+    let resolved = resolve_dpc_account_spec(client, namespace, name, &account.spec, settings).await;
+    (resolved, refs)
+}
+
+/// A DpcAccount and its credentials, read once (`dpc-operator import --from-account`).
+pub(crate) async fn read_dpc_account(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    settings: &ClientSettings,
+) -> Result<(ResolvedAccount, DpcAccountSpec), ResolveError> {
+    let account = get_dpc_account(client, namespace, name).await?;
+    let resolved = resolve_dpc_account_spec(client, namespace, name, &account.spec, settings).await?;
+    Ok((resolved, account.spec))
+}
+
+async fn get_dpc_account(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<DpcAccount, ResolveError> {
+    let full_name = format!("{namespace}/{name}");
+    let api: Api<DpcAccount> = Api::namespaced(client.clone(), namespace);
+    match api.get_opt(name).await {
+        Ok(Some(account)) => Ok(account),
+        Ok(None) => Err(ResolveError::AccountNotFound {
             kind: "DpcAccount",
             name: full_name,
+        }),
+        Err(source) => Err(ResolveError::Kube {
+            what: format!("DpcAccount {full_name}"),
+            source,
+        }),
+    }
+}
+
+async fn resolve_dpc_account_spec(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    spec: &DpcAccountSpec,
+    settings: &ClientSettings,
+) -> Result<ResolvedAccount, ResolveError> {
+    if let Some(other) = spec
+        .credentials_secret_ref
+        .namespace
+        .as_deref()
+        .filter(|n| *n != namespace)
+    {
+        return Err(ResolveError::AccountInvalid {
+            kind: "DpcAccount",
+            name: format!("{namespace}/{name}"),
             reason: format!(
                 "its credentialsSecretRef names namespace {other}; a DpcAccount reads Secrets of its own namespace only (use a ClusterDpcAccount to share credentials)"
             ),
-        };
-        return (Err(e), refs);
+        });
     }
     let key = AccountKey {
         namespace: Some(namespace.into()),
         name: name.to_string(),
     };
-    let spec = &account.spec;
-    let resolved = account_from_spec(client, key, "DpcAccount", spec, namespace, settings).await;
-    (resolved, refs)
+    account_from_spec(client, key, "DpcAccount", spec, namespace, settings).await
 }
 
 /// A ClusterDpcAccount that allows the object's namespace, with credentials from where

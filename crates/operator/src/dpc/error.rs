@@ -12,6 +12,8 @@ pub enum Operation {
     Update,
     List,
     Delete,
+    /// Listing the environments of a project (`dpc-operator import`).
+    Environments,
 }
 
 impl Operation {
@@ -22,6 +24,7 @@ impl Operation {
             Operation::Update => "update",
             Operation::List => "list",
             Operation::Delete => "delete",
+            Operation::Environments => "list environments",
         }
     }
 }

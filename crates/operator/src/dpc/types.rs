@@ -196,17 +196,36 @@ impl Problem {
     }
 }
 
+/// An environment of a project, as `GET /v1/projects/{projectId}/environments` lists it
+/// (`docs/dpc-api.md` §7.2); only the name is used.
+#[derive(Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct RemoteEnvironment {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
 /// One page of a list answer, whatever shape DPC used.
-#[derive(Debug, Default, PartialEq)]
-pub struct ListPage {
-    pub items: Vec<RemoteOverride>,
+#[derive(Debug, PartialEq)]
+pub struct ListPage<T = RemoteOverride> {
+    pub items: Vec<T>,
     /// Present when the answer was a `{page, size, total, results}` envelope.
     pub page: Option<u64>,
     pub size: Option<u64>,
     pub total: Option<u64>,
 }
 
-impl ListPage {
+impl<T> Default for ListPage<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            page: None,
+            size: None,
+            total: None,
+        }
+    }
+}
+
+impl<T> ListPage<T> {
     /// Whether the envelope says more pages follow this one.
     pub fn has_more(&self) -> bool {
         match (self.page, self.size, self.total) {
@@ -221,12 +240,17 @@ impl ListPage {
 /// Parses a list answer: a bare array, an envelope with `results`, a single object, or an
 /// empty body all work.
 pub fn parse_list(body: &[u8]) -> Result<ListPage, String> {
+    parse_page(body)
+}
+
+/// [`parse_list`] for any item type.
+pub fn parse_page<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<ListPage<T>, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(ListPage::default());
     }
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("list answer is not JSON: {e}"))?;
-    let items_of = |v: Value| -> Result<Vec<RemoteOverride>, String> {
+    let items_of = |v: Value| -> Result<Vec<T>, String> {
         serde_json::from_value(v).map_err(|e| format!("list item has an unexpected shape: {e}"))
     };
     match value {
@@ -255,7 +279,7 @@ pub fn parse_list(body: &[u8]) -> Result<ListPage, String> {
         }
         Value::Object(map) if map.is_empty() => Ok(ListPage::default()),
         Value::Object(_) => {
-            let item: RemoteOverride = serde_json::from_value(value)
+            let item: T = serde_json::from_value(value)
                 .map_err(|e| format!("list answer has an unexpected shape: {e}"))?;
             Ok(ListPage {
                 items: vec![item],

@@ -35,6 +35,8 @@ pub enum SimOp {
     Update,
     List,
     Delete,
+    /// `GET /v1/projects/{projectId}/environments`.
+    Environments,
     Other,
 }
 
@@ -425,6 +427,14 @@ impl DpcSim {
             .connections
             .insert((project.into(), name.into()), parent);
         inner
+            .environments
+            .insert((project.into(), environment.into()));
+    }
+
+    /// Registers an environment of a project (listed by the environments endpoint, known to
+    /// `require_known_parents`).
+    pub fn add_environment(&self, project: &str, environment: &str) {
+        self.lock()
             .environments
             .insert((project.into(), environment.into()));
     }

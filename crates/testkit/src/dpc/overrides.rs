@@ -255,22 +255,58 @@ pub(super) fn list(inner: &Inner, project: &str, req: &Req) -> Response<Body> {
         ListShape::Array => Value::Array(items),
         ListShape::Single if items.len() == 1 => items.into_iter().next().expect("one item"),
         ListShape::Single => Value::Array(items),
-        ListShape::Envelope => {
-            let size = req
-                .param("size")
-                .and_then(|s| s.parse::<usize>().ok())
-                .unwrap_or(inner.config.page_size)
-                .clamp(1, inner.config.max_page_size.max(1));
-            let page = req
-                .param("page")
-                .and_then(|s| s.parse::<usize>().ok())
-                .unwrap_or(0);
-            let total = items.len();
-            let results: Vec<Value> = items.into_iter().skip(page * size).take(size).collect();
-            json!({"page": page, "size": size, "total": total, "results": results})
-        }
+        ListShape::Envelope => envelope(inner, items, req),
     };
     http::json(StatusCode::OK, &body)
+}
+
+/// `GET /v1/projects/{projectId}/environments`: the environments registered for the project
+/// and those its overrides name, in the documented envelope, paged. A project with neither
+/// does not exist (every DPC project has an environment): 404.
+pub(super) fn environments(inner: &Inner, project: &str, req: &Req) -> Response<Body> {
+    let names: std::collections::BTreeSet<&str> = inner
+        .environments
+        .iter()
+        .filter(|(p, _)| p == project)
+        .map(|(_, e)| e.as_str())
+        .chain(
+            inner
+                .overrides
+                .values()
+                .filter(|o| o.project_id == project)
+                .map(|o| o.environment_name.as_str()),
+        )
+        .collect();
+    if names.is_empty() {
+        return problem(
+            &inner.config,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("Project {project} not found"),
+            &[],
+        );
+    }
+    let items: Vec<Value> = names
+        .into_iter()
+        .map(|name| json!({"name": name, "defaultAgentId": "9a3c5f0e-1b2d-4c6e-8f70-0a1b2c3d4e5f", "defaultAgentName": "Sim Agent"}))
+        .collect();
+    http::json(StatusCode::OK, &envelope(inner, items, req))
+}
+
+/// One page of `items` in the documented `{page, size, total, results}` envelope.
+fn envelope(inner: &Inner, items: Vec<Value>, req: &Req) -> Value {
+    let size = req
+        .param("size")
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(inner.config.page_size)
+        .clamp(1, inner.config.max_page_size.max(1));
+    let page = req
+        .param("page")
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(0);
+    let total = items.len();
+    let results: Vec<Value> = items.into_iter().skip(page * size).take(size).collect();
+    json!({"page": page, "size": size, "total": total, "results": results})
 }
 
 pub(super) fn delete(inner: &mut Inner, project: &str, req: &Req) -> Response<Body> {

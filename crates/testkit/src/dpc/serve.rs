@@ -35,14 +35,26 @@ pub(super) fn classify(method: &Method, path: &str) -> SimOp {
             _ => SimOp::Other,
         };
     }
+    if method == Method::GET && environments_project(path).is_some() {
+        return SimOp::Environments;
+    }
     SimOp::Other
+}
+
+/// The project id of `/dpc/v1/projects/{id}/environments`.
+pub(super) fn environments_project(path: &str) -> Option<String> {
+    project_path(path, "environments")
 }
 
 /// The project id of `/dpc/v1/projects/{id}/connections/environment-overrides`.
 pub(super) fn overrides_project(path: &str) -> Option<String> {
+    project_path(path, "connections/environment-overrides")
+}
+
+fn project_path(path: &str, expected_tail: &str) -> Option<String> {
     let rest = path.strip_prefix("/dpc/v1/projects/")?;
     let (project, tail) = rest.split_once('/')?;
-    (tail == "connections/environment-overrides").then(|| {
+    (tail == expected_tail).then(|| {
         percent_encoding::percent_decode_str(project)
             .decode_utf8_lossy()
             .into_owned()
@@ -330,6 +342,10 @@ pub(super) fn respond(state: &State, op: SimOp, req: &Req) -> Response<Body> {
                         &[],
                     );
                 }
+            }
+            if op == SimOp::Environments {
+                let project = environments_project(req.uri.path()).expect("classified");
+                return environments(&inner, &project, req);
             }
             let project =
                 overrides_project(req.uri.path()).expect("classified as an override call");

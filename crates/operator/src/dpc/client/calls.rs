@@ -4,14 +4,20 @@
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
+use serde::de::DeserializeOwned;
 use url::Url;
 
 use super::super::error::{DpcError, Operation};
-use super::super::types::{OverrideRequest, RemoteOverride, parse_list, parse_write_answer};
+use super::super::types::{
+    OverrideRequest, RemoteEnvironment, RemoteOverride, parse_page, parse_write_answer,
+};
 use super::{AccountHandle, WriteAnswer};
 
 /// The page size asked of list calls: the documented maximum of DPC's list endpoints.
 const LIST_PAGE_SIZE: u64 = 100;
+
+/// The path of the override endpoints under a project.
+const OVERRIDES: &[&str] = &["connections", "environment-overrides"];
 
 /// Longest URL we send; longer DELETEs are split (DPC answers 400 to over-long URLs).
 const MAX_URL_LEN: usize = 2000;
@@ -66,10 +72,32 @@ impl AccountHandle {
         project_id: &str,
         environment: &str,
     ) -> Result<Vec<RemoteOverride>, DpcError> {
+        let base = [("environmentName", environment.to_string())];
+        self.pages(Operation::List, project_id, OVERRIDES, &base)
+            .await
+    }
+
+    /// The names of a project's environments (`GET /v1/projects/{projectId}/environments`),
+    /// every page. An item without a name is skipped.
+    pub async fn environments(&self, project_id: &str) -> Result<Vec<String>, DpcError> {
+        let items: Vec<RemoteEnvironment> = self
+            .pages(Operation::Environments, project_id, &["environments"], &[])
+            .await?;
+        Ok(items.into_iter().filter_map(|e| e.name).collect())
+    }
+
+    /// Every item of a list endpoint under a project, following envelope pages.
+    async fn pages<T: DeserializeOwned>(
+        &self,
+        operation: Operation,
+        project_id: &str,
+        tail: &[&str],
+        base: &[(&str, String)],
+    ) -> Result<Vec<T>, DpcError> {
         let mut items = Vec::new();
         let mut page_params: Option<(u64, u64)> = None;
         for _ in 0..1000 {
-            let mut query = vec![("environmentName", environment.to_string())];
+            let mut query = base.to_vec();
             match page_params {
                 Some((page, size)) => {
                     query.push(("page", page.to_string()));
@@ -79,12 +107,10 @@ impl AccountHandle {
                 // answers for a whole environment.
                 None => query.push(("size", LIST_PAGE_SIZE.to_string())),
             }
-            let url = self.overrides_url(project_id, &query);
-            let answer = self.send(Operation::List, Method::GET, url, None).await?;
-            let page = parse_list(&answer.body).map_err(|reason| DpcError::Decode {
-                operation: Operation::List,
-                reason,
-            })?;
+            let url = self.project_url(project_id, tail, &query);
+            let answer = self.send(operation, Method::GET, url, None).await?;
+            let page = parse_page::<T>(&answer.body)
+                .map_err(|reason| DpcError::Decode { operation, reason })?;
             let more = page.has_more();
             let next = (page.page.unwrap_or(0) + 1, page.size.unwrap_or(100));
             items.extend(page.items);
@@ -165,25 +191,29 @@ impl AccountHandle {
     }
 
     fn overrides_url(&self, project_id: &str, query: &[(&str, String)]) -> Url {
+        self.project_url(project_id, OVERRIDES, query)
+    }
+
+    fn overrides_url_raw(&self, project_id: &str, query: &str) -> Url {
+        self.project_url_raw(project_id, OVERRIDES, query)
+    }
+
+    fn project_url(&self, project_id: &str, tail: &[&str], query: &[(&str, String)]) -> Url {
         let raw: Vec<String> = query
             .iter()
             .map(|(k, v)| format!("{k}={}", encode(v)))
             .collect();
-        self.overrides_url_raw(project_id, &raw.join("&"))
+        self.project_url_raw(project_id, tail, &raw.join("&"))
     }
 
-    fn overrides_url_raw(&self, project_id: &str, query: &str) -> Url {
+    /// `{apiUrl}/v1/projects/{projectId}/{tail…}?{query}`, the project id one encoded segment.
+    fn project_url_raw(&self, project_id: &str, tail: &[&str], query: &str) -> Url {
         let mut url = self.state.endpoint.api_url.clone();
         url.path_segments_mut()
             .expect("an http(s) URL has path segments")
             .pop_if_empty()
-            .extend([
-                "v1",
-                "projects",
-                project_id,
-                "connections",
-                "environment-overrides",
-            ]);
+            .extend(["v1", "projects", project_id])
+            .extend(tail);
         url.set_query((!query.is_empty()).then_some(query));
         url
     }
