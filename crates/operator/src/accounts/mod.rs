@@ -328,7 +328,8 @@ pub(crate) async fn read_dpc_account(
     settings: &ClientSettings,
 ) -> Result<(ResolvedAccount, DpcAccountSpec), ResolveError> {
     let account = get_dpc_account(client, namespace, name).await?;
-    let resolved = resolve_dpc_account_spec(client, namespace, name, &account.spec, settings).await?;
+    let resolved =
+        resolve_dpc_account_spec(client, namespace, name, &account.spec, settings).await?;
     Ok((resolved, account.spec))
 }
 

@@ -230,7 +230,9 @@ fn is_project_id(text: &str) -> bool {
     let groups: Vec<&str> = text.split('-').collect();
     groups.len() == 5
         && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| {
-            g.len() == n && g.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+            g.len() == n
+                && g.chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
         })
 }
 
@@ -294,7 +296,9 @@ async fn account_source(args: &ImportArgs, settings: &ClientSettings) -> Result<
         request_burst: None,
     };
     if spec.region.is_none() && spec.api_url.is_none() {
-        return Err(Failure::Usage("say where DPC is: --region eu1|us1 or --api-url".into()));
+        return Err(Failure::Usage(
+            "say where DPC is: --region eu1|us1 or --api-url".into(),
+        ));
     }
     let endpoint = Endpoint::for_account(&spec, settings).map_err(Failure::Usage)?;
     Ok(Source {
@@ -369,7 +373,11 @@ async fn read_overrides(
     if let Some(missing) = environments.iter().find(|e| !listed.contains(*e)) {
         return Err(Failure::NotFound(format!(
             "environment {missing:?} not found in project {project}; it has: {}",
-            listed.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ")
+            listed
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let mut found = Vec::new();
@@ -377,9 +385,17 @@ async fn read_overrides(
         let overrides = patiently(|| handle.list(project, environment))
             .await
             .map_err(|e| {
-                explain(e, project, origin, &format!("listing the overrides of environment {environment:?}"))
+                explain(
+                    e,
+                    project,
+                    origin,
+                    &format!("listing the overrides of environment {environment:?}"),
+                )
             })?;
-        eprintln!("environment {environment:?}: {} override(s)", overrides.len());
+        eprintln!(
+            "environment {environment:?}: {} override(s)",
+            overrides.len()
+        );
         found.extend(overrides.into_iter().map(|remote| Found {
             environment: environment.clone(),
             remote,
@@ -399,7 +415,10 @@ where
     for attempt in 1.. {
         match call().await {
             Err(e) if attempt < 4 && e.is_transient() && !matches!(e, DpcError::Decode { .. }) => {
-                let wait = e.retry_after().unwrap_or(delay).min(Duration::from_secs(60));
+                let wait = e
+                    .retry_after()
+                    .unwrap_or(delay)
+                    .min(Duration::from_secs(60));
                 eprintln!("{e}; trying again in {} s", wait.as_secs_f64().ceil());
                 tokio::time::sleep(wait).await;
                 delay *= 2;
@@ -413,9 +432,9 @@ where
 fn explain(error: DpcError, project: &str, origin: &str, during: &str) -> Failure {
     let text = format!("{during} failed: {error}");
     match error.class() {
-        ErrorClass::CredentialsRejected => Failure::Credentials(format!(
-            "DPC refused the credentials from {origin}: {text}"
-        )),
+        ErrorClass::CredentialsRejected => {
+            Failure::Credentials(format!("DPC refused the credentials from {origin}: {text}"))
+        }
         ErrorClass::NotFound => Failure::NotFound(format!(
             "project {project} not found (or not visible to these credentials): {text}"
         )),

@@ -71,7 +71,9 @@ const WORDS: &[&str] = &["y", "n", "yes", "no", "true", "false", "on", "off", "n
 /// A string, plain when it is safe to be, else double-quoted.
 fn string(s: &str) -> String {
     let mut chars = s.chars();
-    let plain = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '/')
+    let plain = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '/')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-'))
         && !WORDS.contains(&s.to_ascii_lowercase().as_str());
     if plain { s.to_string() } else { quoted(s) }
@@ -88,7 +90,10 @@ fn quoted(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
-            c if c < ' ' || ('\u{7f}'..='\u{9f}').contains(&c) || matches!(c, '\u{feff}' | '\u{fffe}' | '\u{ffff}') => {
+            c if c < ' '
+                || ('\u{7f}'..='\u{9f}').contains(&c)
+                || matches!(c, '\u{feff}' | '\u{fffe}' | '\u{ffff}') =>
+            {
                 out.push_str(&format!("\\u{:04x}", c as u32));
             }
             c => out.push(c),
@@ -115,10 +120,41 @@ mod tests {
     #[test]
     fn every_string_reads_back_as_itself() {
         let awkward = [
-            "yes", "No", "on", "null", "~", "", " lead", "trail ", "1.0", "0x1f", "1e3", "12:30",
-            "2026-11-27", "a: b", "#c", "- d", "[e]", "{f}", "*g", "&h", "!i", "%j", "@k", "`l",
-            "m\nn", "tab\there", "quote\"s", "back\\slash", "del\u{7f}", "bom\u{feff}", "é ü 日本",
-            "Sales Force (EU)", "prod/salesforce", "3c90c3cc-0d44-4b50-8888-8dd25736052a", ".inf",
+            "yes",
+            "No",
+            "on",
+            "null",
+            "~",
+            "",
+            " lead",
+            "trail ",
+            "1.0",
+            "0x1f",
+            "1e3",
+            "12:30",
+            "2026-11-27",
+            "a: b",
+            "#c",
+            "- d",
+            "[e]",
+            "{f}",
+            "*g",
+            "&h",
+            "!i",
+            "%j",
+            "@k",
+            "`l",
+            "m\nn",
+            "tab\there",
+            "quote\"s",
+            "back\\slash",
+            "del\u{7f}",
+            "bom\u{feff}",
+            "é ü 日本",
+            "Sales Force (EU)",
+            "prod/salesforce",
+            "3c90c3cc-0d44-4b50-8888-8dd25736052a",
+            ".inf",
         ];
         let mut map = serde_json::Map::new();
         for (i, s) in awkward.iter().enumerate() {

@@ -5,6 +5,7 @@
 //! at the worst moment and SIGTERM with work in flight.
 
 mod flows;
+mod import;
 mod processes;
 mod sandbox;
 
