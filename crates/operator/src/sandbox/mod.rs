@@ -36,6 +36,30 @@ pub const EXAMPLES: &[(&str, &str)] = &[(
     include_str!("../../../../deploy/examples/quickstart.yaml"),
 )];
 
+/// A project whose overrides were made by hand in the DPC UI before the operator came (the
+/// simulator holds them from the start): what `dpc-operator import` is for (README,
+/// "Adopting existing overrides").
+pub const HAND_MADE_PROJECT: &str = "5b1e9c2a-7f3d-4e8a-9c61-2d4f8a0b3e71";
+
+/// The overrides of [`HAND_MADE_PROJECT`]: two environments, connection names Kubernetes
+/// cannot use as they are.
+fn seed_hand_made(sim: &DpcSim) {
+    let aws = serde_json::json!({"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"});
+    for (environment, connection, secret) in [
+        ("Production", "Salesforce (EU)", "prod/salesforce"),
+        ("Production", "snowflake_main.v2", "prod/snowflake"),
+        ("Dev", "Salesforce (EU)", "dev/salesforce"),
+    ] {
+        sim.put_override(
+            HAND_MADE_PROJECT,
+            environment,
+            connection,
+            None,
+            serde_json::json!({"secretsLocation": aws, "connectionProperties": {"secretName": secret}}),
+        );
+    }
+}
+
 /// How to run the sandbox.
 #[derive(Clone, Debug)]
 pub struct SandboxOptions {
@@ -306,6 +330,7 @@ async fn start_doubles(options: &SandboxOptions) -> Result<(KubeEmulator, Arc<Dp
             .await
             .map_err(|e| format!("starting the DPC simulator on {}: {e}", options.dpc_addr))?,
     );
+    seed_hand_made(&sim);
     let kubeconfig = match &options.kubeconfig_out {
         Some(path) => path.clone(),
         None => std::env::temp_dir()
@@ -326,6 +351,13 @@ async fn start_doubles(options: &SandboxOptions) -> Result<(KubeEmulator, Arc<Dp
     println!("From another terminal:");
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!("  kubectl get connectionoverrides -A        # or: kubectl get cov -A -o wide");
+    println!();
+    println!("DPC also holds overrides made by hand in project {HAND_MADE_PROJECT}; adopt them:");
+    println!(
+        "  cargo run -- import --project {HAND_MADE_PROJECT} --from-account data-platform/matillion-eu \\"
+    );
+    println!("      --allow-insecure-http --dpc-allowed-hosts 127.0.0.1 > imported.yaml");
+    println!("  kubectl apply -f imported.yaml           # Ready, and not one write to DPC");
     println!();
 
     Ok((emu, sim))

@@ -49,9 +49,12 @@ async fn the_sandbox_answers_kubectl_as_a_cluster_does() {
     // Read everything it prints (a full pipe would stop it), and say when it is Ready.
     let mut lines = tokio::io::BufReader::new(sandbox.stdout.take().unwrap()).lines();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let printed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = printed.clone();
     tokio::spawn(async move {
         let mut ready_tx = Some(ready_tx);
         while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().push(line.clone());
             if line.contains("every example is Ready")
                 && let Some(tx) = ready_tx.take()
             {
@@ -120,5 +123,87 @@ async fn the_sandbox_answers_kubectl_as_a_cluster_does() {
         all.matches("kind: ConnectionOverride").count(),
         "{stdout}"
     );
+    let lines = printed.lock().unwrap().clone();
+    adopt_the_hand_made_overrides(&k, &lines).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The README's "Adopting existing overrides" against the sandbox: the import command it
+/// prints, kubectl apply, Ready — and the simulator saw no write.
+async fn adopt_the_hand_made_overrides(k: &Kubectl, printed: &[String]) {
+    use dpc_operator::sandbox::HAND_MADE_PROJECT;
+    let simulator = printed
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("DPC simulator"))
+        .expect("the sandbox prints where its simulator is")
+        .trim()
+        .trim_end_matches("/dpc")
+        .to_string();
+    assert!(
+        printed.iter().any(|l| l.contains(&format!(
+            "import --project {HAND_MADE_PROJECT} --from-account data-platform/matillion-eu"
+        ))),
+        "the sandbox says how to import"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_dpc-operator"))
+        .args([
+            "import",
+            "--project",
+            HAND_MADE_PROJECT,
+            "--from-account",
+            "data-platform/matillion-eu",
+        ])
+        .args(["--allow-insecure-http", "--dpc-allowed-hosts", "127.0.0.1"])
+        .env("KUBECONFIG", &k.kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let yaml = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        yaml.matches("kind: ConnectionOverride").count(),
+        3,
+        "{yaml}"
+    );
+
+    let http = reqwest::Client::new();
+    let calls = || async {
+        let calls: Vec<Call> = http
+            .get(format!("{simulator}/_sim/calls"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        calls
+    };
+    let before = calls().await.len();
+    let (code, _, stderr) = k.run_input(&["apply", "-f", "-"], &yaml).await;
+    assert_eq!(code, 0, "{stderr}");
+    for name in [
+        "production-salesforce-eu",
+        "production-snowflake-main-v2",
+        "dev-salesforce-eu",
+    ] {
+        let (code, _, stderr) = k
+            .run(&[
+                "wait",
+                "--for=condition=Ready",
+                "-n",
+                "data-platform",
+                &format!("cov/{name}"),
+                "--timeout=60s",
+            ])
+            .await;
+        assert_eq!(code, 0, "{name}: {stderr}");
+    }
+    let after = calls().await;
+    let writes: Vec<&Call> = after[before..].iter().filter(|c| c.is_write()).collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    assert!(
+        after[before..].iter().any(|c| c.op == SimOp::List),
+        "DPC was read"
+    );
 }
