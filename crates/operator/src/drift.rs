@@ -237,6 +237,21 @@ impl Group {
     }
 }
 
+/// How old a list answer may be for the read before an object's first write: a stale one
+/// costs at most a 409 or 404 fallback ("DPC holds it already" is confirmed by an answer
+/// younger than the share window), and objects created in bulk under a tight request rate
+/// cost one list per environment per window, not one per object.
+pub const FIRST_WRITE_READ_AGE: Duration = Duration::from_secs(30);
+
+/// How fresh a read must be: given after the call (a user asked to read DPC now), younger
+/// than the share window, or younger than [`FIRST_WRITE_READ_AGE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    Now,
+    Shared,
+    FirstWrite,
+}
+
 /// Called with the objects whose finding needs the controller's attention.
 pub type Trigger = Arc<dyn Fn(&ObjKey) + Send + Sync>;
 
@@ -341,15 +356,14 @@ impl DriftChecker {
             .insert(key.clone(), finding.is_drift());
     }
 
-    /// Reads the override of `connection` now, sharing a list answer younger than the share
-    /// window with other readers of the same environment, unless `fresh` asks for an answer
-    /// given after this call (a user asked to read DPC now).
+    /// Reads the override of `connection`, sharing a list answer as young as `freshness`
+    /// asks with other readers of the same environment.
     pub async fn read_now(
         &self,
         group_key: &GroupKey,
         handle: &AccountHandle,
         connection: &str,
-        fresh: bool,
+        freshness: Freshness,
     ) -> Result<Option<Seen>, DpcError> {
         let cache = {
             let mut groups = self.groups.lock().expect("drift lock");
@@ -364,10 +378,10 @@ impl DriftChecker {
             });
             group.cache.clone()
         };
-        let max_age = if fresh {
-            Duration::ZERO
-        } else {
-            self.share_window
+        let max_age = match freshness {
+            Freshness::Now => Duration::ZERO,
+            Freshness::Shared => self.share_window,
+            Freshness::FirstWrite => FIRST_WRITE_READ_AGE.max(self.share_window),
         };
         let listing = self.fetch(&cache, handle, group_key, max_age).await?;
         Ok(listing.get(connection).cloned())
@@ -401,6 +415,7 @@ impl DriftChecker {
 
     /// Checks every group when it is due, until `shutdown`.
     pub async fn run(self: Arc<Self>, trigger: Trigger, shutdown: CancellationToken) {
+        let keep_for = FIRST_WRITE_READ_AGE.max(self.share_window);
         loop {
             let now = Instant::now();
             let mut due = Vec::new();
@@ -408,11 +423,11 @@ impl DriftChecker {
             {
                 let mut groups = self.groups.lock().expect("drift lock");
                 for (key, group) in groups.iter_mut() {
-                    // A list answer is kept only while it may be shared.
+                    // A list answer is kept only while some read may use it.
                     if let Ok(mut cached) = group.cache.try_lock()
                         && cached
                             .as_ref()
-                            .is_some_and(|(at, _)| at.elapsed() >= self.share_window)
+                            .is_some_and(|(at, _)| at.elapsed() >= keep_for)
                     {
                         *cached = None;
                     }

@@ -173,6 +173,13 @@ pub async fn import(args: &ImportArgs) -> Result<(String, Rendered), Failure> {
             "--project {project:?} is not a DPC project id (a lower-case UUID such as 3c90c3cc-0d44-4b50-8888-8dd25736052a)"
         )));
     }
+    if let Some(namespace) = &args.namespace
+        && (namespace.len() > 63 || namespace.contains('.') || !render::is_dns_subdomain(namespace))
+    {
+        return Err(Failure::Usage(format!(
+            "--namespace {namespace:?} is not a valid namespace name (a DNS-1123 label: lower-case letters, digits and '-')"
+        )));
+    }
     let account_ref = match &args.account_ref {
         Some(text) => render::account_ref(text).map_err(Failure::Usage)?,
         None => render::account_ref(&default_account_name(args)).map_err(Failure::Usage)?,

@@ -330,13 +330,7 @@ pub fn account_ref(text: &str) -> Result<AccountRef, String> {
             ));
         }
     };
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let valid = is_dns_subdomain(name);
     if !valid {
         return Err(format!(
             "--account-ref {text:?}: {name:?} is not a valid Kubernetes object name (lower-case letters, digits, '-' and '.')"
@@ -347,6 +341,17 @@ pub fn account_ref(text: &str) -> Result<AccountRef, String> {
         kind,
         namespace: None,
     })
+}
+
+/// A valid Kubernetes object name (DNS-1123 subdomain); a namespace must also be a label.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 #[cfg(test)]

@@ -111,3 +111,61 @@ async fn transient_failures_are_tried_again_and_unreadable_answers_are_not() {
     assert!(result.is_err());
     assert_eq!(tries.into_inner(), 1, "a refusal is final");
 }
+
+#[tokio::test]
+async fn arguments_are_checked_before_anything_is_called() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ImportArgs,
+    }
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "import",
+            "--project",
+            "3c90c3cc-0d44-4b50-8888-8dd25736052a",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().args
+    };
+    // An unreachable API: any call would fail with something other than these messages.
+    let unreachable = [
+        "--api-url",
+        "https://127.0.0.1:1/dpc",
+        "--dpc-allowed-hosts",
+        "127.0.0.1",
+    ];
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--namespace", "Data_Platform"],
+            "--namespace \"Data_Platform\" is not a valid namespace",
+        ),
+        (
+            &["--account-ref", "Other/x"],
+            "the kind must be DpcAccount or ClusterDpcAccount",
+        ),
+        (
+            &[
+                "--with-account",
+                "--account-ref",
+                "ClusterDpcAccount/shared",
+            ],
+            "--with-account prints a DpcAccount",
+        ),
+        (&["--from-account", "no-slash"], "expected NAMESPACE/NAME"),
+    ];
+    for (extra, expected) in cases {
+        let mut all = extra.to_vec();
+        if !extra.contains(&"--from-account") {
+            all.extend_from_slice(&unreachable);
+        }
+        let failure = import(&parse(&all)).await.unwrap_err();
+        assert_eq!(failure.exit_code(), 2, "{failure:?}");
+        assert!(
+            failure.message().contains(expected),
+            "{}",
+            failure.message()
+        );
+    }
+}

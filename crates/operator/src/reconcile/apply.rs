@@ -22,7 +22,7 @@ use crate::api::{
 use crate::claims::RemoteKey;
 use crate::context::{Context, Gate};
 use crate::dpc::{AccountHandle, Operation};
-use crate::drift::{self, Finding, GroupKey, Member, Seen};
+use crate::drift::{self, Finding, Freshness, GroupKey, Member, Seen};
 use crate::key::ObjKey;
 
 use super::act::{self, ActError, Applied, Plan};
@@ -257,11 +257,26 @@ async fn read(pass: &Pass<'_>, target: &Target) -> Result<Option<(Finding, Optio
         return Ok(ctx.drift.take_finding(key).map(|f| (f, None)));
     }
     let connection = &pass.obj.spec.connection_name;
-    match ctx
-        .drift
-        .read_now(&target.group, &target.dpc, connection, requested)
-        .await
+    let freshness = if requested {
+        Freshness::Now
+    } else if pass.observe_only() {
+        Freshness::Shared
+    } else {
+        Freshness::FirstWrite
+    };
+    let (group, dpc) = (&target.group, &target.dpc);
+    let mut result = ctx.drift.read_now(group, dpc, connection, freshness).await;
+    if freshness == Freshness::FirstWrite
+        && let Ok(remote) = &result
+        && drift::compare(&target.member.expected, remote.as_ref()) == Finding::InSync
     {
+        // "DPC holds it already" means no write at all: confirmed by a recent answer.
+        result = ctx
+            .drift
+            .read_now(group, dpc, connection, Freshness::Shared)
+            .await;
+    }
+    match result {
         Ok(remote) => {
             let finding = drift::compare(&target.member.expected, remote.as_ref());
             ctx.drift.note(key, &finding);
@@ -269,7 +284,7 @@ async fn read(pass: &Pass<'_>, target: &Target) -> Result<Option<(Finding, Optio
         }
         // Only a way to save writes: the first write goes ahead without it (POST, then PUT
         // on 409), and its own failure, if any, is what the object reports.
-        Err(error) if !(pass.observe_only() || requested) => {
+        Err(error) if freshness == Freshness::FirstWrite => {
             debug!(detail = %error, "reading DPC before the first write failed; writing without it");
             Ok(None)
         }

@@ -4,6 +4,7 @@
 mod common;
 
 mod accounts;
+mod adoption;
 mod api_server;
 mod binary;
 mod claims;

@@ -96,106 +96,6 @@ async fn new_object_gets_one_token_one_read_and_one_post_then_ready() {
 }
 
 #[tokio::test]
-async fn an_existing_override_that_differs_is_adopted_with_one_put() {
-    let h = Harness::start().await;
-    h.sim.put_override(
-        PROJECT,
-        "PROD",
-        "Salesforce",
-        None,
-        json!({"connectionProperties": {"secretName": "old"}}),
-    );
-    let h = h.run();
-    h.apply(&Cov::new("sf", "Salesforce")).await;
-    h.wait_ready("sf").await;
-
-    let ops: Vec<SimOp> = h.sim.calls().iter().map(|c| c.op).collect();
-    assert_eq!(ops, [SimOp::Token, SimOp::List, SimOp::Update]);
-    let stored = h.sim.get_override(PROJECT, "PROD", "Salesforce").unwrap();
-    assert_eq!(
-        stored.connection_overrides["connectionProperties"]["secretName"],
-        "prod/Salesforce"
-    );
-    let (_, _, note) = h.wait_event("sf", "Adopted").await;
-    assert!(note.contains("and updated it"), "{note}");
-    h.stop().await;
-}
-
-#[tokio::test]
-async fn an_existing_override_equal_to_the_spec_is_adopted_without_a_write() {
-    let h = Harness::start().await;
-    h.sim.put_override(
-        PROJECT,
-        "PROD",
-        "Salesforce",
-        None,
-        json!({"connectionProperties": {"secretName": "prod/Salesforce"},
-               "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}}),
-    );
-    let h = h.run();
-    h.apply(&Cov::new("sf", "Salesforce")).await;
-    let obj = h.wait_ready("sf").await;
-
-    assert_eq!(write_summary(&h.sim.calls()), []);
-    let status = obj.status.unwrap();
-    assert!(
-        status.applied_hash.is_some(),
-        "the hash DPC holds is recorded"
-    );
-    assert_eq!(
-        status.remote.unwrap().created_by.as_deref(),
-        Some("ui-user")
-    );
-    assert_eq!(
-        status
-            .managed_override
-            .map(|m| m.connection_name)
-            .as_deref(),
-        Some("Salesforce")
-    );
-    let (kind, _, note) = h.wait_event("sf", "Adopted").await;
-    assert_eq!(kind, "Normal");
-    assert!(note.contains("nothing written"), "{note}");
-
-    // From then on it is managed: a change of the spec is one PUT.
-    h.apply(&Cov::new("sf", "Salesforce").property("secretKey", "k"))
-        .await;
-    h.wait_for("sf", "Ready at generation 2", |o| {
-        is_ready(o) && o.metadata.generation == Some(2)
-    })
-    .await;
-    assert_eq!(write_summary(&h.sim.calls()), [(SimOp::Update, Some(200))]);
-    h.stop().await;
-}
-
-#[tokio::test]
-async fn when_the_first_read_fails_post_409_still_adopts_with_one_put() {
-    let h = Harness::start().await;
-    h.sim.put_override(
-        PROJECT,
-        "PROD",
-        "Salesforce",
-        None,
-        json!({"connectionProperties": {"secretName": "old"}}),
-    );
-    h.sim.push_fault(Fault::status(SimOp::List, 503));
-    let h = h.run();
-    h.apply(&Cov::new("sf", "Salesforce")).await;
-    h.wait_ready("sf").await;
-
-    assert_eq!(
-        summary(&h.sim.calls())[1..],
-        [
-            (SimOp::List, Some(503)),
-            (SimOp::Create, Some(409)),
-            (SimOp::Update, Some(200))
-        ]
-    );
-    h.wait_event("sf", "Adopted").await;
-    h.stop().await;
-}
-
-#[tokio::test]
 async fn spec_change_sends_exactly_one_put_and_an_unchanged_object_sends_nothing() {
     let h = Harness::start().await;
     h.put_secret("refs", &[("key", "k1")]).await;
@@ -410,13 +310,7 @@ async fn reconcile_requested_at_reads_dpc_now_and_is_echoed() {
     let cov = Cov::new("sf", "Salesforce");
     h.apply(&cov).await;
     h.wait_ready("sf").await;
-    h.sim.put_override(
-        PROJECT,
-        "PROD",
-        "Salesforce",
-        None,
-        json!({"connectionProperties": {"secretName": "edited"}}),
-    );
+    h.edit_in_dpc("Salesforce", "edited");
     h.sim.clear_calls();
 
     h.apply(&cov.annotation(

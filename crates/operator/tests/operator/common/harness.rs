@@ -105,6 +105,18 @@ impl Harness {
             .kubeconfig_with_token("admin", &self.cluster.admin_token, &self.ns)
     }
 
+    /// Someone edits the override of `connection` in PROD in the DPC UI: it then holds only
+    /// `secretName: secret_name`.
+    pub fn edit_in_dpc(&self, connection: &str, secret_name: &str) {
+        self.sim.put_override(
+            PROJECT,
+            "PROD",
+            connection,
+            None,
+            serde_json::json!({"connectionProperties": {"secretName": secret_name}}),
+        );
+    }
+
     /// Starts the controller (tests may prepare objects first).
     pub fn run(mut self) -> Self {
         let ctx = self.ctx.clone();
