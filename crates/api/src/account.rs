@@ -144,6 +144,18 @@ pub struct CredentialsSecretRef {
     pub client_secret_key: String,
 }
 
+impl CredentialsSecretRef {
+    /// The Secret `name` of the account's own namespace, with the default keys.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: None,
+            client_id_key: default_client_id_key(),
+            client_secret_key: default_client_secret_key(),
+        }
+    }
+}
+
 fn default_client_id_key() -> String {
     "client_id".into()
 }

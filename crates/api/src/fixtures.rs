@@ -76,12 +76,7 @@ pub fn account_spec(credentials: &str) -> DpcAccountSpec {
         api_url: None,
         token_url: None,
         audience: None,
-        credentials_secret_ref: CredentialsSecretRef {
-            name: credentials.into(),
-            namespace: None,
-            client_id_key: "client_id".into(),
-            client_secret_key: "client_secret".into(),
-        },
+        credentials_secret_ref: CredentialsSecretRef::named(credentials),
         account_id: None,
         requests_per_minute: None,
         request_burst: None,

@@ -292,12 +292,8 @@ async fn account_source(args: &ImportArgs, settings: &ClientSettings) -> Result<
         api_url: args.api_url.clone(),
         token_url: args.token_url.clone(),
         audience: args.audience.clone(),
-        credentials_secret_ref: CredentialsSecretRef {
-            name: "unused".into(),
-            namespace: None,
-            client_id_key: "client_id".into(),
-            client_secret_key: "client_secret".into(),
-        },
+        // Not read: the credentials come from the environment.
+        credentials_secret_ref: CredentialsSecretRef::named("unused"),
         account_id: args.account_id.clone(),
         requests_per_minute: None,
         request_burst: None,

@@ -283,12 +283,7 @@ pub fn object_names(pairs: &[(&str, &str)]) -> Vec<String> {
 pub fn account(name: &str, namespace: Option<&str>, spec: &DpcAccountSpec) -> [Value; 2] {
     let secret_name = format!("{name}-credentials");
     let mut spec = spec.clone();
-    spec.credentials_secret_ref = crate::api::CredentialsSecretRef {
-        name: secret_name.clone(),
-        namespace: None,
-        client_id_key: "client_id".into(),
-        client_secret_key: "client_secret".into(),
-    };
+    spec.credentials_secret_ref = crate::api::CredentialsSecretRef::named(&secret_name);
     spec.requests_per_minute = None;
     spec.request_burst = None;
     let metadata = |name: &str| {

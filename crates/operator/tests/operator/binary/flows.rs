@@ -229,19 +229,16 @@ async fn the_test_doubles_run_as_processes() {
     };
     list(503).await;
     list(200).await;
-    let calls: Vec<serde_json::Value> = http
-        .get(format!("{url}/_sim/calls"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let seen: Vec<(&str, u64)> = calls
-        .iter()
-        .map(|c| (c["op"].as_str().unwrap(), c["status"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(seen, [("token", 200), ("list", 503), ("list", 200)]);
+    let calls = sim_calls(&http, &url).await;
+    let seen: Vec<(SimOp, Option<u16>)> = calls.iter().map(|c| (c.op, c.status)).collect();
+    assert_eq!(
+        seen,
+        [
+            (SimOp::Token, Some(200)),
+            (SimOp::List, Some(503)),
+            (SimOp::List, Some(200))
+        ]
+    );
     dpc.kill().await.unwrap();
 
     // The Kubernetes API emulator, with the CRDs installed and a kubeconfig for kubectl.

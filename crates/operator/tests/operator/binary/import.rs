@@ -8,9 +8,9 @@ use crate::kubectl::Kubectl;
 use dpc_operator::api::conditions;
 use serde_json::json;
 
-/// Runs `dpc-operator import` with `args` and exactly the `env` given of the DPC_* variables:
-/// exit code, stdout, stderr.
-async fn import(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+/// Runs `dpc-operator import` with `args` and, of the DPC_* variables, exactly those `env`
+/// gives (`env` may add others): exit code, stdout, stderr.
+pub(super) async fn run_import(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dpc-operator"));
     command
         .arg("import")
@@ -106,13 +106,17 @@ async fn imported_overrides_are_taken_over_without_a_write_and_then_watched() {
     ];
 
     // 1. Import: one object per override, the same bytes every time.
-    let (code, yaml, stderr) = import(&base, &[]).await;
+    let (code, yaml, stderr) = run_import(&base, &[]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("environment \"Prod EU\": 2 override(s)"),
         "{stderr}"
     );
-    assert_eq!(import(&base, &[]).await.1, yaml, "same state, same bytes");
+    assert_eq!(
+        run_import(&base, &[]).await.1,
+        yaml,
+        "same state, same bytes"
+    );
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
     let mut names: Vec<String> = docs
         .iter()
@@ -152,7 +156,7 @@ async fn imported_overrides_are_taken_over_without_a_write_and_then_watched() {
         None,
         json!({"connectionProperties": {"secretName": "prod/snowflake-2"}}),
     );
-    let changed = import(&base, &[]).await.1;
+    let changed = run_import(&base, &[]).await.1;
     let differing: Vec<(&str, &str)> = yaml
         .lines()
         .zip(changed.lines())
@@ -189,7 +193,7 @@ async fn imported_overrides_are_taken_over_without_a_write_and_then_watched() {
     // 3. Manage: still not one write; each object now records what it manages.
     let mut manage = base.to_vec();
     manage.push("--manage");
-    let managed_yaml = import(&manage, &[]).await.1;
+    let managed_yaml = run_import(&manage, &[]).await.1;
     let (code, out, err) = kubectl
         .run_input(&["apply", "-f", "-"], &managed_yaml)
         .await;
@@ -266,7 +270,7 @@ async fn import_failures_say_what_failed_and_exit_non_zero() {
         async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let env = [("DPC_CLIENT_ID", CLIENT_ID), ("DPC_CLIENT_SECRET", secret)];
-            let (code, out, err) = import(&args, &env).await;
+            let (code, out, err) = run_import(&args, &env).await;
             printed.lock().unwrap().push_str(&format!("{out}{err}"));
             (code, out, err)
         }
@@ -305,7 +309,7 @@ async fn import_failures_say_what_failed_and_exit_non_zero() {
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     assert!(err.contains("could not read DPC's answer to list"), "{err}");
 
-    let (code, _, err) = import(&["--project", PROJECT, "--api-url", &api], &[]).await;
+    let (code, _, err) = run_import(&["--project", PROJECT, "--api-url", &api], &[]).await;
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("no credentials: set DPC_CLIENT_ID and DPC_CLIENT_SECRET"),

@@ -207,6 +207,17 @@ impl Operator {
     }
 }
 
+/// The call log of a simulator in another process (`GET {base}/_sim/calls`).
+async fn sim_calls(http: &reqwest::Client, base: &str) -> Vec<Call> {
+    http.get(format!("{base}/_sim/calls"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn write_summary(calls: &[Call]) -> Vec<(SimOp, Option<u16>)> {
     calls
         .iter()

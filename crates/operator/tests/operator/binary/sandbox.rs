@@ -145,22 +145,21 @@ async fn adopt_the_hand_made_overrides(k: &Kubectl, printed: &[String]) {
         ))),
         "the sandbox says how to import"
     );
-    let output = Command::new(env!("CARGO_BIN_EXE_dpc-operator"))
-        .args([
-            "import",
+    let kubeconfig = k.kubeconfig.display().to_string();
+    let (code, yaml, stderr) = super::import::run_import(
+        &[
             "--project",
             HAND_MADE_PROJECT,
             "--from-account",
             "data-platform/matillion-eu",
-        ])
-        .args(["--allow-insecure-http", "--dpc-allowed-hosts", "127.0.0.1"])
-        .env("KUBECONFIG", &k.kubeconfig)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    let yaml = String::from_utf8(output.stdout).unwrap();
+            "--allow-insecure-http",
+            "--dpc-allowed-hosts",
+            "127.0.0.1",
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         yaml.matches("kind: ConnectionOverride").count(),
         3,
@@ -168,17 +167,7 @@ async fn adopt_the_hand_made_overrides(k: &Kubectl, printed: &[String]) {
     );
 
     let http = reqwest::Client::new();
-    let calls = || async {
-        let calls: Vec<Call> = http
-            .get(format!("{simulator}/_sim/calls"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        calls
-    };
+    let calls = || sim_calls(&http, &simulator);
     let before = calls().await.len();
     let (code, _, stderr) = k.run_input(&["apply", "-f", "-"], &yaml).await;
     assert_eq!(code, 0, "{stderr}");
