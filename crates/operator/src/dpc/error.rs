@@ -190,6 +190,24 @@ impl DpcError {
         }
     }
 
+    /// Whether the write this error ended may still have changed DPC: it was sent and no
+    /// answer refused it (a 5xx, a timeout or reset after sending, an answer that could not
+    /// be read). A refusal (4xx), a call never sent (no slot, no token, no connection, no
+    /// lease) or a failed token request changed nothing.
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            DpcError::Api {
+                operation, status, ..
+            } => *operation != Operation::Token && *status >= 500,
+            DpcError::Transport {
+                operation, kind, ..
+            } => *operation != Operation::Token && *kind != TransportKind::Connect,
+            DpcError::Decode { operation, .. } => *operation != Operation::Token,
+            DpcError::StillPresent(_) => true,
+            DpcError::Throttled { .. } | DpcError::Misconfigured(_) | DpcError::Fenced(_) => false,
+        }
+    }
+
     /// Whether retrying on a timer can help.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -340,5 +358,37 @@ mod tests {
             e.to_string(),
             "update held back: DPC asked this account to wait 2 s more"
         );
+    }
+
+    #[test]
+    fn only_a_write_sent_without_a_refusal_may_have_changed_dpc() {
+        let api = |operation, status| DpcError::Api {
+            operation,
+            status,
+            problem: None,
+            body_excerpt: None,
+            retry_after: None,
+        };
+        for status in [400, 404, 408, 409, 422, 429, 302] {
+            assert!(
+                !api(Operation::Create, status).may_have_applied(),
+                "{status}"
+            );
+        }
+        assert!(api(Operation::Create, 500).may_have_applied());
+        assert!(api(Operation::Delete, 503).may_have_applied());
+        assert!(!api(Operation::Token, 503).may_have_applied());
+        let decode = DpcError::Decode {
+            operation: Operation::Update,
+            reason: "too large".into(),
+        };
+        assert!(decode.may_have_applied());
+        let throttled = DpcError::Throttled {
+            operation: Operation::Create,
+            remaining: std::time::Duration::from_secs(1),
+            queued: true,
+        };
+        assert!(!throttled.may_have_applied());
+        assert!(!DpcError::Fenced(Operation::Create).may_have_applied());
     }
 }

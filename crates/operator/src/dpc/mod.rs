@@ -11,7 +11,7 @@ pub mod types;
 
 pub use client::{
     AccountHandle, AccountKey, CallObserver, ClientSettings, Credentials, DpcClient, Endpoint,
-    Rate, WriteAnswer,
+    Place, Rate, WriteAnswer, WriteEffect, WriteObserver,
 };
 pub use error::{DpcError, ErrorClass, Operation};
 pub use secret::SecretString;

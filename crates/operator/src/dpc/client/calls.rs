@@ -11,10 +11,14 @@ use super::super::error::{DpcError, Operation};
 use super::super::types::{
     OverrideRequest, RemoteEnvironment, RemoteOverride, parse_page, parse_write_answer,
 };
-use super::{AccountHandle, WriteAnswer};
+use super::{AccountHandle, WriteAnswer, WriteEffect};
 
 /// The page size asked of list calls: the documented maximum of DPC's list endpoints.
 const LIST_PAGE_SIZE: u64 = 100;
+
+/// The most pages one list follows: a server that keeps announcing more is answering
+/// something other than a list.
+pub const MAX_PAGES: usize = 1000;
 
 /// The path of the override endpoints under a project.
 const OVERRIDES: &[&str] = &["connections", "environment-overrides"];
@@ -59,11 +63,26 @@ impl AccountHandle {
         body: &OverrideRequest,
     ) -> Result<WriteAnswer, DpcError> {
         let url = self.overrides_url(project_id, &[]);
-        let answer = self.send(operation, method, url, Some(body)).await?;
-        Ok(WriteAnswer {
+        let journal = self.journal(project_id, &body.environment_name);
+        let connections = [body.connection_name.as_str()];
+        if let Some((writes, place)) = &journal {
+            writes.begin(place, &connections);
+        }
+        let result = self.send(operation, method, url, Some(body)).await;
+        let result = result.map(|answer| WriteAnswer {
             status: answer.status.as_u16(),
             remote: parse_write_answer(&answer.body),
-        })
+        });
+        if let Some((writes, place)) = &journal {
+            match &result {
+                Ok(answer) => {
+                    let held = held_after(body, answer.remote.as_ref());
+                    writes.end(place, &connections, WriteEffect::Holds(&held));
+                }
+                Err(error) => writes.end(place, &connections, effect_of_failure(error)),
+            }
+        }
+        result
     }
 
     /// Every override of an environment, following envelope pages when the answer has them.
@@ -96,7 +115,7 @@ impl AccountHandle {
     ) -> Result<Vec<T>, DpcError> {
         let mut items = Vec::new();
         let mut page_params: Option<(u64, u64)> = None;
-        for _ in 0..1000 {
+        for _ in 0..MAX_PAGES {
             let mut query = base.to_vec();
             match page_params {
                 Some((page, size)) => {
@@ -119,7 +138,15 @@ impl AccountHandle {
             }
             page_params = Some(next);
         }
-        Ok(items)
+        // A list cut short would be taken for all there is (a drift check, a confirmed
+        // deletion, an import): refused whole instead.
+        Err(DpcError::Decode {
+            operation,
+            reason: format!(
+                "DPC still announced more pages after {MAX_PAGES} pages ({} items); the list is not used",
+                items.len()
+            ),
+        })
     }
 
     /// `DELETE` the overrides of `connection_names` in an environment. 404 counts as done.
@@ -140,16 +167,27 @@ impl AccountHandle {
                 "connection name {name:?} contains a comma; DPC's delete call reads commas as separators, so it is never sent"
             )));
         }
-        for chunk in self.delete_batches(project_id, environment, connection_names) {
+        for (chunk, names) in self.delete_batches(project_id, environment, connection_names) {
             let url = self.overrides_url_raw(project_id, &chunk);
-            match self
+            let journal = self.journal(project_id, environment);
+            if let Some((writes, place)) = &journal {
+                writes.begin(place, &names);
+            }
+            let result = match self
                 .send(Operation::Delete, Method::DELETE, url, None)
                 .await
             {
-                Ok(_) => {}
-                Err(DpcError::Api { status: 404, .. }) => {}
-                Err(e) => return Err(e),
+                Ok(_) | Err(DpcError::Api { status: 404, .. }) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Some((writes, place)) = &journal {
+                let effect = match &result {
+                    Ok(()) => WriteEffect::Gone,
+                    Err(error) => effect_of_failure(error),
+                };
+                writes.end(place, &names, effect);
             }
+            result?;
         }
         let unusual: Vec<&String> = connection_names
             .iter()
@@ -168,24 +206,32 @@ impl AccountHandle {
         Ok(())
     }
 
-    fn delete_batches(&self, project_id: &str, environment: &str, names: &[String]) -> Vec<String> {
+    /// The query of each DELETE, with the names it carries.
+    fn delete_batches<'n>(
+        &self,
+        project_id: &str,
+        environment: &str,
+        names: &'n [String],
+    ) -> Vec<(String, Vec<&'n str>)> {
         let prefix = format!("environmentName={}&connectionNames=", encode(environment));
         let base_len = self.overrides_url(project_id, &[]).as_str().len() + 1 + prefix.len();
         let mut batches = Vec::new();
         let mut current = String::new();
+        let mut carried = Vec::new();
         for name in names {
             let encoded = encode(name);
             if !current.is_empty() && base_len + current.len() + 1 + encoded.len() > MAX_URL_LEN {
-                batches.push(format!("{prefix}{current}"));
+                batches.push((format!("{prefix}{current}"), std::mem::take(&mut carried)));
                 current.clear();
             }
             if !current.is_empty() {
                 current.push(',');
             }
             current.push_str(&encoded);
+            carried.push(name.as_str());
         }
         if !current.is_empty() {
-            batches.push(format!("{prefix}{current}"));
+            batches.push((format!("{prefix}{current}"), carried));
         }
         batches
     }
@@ -216,6 +262,30 @@ impl AccountHandle {
             .extend(tail);
         url.set_query((!query.is_empty()).then_some(query));
         url
+    }
+}
+
+/// What DPC holds after it accepted `body`: the values sent, with what its answer said of
+/// the override (who created it, the parent's types) when it echoed one.
+fn held_after(body: &OverrideRequest, echo: Option<&RemoteOverride>) -> RemoteOverride {
+    let values = serde_json::to_value(&body.connection_overrides).ok();
+    let echo = echo.cloned().unwrap_or_default();
+    RemoteOverride {
+        name: Some(body.connection_name.clone()),
+        environment_name: Some(body.environment_name.clone()),
+        auth_type: body.auth_type.clone().or(echo.auth_type),
+        connection_overrides: values,
+        ..echo
+    }
+}
+
+/// What a failed write may have left: nothing, when DPC answered and refused it (or it was
+/// never sent); otherwise no one knows.
+fn effect_of_failure(error: &DpcError) -> WriteEffect<'static> {
+    if error.may_have_applied() {
+        WriteEffect::Unknown
+    } else {
+        WriteEffect::Unchanged
     }
 }
 

@@ -12,7 +12,7 @@ mod transport;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::error::Operation;
+use super::error::{DpcError, Operation};
 use super::limiter::{RateLimiter, Requester};
 use super::secret::SecretString;
 use super::types::RemoteOverride;
@@ -63,6 +63,45 @@ pub trait CallObserver: Send + Sync {
     fn waited(&self, _elapsed: Duration) {}
 }
 
+/// Where an override lives in DPC: behind an API URL (without a trailing `/`), in a project
+/// (a UUID, unique in DPC) and an environment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Place {
+    pub api_url: String,
+    pub project: String,
+    pub environment: String,
+}
+
+impl Place {
+    pub fn new(api_url: &str, project: &str, environment: &str) -> Self {
+        Self {
+            api_url: api_url.trim_end_matches('/').to_string(),
+            project: project.into(),
+            environment: environment.into(),
+        }
+    }
+}
+
+/// What a finished write left in DPC for one connection.
+#[derive(Clone, Copy, Debug)]
+pub enum WriteEffect<'a> {
+    /// DPC accepted it and holds this.
+    Holds(&'a RemoteOverride),
+    /// DPC deleted it (or it was not there).
+    Gone,
+    /// DPC refused it: nothing changed.
+    Unchanged,
+    /// No answer says what happened (a timeout, a reset, a 5xx).
+    Unknown,
+}
+
+/// Sees every write to DPC begin and end, so that what was read of DPC before a write is
+/// never taken for what DPC holds after it. Implemented by the drift checker's journal.
+pub trait WriteObserver: Send + Sync {
+    fn begin(&self, place: &Place, connections: &[&str]);
+    fn end(&self, place: &Place, connections: &[&str], effect: WriteEffect<'_>);
+}
+
 /// The request rate of an account.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate {
@@ -81,6 +120,7 @@ struct Inner {
     settings: ClientSettings,
     accounts: Mutex<HashMap<AccountKey, Arc<AccountState>>>,
     observer: Option<Arc<dyn CallObserver>>,
+    writes: Option<Arc<dyn WriteObserver>>,
     token_ids: AtomicU64,
     /// Set when this replica stopped leading: no request is sent any more.
     fenced: std::sync::atomic::AtomicBool,
@@ -133,6 +173,15 @@ impl DpcClient {
         settings: ClientSettings,
         observer: Option<Arc<dyn CallObserver>>,
     ) -> Self {
+        Self::with_observers(settings, observer, None)
+    }
+
+    /// A client that reports every call to `observer` and every write to `writes`.
+    pub fn with_observers(
+        settings: ClientSettings,
+        observer: Option<Arc<dyn CallObserver>>,
+        writes: Option<Arc<dyn WriteObserver>>,
+    ) -> Self {
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("dpc-operator/", env!("CARGO_PKG_VERSION")))
@@ -150,6 +199,7 @@ impl DpcClient {
                 settings,
                 accounts: Mutex::new(HashMap::new()),
                 observer,
+                writes,
                 token_ids: AtomicU64::new(1),
                 fenced: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -205,6 +255,7 @@ impl DpcClient {
             state,
             requester: None,
             secrets: Arc::new([]),
+            admitted: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -262,6 +313,8 @@ pub struct AccountHandle {
     requester: Requester,
     /// Values the calls send that were read from Secrets: removed from any text DPC answers.
     secrets: Arc<[SecretString]>,
+    /// Set by [`AccountHandle::admitted`]: the next API request has its rate-limit slot.
+    admitted: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for AccountHandle {
@@ -295,6 +348,32 @@ impl AccountHandle {
             secrets: secrets.into_iter().collect(),
             ..self.clone()
         }
+    }
+
+    /// Where an override of this account lives.
+    pub fn place(&self, project: &str, environment: &str) -> Place {
+        Place::new(self.state.endpoint.api_url.as_str(), project, environment)
+    }
+
+    /// The same handle, with the rate-limit slot of its next API request taken (waiting for
+    /// a near one) and a token at hand: what happens between this and that request (the
+    /// cluster told of a write about to go out) happens only once the request is sure to be
+    /// sent. A far slot is `Throttled` and kept as this requester's ticket, as for any call.
+    pub async fn admitted(&self, operation: Operation) -> Result<AccountHandle, DpcError> {
+        self.check_fence(operation)?;
+        self.check_gate(operation)?;
+        self.ensure_token().await?;
+        self.admit(operation).await?;
+        Ok(AccountHandle {
+            admitted: Arc::new(AtomicBool::new(true)),
+            ..self.clone()
+        })
+    }
+
+    /// Tells the write observer a write begins, and returns what ends it.
+    fn journal(&self, project: &str, environment: &str) -> Option<(Arc<dyn WriteObserver>, Place)> {
+        let writes = self.client.inner.writes.clone()?;
+        Some((writes, self.place(project, environment)))
     }
 
     /// A digest of the account's endpoint and credentials (not reversible): it changes when

@@ -5,23 +5,27 @@
 //!
 //! Memory matters here (tens of thousands of objects): an object is remembered by the field
 //! names it sets and hashes of their values, and a list answer is kept only in that form and
-//! only as long as other objects may share it.
+//! only as long as other objects may share it. Every answer is read through the journal of
+//! the operator's own writes (`journal`), so none is taken for DPC's state after a write it
+//! predates.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+mod compare;
+mod journal;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::api::RemoteStatus;
-use crate::dpc::{AccountHandle, AccountKey, DpcError, OverrideRequest, RemoteOverride};
+use crate::dpc::{AccountHandle, AccountKey, DpcError, Operation, OverrideRequest};
 use crate::key::ObjKey;
+
+pub use compare::{Expected, Finding, Seen, compare};
+pub use journal::{Journal, View};
 
 /// One environment of one project, seen through one account.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -29,172 +33,6 @@ pub struct GroupKey {
     pub account: AccountKey,
     pub project: String,
     pub environment: String,
-}
-
-/// What a comparison found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Finding {
-    InSync,
-    /// The override exists with these fields different from the desired state.
-    Differs(Vec<String>),
-    /// There is no override for the connection in DPC.
-    Missing,
-}
-
-impl Finding {
-    pub fn is_drift(&self) -> bool {
-        !matches!(self, Finding::InSync)
-    }
-
-    /// A sentence for a condition or Event; names fields, never values.
-    pub fn describe(&self) -> String {
-        match self {
-            Finding::InSync => "DPC holds the desired override".into(),
-            Finding::Differs(fields) => format!(
-                "the override in DPC differs from the spec in {}",
-                fields.join(", ")
-            ),
-            Finding::Missing => "the override does not exist in DPC".into(),
-        }
-    }
-}
-
-fn digest<T: Hash + ?Sized>(value: &T) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
-}
-
-fn json_digest(value: &Value) -> u64 {
-    digest(&crate::dpc::types::canonical_json(value))
-}
-
-/// What an object wants DPC to hold, as field names and hashes of their values.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Expected {
-    auth_type: Option<u64>,
-    /// Every property, by name (sorted).
-    properties: Box<[(Box<str>, u64)]>,
-    /// The `secretsLocation` fields the spec sets.
-    location: Box<[(Box<str>, u64)]>,
-}
-
-impl Expected {
-    pub fn of(request: &OverrideRequest) -> Self {
-        let properties = request
-            .connection_overrides
-            .connection_properties
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().into(),
-                    digest(&Value::String(v.clone()).to_string()),
-                )
-            })
-            .collect();
-        let location = match &request.connection_overrides.secrets_location {
-            Some(Value::Object(map)) => {
-                let mut fields: Vec<(Box<str>, u64)> = map
-                    .iter()
-                    .map(|(k, v)| (k.as_str().into(), json_digest(v)))
-                    .collect();
-                fields.sort();
-                fields.into_boxed_slice()
-            }
-            _ => Vec::new().into_boxed_slice(),
-        };
-        Self {
-            auth_type: request.auth_type.as_deref().map(digest),
-            properties,
-            location,
-        }
-    }
-}
-
-/// An override as the last list answer showed it: the same form as [`Expected`], plus what
-/// status reports about it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Seen {
-    auth_type: Option<u64>,
-    properties: Box<[(Box<str>, u64)]>,
-    location: BTreeMap<Box<str>, u64>,
-    /// What DPC reported, for status.
-    pub status: RemoteStatus,
-}
-
-impl Seen {
-    pub fn of(remote: &RemoteOverride) -> Self {
-        let overrides = remote
-            .connection_overrides
-            .as_ref()
-            .and_then(Value::as_object);
-        let mut properties: Vec<(Box<str>, u64)> = overrides
-            .and_then(|o| o.get("connectionProperties"))
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.as_str().into(), digest(&v.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        properties.sort();
-        let location = overrides
-            .and_then(|o| o.get("secretsLocation"))
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.as_str().into(), json_digest(v)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            auth_type: remote.auth_type.as_deref().map(digest),
-            properties: properties.into(),
-            location,
-            status: remote.status(),
-        }
-    }
-}
-
-/// Compares what DPC holds with what an object wants. Properties must match exactly (an
-/// extra property in DPC is drift: a PUT would remove it); `secretsLocation` and `authType`
-/// are compared only where the spec sets them (DPC may fill in defaults).
-pub fn compare(expected: &Expected, seen: Option<&Seen>) -> Finding {
-    let Some(seen) = seen else {
-        return Finding::Missing;
-    };
-    let mut fields = Vec::new();
-    if let Some(auth) = expected.auth_type
-        && seen.auth_type != Some(auth)
-    {
-        fields.push("authType".to_string());
-    }
-    let mut names: Vec<&str> = expected
-        .properties
-        .iter()
-        .chain(seen.properties.iter())
-        .map(|(k, _)| &**k)
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    let value = |list: &[(Box<str>, u64)], name: &str| {
-        list.iter().find(|(k, _)| &**k == name).map(|(_, v)| *v)
-    };
-    for name in names {
-        if value(&expected.properties, name) != value(&seen.properties, name) {
-            fields.push(format!("connectionOverrides.connectionProperties.{name}"));
-        }
-    }
-    for (key, want) in expected.location.iter() {
-        if seen.location.get(key) != Some(want) {
-            fields.push(format!("connectionOverrides.secretsLocation.{key}"));
-        }
-    }
-    if fields.is_empty() {
-        Finding::InSync
-    } else {
-        Finding::Differs(fields)
-    }
 }
 
 /// What the drift checker needs to know about one object.
@@ -215,8 +53,16 @@ impl Member {
     }
 }
 
-/// A list answer: the overrides of one environment by connection name.
-type Listing = Arc<HashMap<String, Seen>>;
+/// A list answer: the overrides of one environment by connection name, and the point of the
+/// journal its call began at.
+#[derive(Clone)]
+struct Listing {
+    overrides: Arc<HashMap<String, Seen>>,
+    seq: u64,
+}
+
+/// A cached list answer and when its call began.
+type Cached = Option<(Instant, Listing)>;
 
 struct Group {
     members: HashMap<ObjKey, Member>,
@@ -224,7 +70,7 @@ struct Group {
     next_due: Instant,
     /// The last list answer and when it was fetched; the lock makes concurrent readers share
     /// one call.
-    cache: Arc<tokio::sync::Mutex<Option<(Instant, Listing)>>>,
+    cache: Arc<tokio::sync::Mutex<Cached>>,
 }
 
 impl Group {
@@ -252,6 +98,14 @@ pub enum Freshness {
     FirstWrite,
 }
 
+/// A finding of a periodic check, with the list answer it came from.
+struct Noted {
+    finding: Finding,
+    place: crate::dpc::Place,
+    listed_at: u64,
+    connection: String,
+}
+
 /// Called with the objects whose finding needs the controller's attention.
 pub type Trigger = Arc<dyn Fn(&ObjKey) + Send + Sync>;
 
@@ -259,8 +113,11 @@ pub type Trigger = Arc<dyn Fn(&ObjKey) + Send + Sync>;
 pub struct DriftChecker {
     groups: Mutex<HashMap<Arc<GroupKey>, Group>>,
     member_groups: Mutex<HashMap<ObjKey, Arc<GroupKey>>>,
-    findings: Mutex<HashMap<ObjKey, Finding>>,
+    /// Findings of periodic checks for the controller, with where and when they were read.
+    findings: Mutex<HashMap<ObjKey, Noted>>,
     last: Mutex<HashMap<ObjKey, bool>>,
+    /// The operator's own writes, through which every list answer is read.
+    journal: Arc<Journal>,
     changed: tokio::sync::Notify,
     /// A list answer younger than this serves immediate reads too.
     share_window: Duration,
@@ -273,8 +130,9 @@ fn jittered(interval: Duration) -> Duration {
 }
 
 impl DriftChecker {
-    pub fn new(share_window: Duration) -> Self {
+    pub fn new(share_window: Duration, journal: Arc<Journal>) -> Self {
         Self {
+            journal,
             groups: Mutex::new(HashMap::new()),
             member_groups: Mutex::new(HashMap::new()),
             findings: Mutex::new(HashMap::new()),
@@ -342,9 +200,14 @@ impl DriftChecker {
         self.last.lock().expect("drift lock").remove(key);
     }
 
-    /// The finding of the last check for this object, if it needs attention; consumed.
+    /// The finding of the last check for this object, if it needs attention; consumed. A
+    /// finding read before the operator's own last write of the override is dropped.
     pub fn take_finding(&self, key: &ObjKey) -> Option<Finding> {
-        self.findings.lock().expect("drift lock").remove(key)
+        let noted = self.findings.lock().expect("drift lock").remove(key)?;
+        let view = self
+            .journal
+            .view(&noted.place, noted.listed_at, &noted.connection);
+        (view == View::Listed).then_some(noted.finding)
     }
 
     /// Records a finding made by an immediate read, so the periodic check knows the object's
@@ -383,13 +246,45 @@ impl DriftChecker {
             Freshness::Shared => self.share_window,
             Freshness::FirstWrite => FIRST_WRITE_READ_AGE.max(self.share_window),
         };
+        let place = handle.place(&group_key.project, &group_key.environment);
         let listing = self.fetch(&cache, handle, group_key, max_age).await?;
-        Ok(listing.get(connection).cloned())
+        match self.through_journal(&place, &listing, connection) {
+            Some(seen) => Ok(seen),
+            // The operator's own write of it is in flight or left no answer: read again.
+            None => {
+                let listing = self
+                    .fetch(&cache, handle, group_key, Duration::ZERO)
+                    .await?;
+                self.through_journal(&place, &listing, connection)
+                    .ok_or_else(|| DpcError::Decode {
+                        operation: Operation::List,
+                        reason: format!(
+                            "a write of the override of connection {connection} is in flight, so the list cannot say what DPC holds; it is read again later"
+                        ),
+                    })
+            }
+        }
+    }
+
+    /// What DPC holds of `connection` after the operator's own writes: the list answer,
+    /// unless a write since says otherwise; `None` when no one knows yet.
+    fn through_journal(
+        &self,
+        place: &crate::dpc::Place,
+        listing: &Listing,
+        connection: &str,
+    ) -> Option<Option<Seen>> {
+        match self.journal.view(place, listing.seq, connection) {
+            View::Listed => Some(listing.overrides.get(connection).cloned()),
+            View::Holds(seen) => Some(Some(seen)),
+            View::Gone => Some(None),
+            View::Unknown => None,
+        }
     }
 
     async fn fetch(
         &self,
-        cache: &tokio::sync::Mutex<Option<(Instant, Listing)>>,
+        cache: &tokio::sync::Mutex<Cached>,
         handle: &AccountHandle,
         group_key: &GroupKey,
         max_age: Duration,
@@ -400,16 +295,21 @@ impl DriftChecker {
         {
             return Ok(listing.clone());
         }
+        // The answer is dated by when its call began: a write after that is not in it.
+        let (began, seq) = (Instant::now(), self.journal.seq());
         let answer = handle
             .list(&group_key.project, &group_key.environment)
             .await?;
-        let listing: Listing = Arc::new(
-            answer
-                .iter()
-                .filter_map(|remote| Some((remote.name.clone()?, Seen::of(remote))))
-                .collect(),
-        );
-        *cached = Some((Instant::now(), listing.clone()));
+        let listing = Listing {
+            overrides: Arc::new(
+                answer
+                    .iter()
+                    .filter_map(|remote| Some((remote.name.clone()?, Seen::of(remote))))
+                    .collect(),
+            ),
+            seq,
+        };
+        *cached = Some((began, listing.clone()));
         Ok(listing)
     }
 
@@ -417,6 +317,8 @@ impl DriftChecker {
     pub async fn run(self: Arc<Self>, trigger: Trigger, shutdown: CancellationToken) {
         let keep_for = FIRST_WRITE_READ_AGE.max(self.share_window);
         loop {
+            // A write older than any answer still read says nothing any answer does not.
+            self.journal.prune(keep_for + Duration::from_secs(1));
             let now = Instant::now();
             let mut due = Vec::new();
             let mut next = now + Duration::from_secs(3600);
@@ -465,7 +367,7 @@ impl DriftChecker {
         &self,
         key: &Arc<GroupKey>,
         handle: &AccountHandle,
-        cache: &tokio::sync::Mutex<Option<(Instant, Listing)>>,
+        cache: &tokio::sync::Mutex<Cached>,
         trigger: &Trigger,
     ) {
         // A periodic check always reads afresh (an immediate read may share the answer).
@@ -476,6 +378,7 @@ impl DriftChecker {
                 return;
             }
         };
+        let place = handle.place(&key.project, &key.environment);
         let mut attention = Vec::new();
         {
             let groups = self.groups.lock().expect("drift lock");
@@ -484,10 +387,20 @@ impl DriftChecker {
             let mut last = self.last.lock().expect("drift lock");
             let mut findings = self.findings.lock().expect("drift lock");
             for (object, member) in &group.members {
-                let finding = compare(&member.expected, listing.get(&member.connection));
+                // Written by the operator while the answer was on its way: the next check says.
+                let Some(seen) = self.through_journal(&place, &listing, &member.connection) else {
+                    continue;
+                };
+                let finding = compare(&member.expected, seen.as_ref());
                 let was_drift = last.insert(object.clone(), finding.is_drift());
                 if finding.is_drift() || was_drift == Some(true) {
-                    findings.insert(object.clone(), finding);
+                    let noted = Noted {
+                        finding,
+                        place: place.clone(),
+                        listed_at: listing.seq,
+                        connection: member.connection.clone(),
+                    };
+                    findings.insert(object.clone(), noted);
                     attention.push(object.clone());
                 }
             }
@@ -504,97 +417,5 @@ fn remove_member(groups: &mut HashMap<Arc<GroupKey>, Group>, group_key: &GroupKe
         if group.members.is_empty() {
             groups.remove(group_key);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dpc::OverrideValues;
-    use serde_json::json;
-
-    fn desired() -> OverrideRequest {
-        OverrideRequest {
-            environment_name: "PROD".into(),
-            connection_name: "C".into(),
-            auth_type: Some("GENERIC_SECRET".into()),
-            connection_overrides: OverrideValues {
-                secrets_location: Some(
-                    json!({"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}),
-                ),
-                connection_properties: [("secretName".to_string(), "s".to_string())].into(),
-            },
-        }
-    }
-
-    fn seen(overrides: Value, auth: Option<&str>) -> Seen {
-        Seen::of(&RemoteOverride {
-            name: Some("C".into()),
-            auth_type: auth.map(String::from),
-            connection_overrides: Some(overrides),
-            ..RemoteOverride::default()
-        })
-    }
-
-    #[test]
-    fn equal_state_is_in_sync_and_server_defaults_are_ignored() {
-        let same = seen(
-            json!({"secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1", "addedByServer": 1}, "connectionProperties": {"secretName": "s"}}),
-            Some("GENERIC_SECRET"),
-        );
-        assert_eq!(
-            compare(&Expected::of(&desired()), Some(&same)),
-            Finding::InSync
-        );
-        let mut no_auth = desired();
-        no_auth.auth_type = None;
-        no_auth.connection_overrides.secrets_location = None;
-        let other_auth = seen(
-            json!({"connectionProperties": {"secretName": "s"}, "secretsLocation": {"type": "X"}}),
-            Some("OAUTH_CLIENT_CRED"),
-        );
-        assert_eq!(
-            compare(&Expected::of(&no_auth), Some(&other_auth)),
-            Finding::InSync,
-            "unset fields are not compared"
-        );
-    }
-
-    #[test]
-    fn differences_are_named_by_field_without_values() {
-        let changed = seen(
-            json!({"secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "us-east-1"}, "connectionProperties": {"secretName": "other", "extra": "x"}}),
-            Some("OAUTH_CLIENT_CRED"),
-        );
-        let finding = compare(&Expected::of(&desired()), Some(&changed));
-        assert_eq!(
-            finding,
-            Finding::Differs(vec![
-                "authType".into(),
-                "connectionOverrides.connectionProperties.extra".into(),
-                "connectionOverrides.connectionProperties.secretName".into(),
-                "connectionOverrides.secretsLocation.region".into(),
-            ])
-        );
-        let text = finding.describe();
-        assert!(
-            !text.contains("other") && !text.contains("us-east-1"),
-            "{text}"
-        );
-        assert_eq!(compare(&Expected::of(&desired()), None), Finding::Missing);
-    }
-
-    #[test]
-    fn a_value_that_is_not_a_string_in_dpc_differs() {
-        let number = seen(
-            json!({"connectionProperties": {"secretName": 5}, "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"}}),
-            Some("GENERIC_SECRET"),
-        );
-        assert_eq!(
-            compare(&Expected::of(&desired()), Some(&number)),
-            Finding::Differs(vec![
-                "connectionOverrides.connectionProperties.secretName".into()
-            ])
-        );
     }
 }
