@@ -59,6 +59,68 @@ pub fn redact<'a>(text: &str, secrets: impl IntoIterator<Item = &'a SecretString
     out
 }
 
+/// [`redact`], then the same on the text as a reader of it sees it: JSON escapes decoded
+/// (`\u003d` is `=`, as Gson's HTML-safe writers escape it, and every `\uXXXX`), so a value
+/// echoed in any escaping is gone from what the operator shows.
+pub fn redact_shown<'a>(text: &str, secrets: impl IntoIterator<Item = &'a SecretString>) -> String {
+    let secrets: Vec<&SecretString> = secrets.into_iter().collect();
+    let raw = redact(text, secrets.iter().copied());
+    redact(&unescape_json(&raw), secrets)
+}
+
+/// Decodes the backslash escapes of JSON strings wherever they appear in `text` (an escape
+/// that does not decode is kept as it is).
+pub fn unescape_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let (decoded, used) = one_escape(rest);
+        match decoded {
+            Some(c) => out.push(c),
+            None => out.push_str(&rest[..used]),
+        }
+        rest = &rest[used..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The character of the escape `text` starts with (`\` first), and how many bytes it took.
+fn one_escape(text: &str) -> (Option<char>, usize) {
+    let simple = match text.as_bytes().get(1) {
+        Some(b'"') => Some('"'),
+        Some(b'\\') => Some('\\'),
+        Some(b'/') => Some('/'),
+        Some(b'b') => Some('\u{8}'),
+        Some(b'f') => Some('\u{c}'),
+        Some(b'n') => Some('\n'),
+        Some(b'r') => Some('\r'),
+        Some(b't') => Some('\t'),
+        Some(b'u') => None,
+        _ => return (None, 1),
+    };
+    if simple.is_some() {
+        return (simple, 2);
+    }
+    let unit = |at: usize| {
+        text.get(at..at + 4)
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+    };
+    let Some(high) = unit(2) else {
+        return (None, 1);
+    };
+    if (0xD800..0xDC00).contains(&high)
+        && text.get(6..8) == Some("\\u")
+        && let Some(low) = unit(8).filter(|low| (0xDC00..0xE000).contains(low))
+    {
+        let code = 0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(low) - 0xDC00);
+        return (char::from_u32(code), 12);
+    }
+    (char::from_u32(u32::from(high)), 6)
+}
+
 /// A value as it is, and as it looks form-encoded, percent-encoded (upper- and lower-case
 /// hex) and inside a JSON string.
 fn encodings(value: &str) -> Vec<String> {
@@ -130,5 +192,27 @@ mod tests {
                 assert!(!clean.contains(part), "echo {i} kept a piece of the secret");
             }
         }
+    }
+
+    #[test]
+    fn a_value_echoed_with_html_safe_or_unicode_escapes_is_redacted_as_shown() {
+        let s = SecretString::new("Pässwörd=Zm9vYmFy<&>'");
+        // Gson's HTML-safe escaping, upper-case hex, and a character outside the BMP.
+        let echoes = [
+            r#"{"detail":"value P\u00e4ssw\u00f6rd\u003dZm9vYmFy\u003c\u0026\u003e\u0027 is invalid"}"#,
+            r#"{"detail":"value P\u00E4ssw\u00F6rd\u003DZm9vYmFy\u003C\u0026\u003E\u0027"}"#,
+        ];
+        for (i, echo) in echoes.iter().enumerate() {
+            let shown = redact_shown(echo, [&s]);
+            assert!(shown.contains("<redacted>"), "echo {i} was not redacted");
+            assert!(
+                !shown.contains("Zm9vYmFy"),
+                "echo {i} kept a piece of the secret"
+            );
+        }
+        let emoji = SecretString::new("key-😀-9f");
+        let shown = redact_shown(r#"bad "key-\ud83d\ude00-9f""#, [&emoji]);
+        assert_eq!(shown, r#"bad "<redacted>""#);
+        assert_eq!(unescape_json(r#"a\q \u12 \\ \n"#), "a\\q \\u12 \\ \n");
     }
 }

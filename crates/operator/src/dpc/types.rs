@@ -168,6 +168,41 @@ impl Problem {
         known.then_some(problem)
     }
 
+    /// Every text of the problem passed through `clean` (the violations' strings, and the
+    /// keys of their objects, included).
+    pub fn map_texts(&mut self, clean: impl Fn(&str) -> String) {
+        fn value(v: &mut Value, clean: &dyn Fn(&str) -> String) {
+            match v {
+                Value::String(text) => *text = clean(text),
+                Value::Array(items) => items.iter_mut().for_each(|i| value(i, clean)),
+                Value::Object(map) => {
+                    let entries = std::mem::take(map);
+                    for (k, mut v) in entries {
+                        value(&mut v, clean);
+                        map.insert(clean(&k), v);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for text in [
+            &mut self.type_,
+            &mut self.title,
+            &mut self.detail,
+            &mut self.instance,
+            &mut self.error,
+            &mut self.error_description,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *text = clean(text);
+        }
+        for v in &mut self.violations {
+            value(v, &clean);
+        }
+    }
+
     /// One line for a condition message: `title: detail (violations: a; b)`.
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();

@@ -122,12 +122,7 @@ async fn no_secret_value_reaches_logs_status_or_events() {
         );
     }
 
-    let api: kube::Api<k8s_openapi::api::events::v1::Event> =
-        kube::Api::namespaced(h.client.clone(), &h.ns);
-    let events =
-        serde_json::to_string(&api.list(&Default::default()).await.unwrap().items).unwrap();
-    let statuses =
-        serde_json::to_string(&h.covs().list(&Default::default()).await.unwrap().items).unwrap();
+    let (events, statuses) = events_and_objects(&h).await;
     let accounts: kube::Api<dpc_operator::api::DpcAccount> =
         kube::Api::namespaced(h.client.clone(), &h.ns);
     let accounts =
@@ -146,4 +141,85 @@ async fn no_secret_value_reaches_logs_status_or_events() {
         }
     }
     h.stop().await;
+}
+
+/// A value with characters Gson's HTML-safe writer escapes (`=`, `<`, `&`, `>`) and some
+/// that are not ASCII.
+const ESCAPED_VALUE: &str = "Pässwörd=Zm9vYmFy<&>";
+/// How such a server writes it inside a JSON string.
+const AS_GSON_WRITES_IT: &str = r"P\u00e4ssw\u00f6rd\u003dZm9vYmFy\u003c\u0026\u003e";
+
+#[tokio::test]
+async fn a_value_dpc_echoes_in_json_escapes_is_redacted_where_it_is_shown() {
+    captured_logs();
+    let h = Harness::start().await;
+    h.put_secret("refs", &[("key", ESCAPED_VALUE)]).await;
+    // A problem body quoting the value, and a plain JSON body that is no problem at all.
+    let problem = format!(
+        r#"{{"title":"Unprocessable Entity","detail":"secretKey {AS_GSON_WRITES_IT} is not valid","violations":[{{"field":"secretKey","value":"{AS_GSON_WRITES_IT}"}}]}}"#
+    );
+    let h = h.run();
+    let message = refused_with(&h, "problem", "Salesforce", 422, problem).await;
+    assert!(
+        message.contains("secretKey <redacted> is not valid"),
+        "the escaped echo was not redacted"
+    );
+    let plain = format!(r#"{{"message":"bad value {AS_GSON_WRITES_IT}"}}"#);
+    let message = refused_with(&h, "plain", "Snowflake", 400, plain).await;
+    assert!(
+        message.contains("bad value <redacted>"),
+        "the escaped echo in a plain body was not redacted"
+    );
+    h.wait_event("plain", "ApiRejected").await;
+
+    let (events, statuses) = events_and_objects(&h).await;
+    let logs = String::from_utf8(captured_logs().lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("\"object\":\"problem\""),
+        "the capture holds the logs"
+    );
+    // Neither the value nor a piece of it, in clear or escaped, in any form a reader decodes.
+    for piece in [
+        "Zm9vYmFy",
+        "Pässwörd",
+        r"P\u00e4ssw",
+        r"\u003dZm9v",
+        "P%C3%A4ss",
+    ] {
+        for (what, text) in [("Events", &events), ("status", &statuses), ("logs", &logs)] {
+            assert!(
+                !text.contains(piece),
+                "a piece of the value appears in {what}"
+            );
+        }
+    }
+    h.stop().await;
+}
+
+/// Applies an object reading `refs/key` whose POST DPC refuses with `status` and exactly
+/// `body`; returns its condition message.
+async fn refused_with(
+    h: &Harness,
+    name: &str,
+    connection: &str,
+    status: u16,
+    body: String,
+) -> String {
+    h.sim
+        .push_fault(Fault::on(SimOp::Create, FaultKind::Raw { status, body }));
+    h.apply(&Cov::new(name, connection).property_from_secret("secretKey", "refs", "key"))
+        .await;
+    let rejected = h.wait_reason(name, "ApiRejected").await;
+    ready_condition(&rejected).message
+}
+
+/// Every Event of the test's namespace, and every ConnectionOverride there, as JSON text.
+async fn events_and_objects(h: &Harness) -> (String, String) {
+    let api: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(h.client.clone(), &h.ns);
+    let events =
+        serde_json::to_string(&api.list(&Default::default()).await.unwrap().items).unwrap();
+    let objects =
+        serde_json::to_string(&h.covs().list(&Default::default()).await.unwrap().items).unwrap();
+    (events, objects)
 }

@@ -228,6 +228,9 @@ pub enum FaultKind {
         #[serde(default)]
         body: Option<Value>,
     },
+    /// Answer this status with exactly these bytes of `application/problem+json` (a body as
+    /// a server with its own JSON escaping writes it), without applying the request.
+    Raw { status: u16, body: String },
     /// Close the connection without an answer, without applying the request.
     Reset,
     /// Apply the request but answer only after `ms` (clients time out first).

@@ -142,6 +142,14 @@ pub(super) async fn handle(state: Arc<State>, req: Req) -> Result<Response<Body>
             }
             Ok(response)
         }
+        Plan::Fault(FaultKind::Raw { status, body }, _) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Ok(Response::builder()
+                .status(status)
+                .header("content-type", "application/problem+json")
+                .body(http::full(body))
+                .expect("a valid response"))
+        }
         Plan::Fault(FaultKind::Delay { ms }, _) => {
             let response = respond(&state, op, &req);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -276,6 +284,7 @@ pub(super) fn pick_fault(inner: &mut Inner, op: SimOp) -> Plan {
 pub(super) fn fault_name(kind: &FaultKind) -> String {
     match kind {
         FaultKind::Status { status, .. } => format!("status {status}"),
+        FaultKind::Raw { status, .. } => format!("raw {status}"),
         FaultKind::Reset => "reset".into(),
         FaultKind::Delay { ms } => format!("delay {ms}ms"),
         FaultKind::Malformed => "malformed".into(),

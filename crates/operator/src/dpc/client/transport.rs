@@ -12,7 +12,7 @@ use url::Url;
 
 use super::super::error::{DpcError, Operation, transport_kind};
 use super::super::limiter::Admission;
-use super::super::secret::{SecretString, redact};
+use super::super::secret::{SecretString, redact, redact_shown};
 use super::super::types::{OverrideRequest, Problem};
 use super::endpoint::ensure_scheme;
 use super::token::MAX_TOKEN_BODY;
@@ -161,7 +161,11 @@ impl AccountHandle {
     ) -> Result<Answer, DpcError> {
         self.check_fence(operation)?;
         self.check_gate(operation)?;
-        self.admit(operation).await?;
+        // A request made ready by `admitted` has its slot; a token request never takes it.
+        let ready = operation != Operation::Token && self.admitted.swap(false, Ordering::SeqCst);
+        if !ready {
+            self.admit(operation).await?;
+        }
         self.check_gate(operation)?;
         // The admission may have waited: look again right before sending.
         self.check_fence(operation)?;
@@ -235,18 +239,27 @@ impl AccountHandle {
         token: Option<&SecretString>,
     ) -> DpcError {
         let credentials = &self.state.credentials;
-        let secrets = [&credentials.client_id, &credentials.client_secret]
+        let secrets: Vec<&SecretString> = [&credentials.client_id, &credentials.client_secret]
             .into_iter()
             .chain(token)
-            .chain(self.secrets.iter());
-        let clean = redact(&String::from_utf8_lossy(&answer.body), secrets);
-        let problem = Problem::parse(clean.as_bytes()).map(Box::new);
+            .chain(self.secrets.iter())
+            .collect();
+        let clean = redact(
+            &String::from_utf8_lossy(&answer.body),
+            secrets.iter().copied(),
+        );
+        // What is shown is decoded text: each of its strings is cleaned again once decoded.
+        let shown = |text: &str| redact_shown(text, secrets.iter().copied());
+        let problem = Problem::parse(clean.as_bytes()).map(|mut problem| {
+            problem.map_texts(shown);
+            Box::new(problem)
+        });
         let body_excerpt = match problem {
             Some(_) => None,
             None if answer.status.is_redirection() => Some(
                 "a redirect, which is never followed (it would carry the credentials and values along); set apiUrl or tokenUrl to the address that answers".into(),
             ),
-            None => excerpt(clean.as_bytes()),
+            None => excerpt(shown(&clean).as_bytes()),
         };
         let retry_after = match answer.status {
             StatusCode::TOO_MANY_REQUESTS => Some(
