@@ -29,6 +29,13 @@ pub const FINALIZER: &str = "dpc-operator.io/cleanup";
 /// The finalizer that keeps a DpcAccount or ClusterDpcAccount while ConnectionOverrides
 /// still need it to delete their remote overrides.
 pub const IN_USE_FINALIZER: &str = "dpc-operator.io/in-use";
+/// Annotation the operator writes, with the cleanup finalizer and in the same patch, just
+/// before it sends a `POST` for an object that has not recorded an override of its own yet:
+/// the API URL the override is created behind. Until `status.managedOverride` records the
+/// outcome, it is the proof that this object may have created the override, so a deletion
+/// after a crash between the `POST` and the status write still deletes what was created. It
+/// is removed again when DPC refuses that `POST` (nothing was created).
+pub const CREATE_PENDING_ANNOTATION: &str = "dpc-operator.io/create-pending";
 /// Annotation: `"true"` releases a deletion without calling DPC.
 pub const FORCE_ORPHAN_ANNOTATION: &str = "dpc-operator.io/force-orphan";
 /// Annotation: `"true"` stops every DPC call for the object.

@@ -1,11 +1,14 @@
 //! Which ConnectionOverride manages which remote override. Two objects that reach the same
 //! override would fight over it: one manages it, the others report `Conflict` and never write.
 //!
-//! A remote override is known by where DPC answers and as whom (API URL and account id) plus
-//! project, environment and connection, so a DpcAccount and a ClusterDpcAccount that reach the
-//! same DPC account are one. An object's key is known for sure once its account is resolved
-//! (a reconcile [`Claims::locate`]s it) or once its status records the override it manages;
-//! until then the index files it under the account it names.
+//! A remote override is known by where DPC answers (the API URL) plus project, environment
+//! and connection: a project id is a UUID, unique in DPC, so any two accounts reaching the
+//! same DPC — a DpcAccount and a ClusterDpcAccount, or two accounts of the same credentials
+//! that differ in `accountId` — reach the same override. An object's key is known for sure
+//! once its account is resolved (a reconcile [`Claims::locate`]s it) or once its status
+//! records the override it manages; until then the index files it under the account it
+//! names. An object that only observes (`managementPolicy: ObserveOnly`) never writes: it
+//! claims nothing and is not filed.
 //!
 //! Who manages: an object holding a claim (recorded in its status as `managedOverride`, or
 //! made by this process just before its first write) always beats one without; two claims are
@@ -18,13 +21,13 @@ use std::sync::Mutex;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{AccountKind, ConnectionOverride};
+use crate::api::{AccountKind, ConnectionOverride, ManagementPolicy};
 use crate::key::{ObjKey, key_of};
 
 /// The identity of a remote override.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RemoteKey {
-    /// `api <url> account <id>` once resolved; the account reference before.
+    /// `DPC at <url>` once resolved; the account reference before.
     pub account: String,
     pub project: String,
     pub environment: String,
@@ -32,20 +35,10 @@ pub struct RemoteKey {
 }
 
 impl RemoteKey {
-    /// The key a resolved object has: the account's API URL and account id.
-    pub fn resolved(
-        api_url: &str,
-        account_id: Option<&str>,
-        project: &str,
-        environment: &str,
-        connection: &str,
-    ) -> Self {
+    /// The key a resolved object has: the account's API URL.
+    pub fn resolved(api_url: &str, project: &str, environment: &str, connection: &str) -> Self {
         Self {
-            account: format!(
-                "DPC at {} (account id {})",
-                api_url.trim_end_matches('/'),
-                account_id.unwrap_or("none")
-            ),
+            account: format!("DPC at {}", api_url.trim_end_matches('/')),
             project: project.into(),
             environment: environment.into(),
             connection: connection.into(),
@@ -78,7 +71,6 @@ impl RemoteKey {
         let managed = obj.status.as_ref()?.managed_override.as_ref()?;
         let key = Self::resolved(
             &managed.api_url,
-            managed.account_id.as_deref(),
             &managed.project_id,
             &managed.environment_name,
             &managed.connection_name,
@@ -198,6 +190,9 @@ impl Claims {
     /// because the manager of their remote override changed.
     pub fn observe(&self, obj: &ConnectionOverride) -> Vec<ObjKey> {
         let key = key_of(&obj.metadata);
+        if obj.spec.management_policy() == ManagementPolicy::ObserveOnly {
+            return self.remove(&key);
+        }
         let created = obj
             .metadata
             .creation_timestamp
@@ -322,7 +317,7 @@ mod tests {
     }
 
     fn remote(api: &str, connection: &str) -> RemoteKey {
-        RemoteKey::resolved(api, None, crate::api::fixtures::PROJECT, "PROD", connection)
+        RemoteKey::resolved(api, crate::api::fixtures::PROJECT, "PROD", connection)
     }
 
     #[test]
@@ -375,12 +370,30 @@ mod tests {
         claims.claim(&key("team-a", "x")).unwrap();
         let (owner, _) = claims.locate(&key("team-b", "y"), &remote(&format!("{api}/"), "C"));
         assert_eq!(owner, Some(key("team-a", "x")));
-        // Another DPC (or another account id) is another override.
+        // Another DPC is another override.
         claims.observe(&obj("team-c", "z", 1, "C"));
         let (owner, _) = claims.locate(
             &key("team-c", "z"),
             &remote("https://us1.api.matillion.com/dpc", "C"),
         );
         assert_eq!(owner, None);
+    }
+
+    #[test]
+    fn an_observer_claims_nothing_and_blocks_no_one() {
+        let claims = Claims::default();
+        let api = "https://eu1.api.matillion.com/dpc";
+        let mut watcher = obj("ns", "watcher", 10, "C");
+        watcher.spec.management_policy = Some(ManagementPolicy::ObserveOnly);
+        claims.observe(&watcher);
+        claims.observe(&obj("ns", "manager", 20, "C"));
+        let (owner, _) = claims.locate(&key("ns", "manager"), &remote(api, "C"));
+        assert_eq!(owner, None, "the older observer does not manage it");
+        assert!(claims.claim(&key("ns", "manager")).is_ok());
+        // An object that turns to observing gives its claim up.
+        let mut manager = obj("ns", "manager", 20, "C");
+        manager.spec.management_policy = Some(ManagementPolicy::ObserveOnly);
+        claims.observe(&manager);
+        assert!(claims.keys().is_empty());
     }
 }

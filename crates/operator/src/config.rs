@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// soak shorten it; objects cannot ask for less than 30s).
     #[arg(long, env = "DPC_OPERATOR_DEFAULT_SYNC_INTERVAL", default_value = "10m", value_parser = parse_duration, hide = true)]
     pub default_sync_interval: Duration,
+    /// How long a list answer of DPC serves other objects of its environment (tests widen
+    /// it to make sharing certain).
+    #[arg(long, env = "DPC_OPERATOR_DRIFT_SHARE_WINDOW", default_value = "2s", value_parser = parse_duration, hide = true)]
+    pub drift_share_window: Duration,
     /// First retry delay after a transient DPC failure (doubles up to --backoff-max).
     #[arg(long, env = "DPC_OPERATOR_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration)]
     pub backoff_base: Duration,
@@ -131,6 +135,7 @@ impl RunArgs {
             resync_interval: self.resync_interval,
             min_sync_interval: self.min_sync_interval,
             default_sync_interval: self.default_sync_interval,
+            drift_share_window: self.drift_share_window,
             label_selector: self.selector.clone().filter(|s| !s.is_empty()),
             per_object_metrics: !self.no_per_object_metrics,
             backoff_base: self.backoff_base,

@@ -60,7 +60,9 @@ impl AccountCache {
     ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
         let (result, refs) = self.resolve(client, namespace, account_ref, settings).await;
         match result {
-            Err(e) if e.reason().is_some() => {
+            // Only what is gone falls back; an account that now refuses (a namespace, a
+            // host, a credentials namespace) refuses the deletion too.
+            Err(e) if e.is_gone() => {
                 let key = Self::key(namespace, account_ref);
                 match self.last_good.lock().expect("account cache lock").get(&key) {
                     Some(account) => (Ok(account.clone()), refs),

@@ -29,6 +29,30 @@ pub struct ResolvedAccount {
     pub rate: Rate,
     /// The projects a ClusterDpcAccount allows (empty: all); none for a DpcAccount.
     pub allowed_projects: Vec<String>,
+    /// The account is being deleted: it serves deletions only.
+    pub deleting: bool,
+}
+
+impl ResolvedAccount {
+    /// `DpcAccount ns/name` or `ClusterDpcAccount name`.
+    pub fn describe(&self) -> String {
+        match &self.key.namespace {
+            Some(_) => format!("DpcAccount {}", self.key),
+            None => format!("ClusterDpcAccount {}", self.key),
+        }
+    }
+
+    /// Why the account may not serve `project`, if it may not (a ClusterDpcAccount's
+    /// `allowedProjects`).
+    pub fn refuses_project(&self, project: &str) -> Option<String> {
+        let allowed = &self.allowed_projects;
+        (!allowed.is_empty() && !allowed.iter().any(|p| p == project)).then(|| {
+            format!(
+                "ClusterDpcAccount {} does not allow project {project} (see its spec.allowedProjects)",
+                self.key
+            )
+        })
+    }
 }
 
 /// Why resolving failed.
@@ -78,6 +102,17 @@ pub enum ResolveError {
 }
 
 impl ResolveError {
+    /// Whether what failed is gone (the account, its credentials Secret or key), rather than
+    /// refusing this use of it: only then may a deletion use the account as last resolved.
+    pub fn is_gone(&self) -> bool {
+        matches!(
+            self,
+            ResolveError::AccountNotFound { .. }
+                | ResolveError::NotFound { .. }
+                | ResolveError::KeyMissing { .. }
+        )
+    }
+
     /// The Ready reason for this failure; `None` for a failure of the Kubernetes API itself,
     /// which is retried with backoff.
     pub fn reason(&self) -> Option<Reason> {
@@ -270,6 +305,7 @@ pub async fn account_from_spec(
             burst: spec.request_burst(),
         },
         allowed_projects: Vec::new(),
+        deleting: false,
     })
 }
 
@@ -317,6 +353,8 @@ async fn resolve_dpc_account(
         name: account.spec.credentials_secret_ref.name.clone(),
     }];
     let resolved = resolve_dpc_account_spec(client, namespace, name, &account.spec, settings).await;
+    let deleting = account.metadata.deletion_timestamp.is_some();
+    let resolved = resolved.map(|r| ResolvedAccount { deleting, ..r });
     (resolved, refs)
 }
 
@@ -437,6 +475,7 @@ async fn resolve_cluster_account(
     )
     .await?;
     resolved.allowed_projects = account.spec.allowed_projects.clone();
+    resolved.deleting = account.metadata.deletion_timestamp.is_some();
     Ok(resolved)
 }
 

@@ -15,18 +15,18 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::Event as KubeEvent;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use rand::Rng;
 use tracing::warn;
 
 use crate::accounts::AccountCache;
-use crate::api::{ConnectionOverride, FINALIZER};
+use crate::api::ConnectionOverride;
 use crate::claims::Claims;
 use crate::config::OperatorConfig;
 use crate::dpc::{AccountKey, ClientSettings, DpcClient};
-use crate::drift::DriftChecker;
+use crate::drift::{DriftChecker, Journal};
 use crate::index::{RefIndex, account_of};
-use crate::key::ObjKey;
+use crate::key::{ObjKey, key_of};
 use crate::metrics::Metrics;
 
 mod events;
@@ -78,7 +78,10 @@ impl Context {
     pub fn new(client: Client, config: OperatorConfig) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new(config.per_object_metrics));
         let observer: Arc<dyn crate::dpc::CallObserver> = metrics.clone();
-        let dpc = DpcClient::with_observer(
+        // Every write the client makes is journaled; the drift checker reads through it.
+        let journal = Arc::new(Journal::default());
+        let writes: Arc<dyn crate::dpc::WriteObserver> = journal.clone();
+        let dpc = DpcClient::with_observers(
             ClientSettings {
                 allow_insecure_http: config.allow_insecure_http,
                 allowed_hosts: config.allowed_hosts.clone(),
@@ -87,6 +90,7 @@ impl Context {
                 ..ClientSettings::default()
             },
             Some(observer),
+            Some(writes),
         );
         let reporter = Reporter {
             controller: config.reporter.clone(),
@@ -120,7 +124,7 @@ impl Context {
             running: AtomicBool::new(false),
             claims: Claims::default(),
             accounts: AccountCache::new(Duration::from_secs(60), cluster_credentials),
-            drift: Arc::new(DriftChecker::new(config_share_window)),
+            drift: Arc::new(DriftChecker::new(config_share_window, journal)),
             triggers: Mutex::new(Vec::new()),
             account_triggers: Mutex::new(Vec::new()),
             override_stores: Mutex::new(Vec::new()),
@@ -249,22 +253,20 @@ impl Context {
         }
     }
 
-    /// The ConnectionOverrides that still need `account` to delete their remote override:
-    /// those that name it and hold the cleanup finalizer.
-    pub fn account_users(&self, account: &AccountKey) -> Vec<ObjKey> {
+    /// The watched ConnectionOverrides that name `account` and for which `needs` says so
+    /// (the account reconcile asks which still need it to delete their remote override).
+    pub fn account_users(
+        &self,
+        account: &AccountKey,
+        needs: impl Fn(&ConnectionOverride) -> bool,
+    ) -> Vec<ObjKey> {
         let stores = self.override_stores.lock().expect("stores lock");
         let mut users: Vec<ObjKey> = stores
             .iter()
             .flat_map(|store| store.state())
             .filter_map(|guard| {
                 let cov = guard.0.as_ref().ok()?;
-                let holds = cov.finalizers().iter().any(|f| f == FINALIZER);
-                (holds && account_of(cov) == *account).then(|| {
-                    (
-                        cov.metadata.namespace.clone().unwrap_or_default(),
-                        cov.metadata.name.clone().unwrap_or_default(),
-                    )
-                })
+                (account_of(cov) == *account && needs(cov)).then(|| key_of(&cov.metadata))
             })
             .collect();
         users.sort();

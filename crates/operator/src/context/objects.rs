@@ -42,11 +42,17 @@ struct ObjectState {
     refusal: Option<Box<Refusal>>,
     /// `(hash of the uid, hash)` this process last wrote to `status.appliedHash`.
     applied: Option<(u64, Box<str>)>,
+    /// `(hash of the uid, set)`: the create-pending annotation as this process last wrote
+    /// it (set, or removed), until the watch shows that write.
+    pending: Option<(u64, bool)>,
 }
 
 impl ObjectState {
     fn is_empty(&self) -> bool {
-        self.failures == 0 && self.refusal.is_none() && self.applied.is_none()
+        self.failures == 0
+            && self.refusal.is_none()
+            && self.applied.is_none()
+            && self.pending.is_none()
     }
 }
 
@@ -150,11 +156,26 @@ impl ObjectStates {
         })
     }
 
-    /// Forgets every recorded applied hash (a new leadership term).
+    /// Records that this process set (or removed) the object's create-pending annotation.
+    pub fn record_pending(&self, key: &ObjKey, uid: &str, set: bool) {
+        self.update(key, |state| state.pending = Some((hash_of(&uid), set)));
+    }
+
+    /// Whether this process last set (`true`) or removed (`false`) the create-pending
+    /// annotation of this object (same uid), if it wrote it at all.
+    pub fn pending(&self, key: &ObjKey, uid: &str) -> Option<bool> {
+        self.read(key, |state| {
+            let (u, set) = state.pending?;
+            (u == hash_of(&uid)).then_some(set)
+        })
+    }
+
+    /// Forgets every recorded applied hash and annotation (a new leadership term).
     pub fn forget_applied_hashes(&self) {
         let mut inner = self.inner.lock().expect("object states lock");
         inner.retain(|_, state| {
             state.applied = None;
+            state.pending = None;
             !state.is_empty()
         });
     }
@@ -243,9 +264,13 @@ mod tests {
         assert!(states.next_backoff(&key("a")) <= Duration::from_millis(1200));
         // A new leadership term forgets the hashes but keeps the rest.
         states.record_applied(&key("b"), "uid-b", "sha256:b");
+        states.record_pending(&key("b"), "uid-b", true);
+        assert_eq!(states.pending(&key("b"), "uid-b"), Some(true));
+        assert_eq!(states.pending(&key("b"), "uid-c"), None);
         states.refuse(&key("b"), request("h"), Reason::ApiRejected, "no".into());
         states.forget_applied_hashes();
         assert_eq!(states.applied(&key("b"), "uid-b"), None);
+        assert_eq!(states.pending(&key("b"), "uid-b"), None);
         assert!(states.refused(&key("b"), &request("h")).is_some());
         assert!(states.inner.lock().unwrap().len() <= 2);
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
@@ -19,16 +19,18 @@ use tracing::{Instrument, info_span, warn};
 use crate::accounts::{self, ResolveError, ResolvedAccount};
 use crate::api::conditions::{self, READY, Reason};
 use crate::api::{
-    ClusterDpcAccount, DpcAccount, DpcAccountSpec, DpcAccountStatus, FIELD_MANAGER,
-    IN_USE_FINALIZER,
+    ClusterDpcAccount, ConnectionOverride, DpcAccount, DpcAccountSpec, DpcAccountStatus,
+    FIELD_MANAGER, IN_USE_FINALIZER,
 };
 use crate::context::Context;
 use crate::dpc::AccountKey;
 use crate::index::Reference;
-use crate::key::ObjKey;
+use crate::index::account_of;
+use crate::key::{ObjKey, key_of};
 
 use super::Error;
 use super::outcome::{EventSpec, Verdict, classify};
+use super::ownership;
 use super::write::publish;
 
 /// What the two account kinds have in common here.
@@ -231,6 +233,12 @@ async fn token_check<K: AccountObject>(
 /// An account being deleted: released once no ConnectionOverride needs it to delete its
 /// remote override, with what is kept of it in memory. Otherwise why it waits, and when to
 /// look again (the deletion of each user asks too).
+///
+/// Needing it means: naming it, and calling DPC when deleted (it owns an override and its
+/// policies let it delete; an Orphan or ObserveOnly object never calls). The watched objects
+/// say so first; when none of them needs it, every ConnectionOverride the operator may read
+/// is listed — without the `--selector`, so objects another shard or install reconciles
+/// keep the account too.
 async fn release_when_unused<K: AccountObject>(
     account: &K,
     key: &AccountKey,
@@ -240,7 +248,10 @@ async fn release_when_unused<K: AccountObject>(
     if !finalizers.iter().any(|f| f == IN_USE_FINALIZER) {
         return Ok(None);
     }
-    let users = ctx.account_users(key);
+    let mut users = ctx.account_users(key, |cov| ownership::will_delete(cov, ctx));
+    if users.is_empty() {
+        users = unwatched_users(key, ctx).await?;
+    }
     if users.is_empty() {
         let remaining: Vec<&String> = finalizers
             .iter()
@@ -277,6 +288,39 @@ async fn release_when_unused<K: AccountObject>(
         named.join(", ")
     );
     Ok(Some((message, Action::requeue(Duration::from_secs(60)))))
+}
+
+/// Every ConnectionOverride the operator may read that needs `key` to delete its override,
+/// listed page by page.
+async fn unwatched_users(key: &AccountKey, ctx: &Context) -> Result<Vec<ObjKey>, Error> {
+    let scopes: Vec<Option<String>> = match (&key.namespace, ctx.config.namespaces.is_empty()) {
+        (Some(namespace), _) => vec![Some(namespace.clone())],
+        (None, true) => vec![None],
+        (None, false) => ctx.config.namespaces.iter().cloned().map(Some).collect(),
+    };
+    let mut users = Vec::new();
+    for scope in scopes {
+        let api: Api<ConnectionOverride> = match &scope {
+            Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
+            None => Api::all(ctx.client.clone()),
+        };
+        let mut params = ListParams::default().limit(500);
+        loop {
+            let page = api.list(&params).await?;
+            users.extend(
+                page.items
+                    .iter()
+                    .filter(|cov| account_of(cov) == *key && ownership::will_delete(cov, ctx))
+                    .map(|cov| key_of(&cov.metadata)),
+            );
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+    }
+    users.sort();
+    Ok(users)
 }
 
 /// Adds the in-use finalizer: an account stays until its ConnectionOverrides no longer need

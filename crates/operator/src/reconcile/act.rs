@@ -5,7 +5,17 @@
 
 use crate::dpc::{AccountHandle, DpcError, ErrorClass, Operation, RemoteOverride};
 
+use super::Error;
 use super::build::Desired;
+
+/// What must be recorded in the cluster before a write goes out (the cleanup finalizer, and
+/// before a `POST` the proof that it may create the override): see `ownership`.
+pub trait BeforeWrite {
+    /// Whether a write of `operation` needs anything recorded first.
+    fn needs(&self, operation: Operation) -> bool;
+    /// Records it; the write is sent only once this succeeded.
+    async fn before(&mut self, operation: Operation) -> Result<(), Error>;
+}
 
 /// What to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,27 +95,87 @@ pub struct ActError {
     pub error: DpcError,
     /// The call that failed last.
     pub during: Operation,
+    /// Whether a `POST` of this attempt may have created the override all the same (sent,
+    /// and not refused: a timeout, a reset, a 5xx).
+    pub maybe_created: bool,
+}
+
+/// Why a write plan did not complete.
+#[derive(Debug)]
+pub enum Failure {
+    /// DPC (or the way to it) failed.
+    Dpc(ActError),
+    /// What had to be recorded in the cluster before the write could not be: nothing was
+    /// sent.
+    Kube(Error),
+}
+
+/// Why a write could not be made ready.
+enum NotReady {
+    Dpc(DpcError),
+    Kube(Error),
+}
+
+impl NotReady {
+    fn or_dpc(self, dpc: impl FnOnce(DpcError) -> Failure) -> Failure {
+        match self {
+            NotReady::Dpc(error) => dpc(error),
+            NotReady::Kube(error) => Failure::Kube(error),
+        }
+    }
+}
+
+/// The handle to send a write of `operation` with: when `marks` must record something
+/// first, once the write's slot and token are at hand and the record is written.
+async fn ready(
+    dpc: &AccountHandle,
+    operation: Operation,
+    marks: &mut impl BeforeWrite,
+) -> Result<AccountHandle, NotReady> {
+    if !marks.needs(operation) {
+        return Ok(dpc.clone());
+    }
+    let sender = dpc.admitted(operation).await.map_err(NotReady::Dpc)?;
+    marks.before(operation).await.map_err(NotReady::Kube)?;
+    Ok(sender)
 }
 
 /// Performs a write plan. Create and update fall back to each other at most twice, so an
-/// override that is created and deleted behind our back in a loop cannot spin us.
+/// override that is created and deleted behind our back in a loop cannot spin us. Before
+/// each write, `marks` records what the cluster must know first — once the write's
+/// rate-limit slot and token are at hand, so nothing is recorded for a write that waits.
 pub async fn act(
     dpc: &AccountHandle,
     project_id: &str,
     desired: &Desired,
     plan: Plan,
-) -> Result<Option<(Applied, Option<RemoteOverride>)>, ActError> {
+    marks: &mut impl BeforeWrite,
+) -> Result<Option<(Applied, Option<RemoteOverride>)>, Failure> {
     let mut next = match plan {
         Plan::Nothing => return Ok(None),
         Plan::Create => Operation::Create,
         Plan::Update | Plan::Adopt => Operation::Update,
     };
     let mut fell_back = false;
+    let mut maybe_created = false;
+    let failed = |error, during, maybe_created| {
+        Failure::Dpc(ActError {
+            error,
+            during,
+            maybe_created,
+        })
+    };
     for _ in 0..3 {
+        let sender = ready(dpc, next, marks)
+            .await
+            .map_err(|f| f.or_dpc(|error| failed(error, next, maybe_created)))?;
         let result = match next {
-            Operation::Create => dpc.create(project_id, &desired.request).await,
-            _ => dpc.update(project_id, &desired.request).await,
+            Operation::Create => sender.create(project_id, &desired.request).await,
+            _ => sender.update(project_id, &desired.request).await,
         };
+        if let (Operation::Create, Err(e)) = (next, &result) {
+            maybe_created |= e.may_have_applied();
+        }
         match (next, result) {
             (Operation::Create, Ok(answer)) => {
                 let applied = if plan == Plan::Update {
@@ -131,30 +201,25 @@ pub async fn act(
                 if fell_back && plan == Plan::Create {
                     // POST said it exists, PUT says it does not: it is changing under us.
                     // Retry as a transient failure rather than report a missing parent.
-                    return Err(ActError {
-                        error: DpcError::Decode {
-                            operation: Operation::Update,
-                            reason: "DPC answered 409 to create and then 404 to update; retrying"
-                                .into(),
-                        },
-                        during: Operation::Update,
-                    });
+                    let error = DpcError::Decode {
+                        operation: Operation::Update,
+                        reason: "DPC answered 409 to create and then 404 to update; retrying"
+                            .into(),
+                    };
+                    return Err(failed(error, Operation::Update, maybe_created));
                 }
                 next = Operation::Create;
                 fell_back = true;
             }
-            (during, Err(error)) => return Err(ActError { error, during }),
+            (during, Err(error)) => return Err(failed(error, during, maybe_created)),
         }
     }
-    Err(ActError {
-        error: DpcError::Decode {
-            operation: next,
-            reason:
-                "the override kept appearing and disappearing between create and update; retrying"
-                    .into(),
-        },
-        during: next,
-    })
+    let error = DpcError::Decode {
+        operation: next,
+        reason: "the override kept appearing and disappearing between create and update; retrying"
+            .into(),
+    };
+    Err(failed(error, next, maybe_created))
 }
 
 #[cfg(test)]

@@ -4,6 +4,11 @@
 //! validate → resolve → build → target (account rules, claim, refused requests) → read
 //! (when DPC must be read now) → write (or observe) → report.
 //!
+//! Nothing is written to the object's metadata before every rule of its account allowed it
+//! and its claim was taken: the cleanup finalizer (and, before a `POST`, the create-pending
+//! annotation) go on just before the write they guard (`ownership`), so an object that never
+//! got that far is deleted without a call to DPC.
+//!
 //! Each stage returns `Result<T, Stop>`; a [`Stop`] carries the outcome to report (or a
 //! failure of the Kubernetes API for the error policy), so every way out of a pass writes its
 //! status in one place.
@@ -25,11 +30,12 @@ use crate::dpc::{AccountHandle, Operation};
 use crate::drift::{self, Finding, Freshness, GroupKey, Member, Seen};
 use crate::key::ObjKey;
 
-use super::act::{self, ActError, Applied, Plan};
+use super::act::{self, ActError, Applied, Failure, Plan};
 use super::build::{self, Desired};
 use super::outcome::{Outcome, Verdict, at_slot, classify};
+use super::ownership::Marks;
 use super::resolve::{self, Resolved};
-use super::{Error, validate, write};
+use super::{Error, same_api, validate, write};
 
 /// One live pass over one object.
 pub struct Pass<'a> {
@@ -130,22 +136,13 @@ async fn stages(pass: &Pass<'_>) -> Result<(Outcome, Action), Stop> {
     write_override(pass, target, desired, finding).await
 }
 
-/// Resolve: the finalizer and the referenced objects are independent, so both go out at
-/// once; nothing reaches DPC unless the finalizer is in place.
+/// Resolve: the account and every referenced value.
 async fn resolve_references(pass: &Pass<'_>) -> Result<Resolved, Stop> {
     let (ctx, key, obj) = (pass.ctx, pass.key, pass.obj);
-    let finalizer = async {
-        if pass.observe_only() {
-            Ok(())
-        } else {
-            write::ensure_finalizer(obj, ctx).await
-        }
-    };
     let settings = ctx.dpc.settings();
     let resolving = resolve::resolve(&ctx.client, &ctx.accounts, &key.0, &obj.spec, settings);
-    let (finalizer, (resolved, refs)) = tokio::join!(finalizer, resolving);
+    let (resolved, refs) = resolving.await;
     ctx.index.set(key, refs);
-    finalizer?;
     resolved.map_err(|e| match e.reason() {
         Some(reason) => {
             info!(reason = %reason, detail = %e, "waiting for a referenced object");
@@ -167,15 +164,21 @@ fn build_request(pass: &Pass<'_>, resolved: &Resolved) -> Result<Desired, Stop> 
 fn target(pass: &Pass<'_>, resolved: Resolved, desired: &Desired) -> Result<Target, Stop> {
     let (ctx, key, spec) = (pass.ctx, pass.key, &pass.obj.spec);
     let account = &resolved.account;
-    let allowed = &account.allowed_projects;
-    if !allowed.is_empty() && !allowed.contains(&spec.project_id) {
+    if let Some(message) = account.refuses_project(&spec.project_id) {
         ctx.drift.unregister(key);
-        let message = format!(
-            "ClusterDpcAccount {} does not allow project {} (see its spec.allowedProjects)",
-            account.key, spec.project_id
-        );
         return Err(Stop::report(Outcome::failed(
             Reason::AccountNotAllowed,
+            message,
+        )));
+    }
+    if account.deleting {
+        ctx.drift.unregister(key);
+        let message = format!(
+            "{} is being deleted: it serves only the deletion of the overrides its objects own, and nothing is written through it",
+            account.describe()
+        );
+        return Err(Stop::report(Outcome::failed(
+            Reason::AccountNotReady,
             message,
         )));
     }
@@ -219,9 +222,12 @@ fn target(pass: &Pass<'_>, resolved: Resolved, desired: &Desired) -> Result<Targ
 /// no one does. Returns the claim time, if this pass claimed it.
 fn claim(pass: &Pass<'_>, account: &ResolvedAccount) -> Result<Option<Timestamp>, Stop> {
     let (ctx, key, spec) = (pass.ctx, pass.key, &pass.obj.spec);
+    // An observer never writes, so it claims nothing and blocks no one.
+    if pass.observe_only() {
+        return Ok(None);
+    }
     let remote = RemoteKey::resolved(
         account.endpoint.api_url.as_str(),
-        account.endpoint.account_id.as_deref(),
         &spec.project_id,
         &spec.environment_name,
         &spec.connection_name,
@@ -232,7 +238,6 @@ fn claim(pass: &Pass<'_>, account: &ResolvedAccount) -> Result<Option<Timestamp>
     }
     let claimed = match owner {
         Some(owner) => Err(owner),
-        None if pass.observe_only() => Ok(None),
         None => ctx.claims.claim(key).map(Some),
     };
     claimed.map_err(|owner| {
@@ -292,7 +297,11 @@ async fn read(pass: &Pass<'_>, target: &Target) -> Result<Option<(Finding, Optio
             let during = Operation::List;
             Err(failed(
                 pass,
-                ActError { error, during },
+                ActError {
+                    error,
+                    during,
+                    maybe_created: false,
+                },
                 target.gate.clone(),
             ))
         }
@@ -338,9 +347,12 @@ async fn write_override(
     let (ctx, key, spec) = (pass.ctx, pass.key, &pass.obj.spec);
     let mut plan = act::plan(pass.old.applied_hash.as_deref(), &desired.hash);
     let mut corrected = None;
+    let mut marks = Marks::new(pass.obj, ctx, target.account.endpoint.api_url.as_str());
     match finding {
-        // The first write of an object, and DPC already holds what it describes.
+        // The first write of an object, and DPC already holds what it describes: adopted,
+        // and from now on owned (its deletion deletes it).
         Some((Finding::InSync, seen)) if plan == Plan::Create => {
+            marks.ensure_finalizer().await?;
             let managed = managed_override(pass, &target);
             let taken = Some((Applied::Taken, seen.map(|s| s.status)));
             return Ok(written(pass, target, desired, taken, None, managed));
@@ -366,7 +378,7 @@ async fn write_override(
         _ => {}
     }
     let managed = managed_override(pass, &target);
-    match act::act(&target.dpc, &spec.project_id, &desired, plan).await {
+    match act::act(&target.dpc, &spec.project_id, &desired, plan, &mut marks).await {
         Ok(applied) => Ok(written(
             pass,
             target,
@@ -375,7 +387,13 @@ async fn write_override(
             corrected,
             managed,
         )),
-        Err(failure) => Err(failed(pass, failure, target.gate)),
+        Err(Failure::Kube(error)) => Err(Stop::Failed(error)),
+        Err(Failure::Dpc(failure)) => {
+            if !failure.maybe_created {
+                marks.refused().await?;
+            }
+            Err(failed(pass, failure, target.gate))
+        }
     }
 }
 
@@ -388,7 +406,7 @@ fn managed_override(pass: &Pass<'_>, target: &Target) -> ManagedOverride {
         .old
         .managed_override
         .as_ref()
-        .filter(|m| m.api_url == endpoint.api_url.as_str() && m.account_id == endpoint.account_id)
+        .filter(|m| same_api(&m.api_url, endpoint.api_url.as_str()))
         .map(|m| m.claimed_at.clone())
         .or_else(|| target.claimed.map(MicroTime))
         .unwrap_or_else(|| MicroTime(Timestamp::now()));
@@ -450,7 +468,7 @@ fn remote_status(
 /// so the same request is not sent again until it, or the account, changes.
 fn failed(pass: &Pass<'_>, failure: ActError, gate: Gate) -> Stop {
     let (ctx, key) = (pass.ctx, pass.key);
-    let ActError { error, during } = failure;
+    let ActError { error, during, .. } = failure;
     // The client has removed credentials, token and values from whatever DPC wrote back.
     let message = error.to_string();
     let (reason, retry) = match classify(&error) {

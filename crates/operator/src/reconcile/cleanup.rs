@@ -1,7 +1,9 @@
-//! Cleanup: a ConnectionOverride being deleted. The override it manages is deleted in DPC,
-//! then the finalizer released; or it is released at once (Orphan, ObserveOnly, force-orphan,
-//! another object manages the override); or the deletion is held, saying why and how to
-//! release it, until `spec.deletionTimeout` lets it go.
+//! Cleanup: a ConnectionOverride being deleted. The override it owns (`ownership`) is
+//! deleted in DPC, then the finalizer released; or it is released at once, with no call to
+//! DPC (Orphan, ObserveOnly, force-orphan, it owns nothing, another object manages the
+//! override); or the deletion is held, saying why and how to release it, until
+//! `spec.deletionTimeout` lets it go. Every rule of the account (its namespaces, projects,
+//! hosts, credentials namespaces) holds for a deletion as for a write.
 
 use std::time::Duration;
 
@@ -20,7 +22,8 @@ use crate::context::Context;
 use crate::key::ObjKey;
 
 use super::outcome::{EventSpec, Outcome, classify};
-use super::{Error, annotation, write};
+use super::ownership::{self, How, Owned};
+use super::{Error, annotation, same_api, write};
 
 /// Runs the deletion of `obj`.
 pub async fn cleanup(
@@ -43,6 +46,10 @@ pub async fn cleanup(
         ctx.forget(key);
         return Ok(Action::await_change());
     }
+    let Some(owned) = ownership::owned(obj, ctx) else {
+        // `release_without_delete` released every object that owns nothing.
+        return Ok(Action::await_change());
+    };
     let old = obj.status.clone().unwrap_or_default();
     let deletion = Deletion {
         obj,
@@ -50,6 +57,7 @@ pub async fn cleanup(
         ctx,
         handled: old.last_handled_reconcile_at.clone(),
         old,
+        owned,
         deadline: deletion_deadline(obj),
     };
     deletion.run().await
@@ -80,6 +88,12 @@ fn release_without_delete(
         let note = format!("left {target} in DPC (managementPolicy ObserveOnly never writes)");
         return Some((false, "Released", note));
     }
+    if ownership::owned(obj, ctx).is_none() {
+        let note = format!(
+            "nothing was deleted in DPC: this object never wrote or adopted {target} (DPC never accepted a write of it), so whatever DPC holds there is left as it is"
+        );
+        return Some((false, "Released", note));
+    }
     let owner = ctx.claims.other_owner(key)?;
     let note = format!(
         "left {target} in DPC: ConnectionOverride {}/{} manages it",
@@ -104,6 +118,8 @@ struct Deletion<'a> {
     ctx: &'a Context,
     old: ConnectionOverrideStatus,
     handled: Option<String>,
+    /// The override to delete.
+    owned: Owned,
     deadline: Option<Timestamp>,
 }
 
@@ -126,14 +142,6 @@ impl Deletion<'_> {
         match account {
             Ok(account) => self.delete(&account).await,
             Err(e) if e.reason().is_none() => Err(Error::Resolve(e.to_string())),
-            Err(e) if self.old.applied_hash.is_none() => {
-                // Nothing was ever accepted by DPC for this object, and DPC cannot be reached
-                // to check: there is nothing to delete.
-                info!(detail = %e, "released: no write was ever accepted for this object");
-                write::remove_finalizer(&obj.metadata, ctx).await?;
-                ctx.forget(key);
-                Ok(Action::await_change())
-            }
             Err(e) => {
                 let detail = format!("cannot delete the override in DPC: {e}");
                 self.hold(detail, None).await
@@ -141,28 +149,24 @@ impl Deletion<'_> {
         }
     }
 
-    /// Deletes the override this object manages, whatever the spec says now.
+    /// Deletes the override this object owns, whatever the spec says now, once the account
+    /// may reach it.
     async fn delete(&self, account: &ResolvedAccount) -> Result<Action, Error> {
         let (obj, key, ctx) = (self.obj, self.key, self.ctx);
-        let spec = &obj.spec;
-        let (project, environment, connection) = match &self.old.managed_override {
-            Some(m) => (&m.project_id, &m.environment_name, &m.connection_name),
-            None => (
-                &spec.project_id,
-                &spec.environment_name,
-                &spec.connection_name,
-            ),
-        };
+        let owned = &self.owned;
+        let (project, environment, connection) =
+            (&owned.project, &owned.environment, &owned.connection);
+        if let Some(refusal) = account.refuses_project(project) {
+            let detail = format!("the override is not deleted in DPC: {refusal}");
+            return self.hold(detail, None).await;
+        }
         let endpoint = &account.endpoint;
-        if let Some(m) = &self.old.managed_override
-            && (m.api_url != endpoint.api_url.as_str() || m.account_id != endpoint.account_id)
+        if let Some(api_url) = &owned.api_url
+            && !same_api(api_url, endpoint.api_url.as_str())
         {
             let detail = format!(
-                "the override this object manages is at {} (account id {}), but its account now calls {} (account id {}); point the account back to delete it",
-                m.api_url,
-                m.account_id.as_deref().unwrap_or("none"),
+                "the override this object owns is at {api_url}, but its account now calls {}; point the account back to delete it",
                 endpoint.api_url,
-                endpoint.account_id.as_deref().unwrap_or("none"),
             );
             let retry = ctx.objects.next_backoff(key);
             return self.hold(detail, Some(retry)).await;
@@ -186,8 +190,14 @@ impl Deletion<'_> {
         }
         info!("deleted the override in DPC");
         write::remove_finalizer(&obj.metadata, ctx).await?;
+        let how = match owned.how {
+            How::Recorded => "",
+            How::CreatePending => {
+                " (this object's create may have made it; its outcome had not been recorded)"
+            }
+        };
         let note = format!(
-            "deleted the override of connection {connection} in environment {environment} in DPC"
+            "deleted the override of connection {connection} in environment {environment} in DPC{how}"
         );
         let event = EventSpec {
             warning: false,

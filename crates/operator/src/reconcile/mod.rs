@@ -12,6 +12,7 @@ pub mod apply;
 pub mod build;
 pub mod cleanup;
 pub mod outcome;
+pub mod ownership;
 pub mod resolve;
 pub mod validate;
 pub mod write;
@@ -132,6 +133,11 @@ fn annotation<'a>(obj: &'a ConnectionOverride, name: &str) -> Option<&'a str> {
         .as_ref()?
         .get(name)
         .map(String::as_str)
+}
+
+/// Whether two API URLs are the same base (a trailing `/` aside).
+fn same_api(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
 /// The object's sync interval: its own (at least the configured minimum) or the default.

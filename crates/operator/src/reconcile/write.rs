@@ -10,7 +10,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::conditions::{self, READY, Reason, SYNCED};
-use crate::api::{ConnectionOverride, ConnectionOverrideStatus, FIELD_MANAGER, FINALIZER};
+use crate::api::{
+    CREATE_PENDING_ANNOTATION, ConnectionOverride, ConnectionOverrideStatus, FIELD_MANAGER,
+    FINALIZER,
+};
 use crate::context::Context;
 use crate::key::key_of;
 
@@ -163,17 +166,76 @@ pub async fn ensure_finalizer(obj: &ConnectionOverride, ctx: &Context) -> Result
     if obj.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(());
     }
-    let patch = match &obj.metadata.finalizers {
-        Some(list) if !list.is_empty() => json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": list},
-            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
-        ]),
-        _ => json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": obj.metadata.resource_version},
-            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
-        ]),
-    };
+    let patch = serde_json::Value::Array(add_finalizer_ops(obj));
     patch_finalizers(ctx, &obj.metadata, patch).await
+}
+
+/// Adds the cleanup finalizer (unless it is there) and the create-pending annotation in one
+/// JSON patch, from the object as the pass read it: the `test` operations make it fail
+/// rather than drop a finalizer or an annotation written since.
+pub async fn add_finalizer_and_pending(
+    obj: &ConnectionOverride,
+    ctx: &Context,
+    api_url: &str,
+) -> Result<(), Error> {
+    let mut ops = if obj.finalizers().iter().any(|f| f == FINALIZER) {
+        Vec::new()
+    } else {
+        add_finalizer_ops(obj)
+    };
+    let key = CREATE_PENDING_ANNOTATION
+        .replace('~', "~0")
+        .replace('/', "~1");
+    match &obj.metadata.annotations {
+        // The watch keeps the annotation map (without others' annotations): it exists.
+        Some(_) => ops.push(
+            json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": api_url}),
+        ),
+        None => {
+            let rv = json!({"op": "test", "path": "/metadata/resourceVersion", "value": obj.metadata.resource_version});
+            if !ops.contains(&rv) {
+                ops.insert(0, rv);
+            }
+            ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {CREATE_PENDING_ANNOTATION: api_url}}));
+        }
+    }
+    patch_finalizers(ctx, &obj.metadata, serde_json::Value::Array(ops)).await?;
+    record_pending(ctx, &obj.metadata, true);
+    Ok(())
+}
+
+/// Sets (`Some`) or removes (`None`) the create-pending annotation by a merge patch.
+pub async fn set_pending(
+    ctx: &Context,
+    meta: &ObjectMeta,
+    api_url: Option<&str>,
+) -> Result<(), Error> {
+    let patch = json!({"metadata": {"annotations": {CREATE_PENDING_ANNOTATION: api_url}}});
+    let (namespace, name) = key_of(meta);
+    let params = PatchParams::default();
+    send_patch(ctx, &namespace, &name, None, &params, &Patch::Merge(&patch)).await?;
+    record_pending(ctx, meta, api_url.is_some());
+    Ok(())
+}
+
+fn record_pending(ctx: &Context, meta: &ObjectMeta, set: bool) {
+    let key = key_of(meta);
+    let uid = meta.uid.as_deref().unwrap_or_default();
+    ctx.objects.record_pending(&key, uid, set);
+}
+
+/// The operations that add the cleanup finalizer to the object as read.
+fn add_finalizer_ops(obj: &ConnectionOverride) -> Vec<serde_json::Value> {
+    match &obj.metadata.finalizers {
+        Some(list) if !list.is_empty() => vec![
+            json!({"op": "test", "path": "/metadata/finalizers", "value": list}),
+            json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}),
+        ],
+        _ => vec![
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": obj.metadata.resource_version}),
+            json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}),
+        ],
+    }
 }
 
 /// Removes the cleanup finalizer; an object already gone is fine.

@@ -167,3 +167,34 @@ async fn first_writes_in_one_environment_share_one_read() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn an_override_holding_a_field_no_spec_describes_is_never_taken_as_it_is() {
+    let h = Harness::start().await;
+    // Everything the spec says, and one more field a ConnectionOverride cannot hold.
+    let held = json!({"connectionProperties": {"secretName": "prod/Salesforce"},
+                      "secretsLocation": {"type": "AWS_SECRET_MANAGER", "region": "eu-west-1"},
+                      "rotationPolicy": {"days": 30}});
+    for connection in ["Salesforce", "Snowflake"] {
+        let mut held = held.clone();
+        held["connectionProperties"]["secretName"] = json!(format!("prod/{connection}"));
+        h.sim.put_override(PROJECT, "PROD", connection, None, held);
+    }
+    let h = h.run();
+    // Observed: not Ready, and the condition names the field.
+    h.apply(&Cov::new("watching", "Snowflake").observe_only())
+        .await;
+    let observed = h.wait_reason("watching", "Drifted").await;
+    let message = ready_condition(&observed).message;
+    assert!(
+        message.contains("connectionOverrides.rotationPolicy"),
+        "{message}"
+    );
+    // Managed: not adopted with no write; DPC is made to hold what the spec says.
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    h.wait_ready("sf").await;
+    assert_eq!(write_summary(&h.sim.calls()), [(SimOp::Update, Some(200))]);
+    let (_, _, note) = h.wait_event("sf", "Adopted").await;
+    assert!(note.contains("and updated it"), "{note}");
+    h.stop().await;
+}

@@ -250,3 +250,32 @@ async fn objects_created_at_once_for_one_override_make_exactly_one_write() {
     assert_eq!(written_values(&h.sim.calls()), ready, "and only it writes");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn an_observer_never_blocks_the_object_that_manages_the_override() {
+    let h = Harness::start().await.run();
+    // The older object only observes; the newer one manages, and writes.
+    h.apply(&Cov::new("watching", "Salesforce").observe_only())
+        .await;
+    h.wait_reason("watching", "Drifted").await;
+    h.apply(&Cov::new("managing", "Salesforce")).await;
+    h.wait_ready("managing").await;
+    assert_eq!(write_summary(&h.sim.calls()), [(SimOp::Create, Some(201))]);
+    // The observer sees what the manager wrote; it never says it manages anything.
+    h.apply(
+        &Cov::new("watching", "Salesforce")
+            .observe_only()
+            .annotation(dpc_operator::api::RECONCILE_REQUESTED_ANNOTATION, "look"),
+    )
+    .await;
+    let observed = h.wait_ready("watching").await;
+    assert!(observed.status.unwrap().managed_override.is_none());
+    // A second manager is the one in conflict, naming the manager, not the observer.
+    h.apply(&Cov::new("late", "Salesforce").property("secretKey", "x"))
+        .await;
+    let late = h.wait_reason("late", "Conflict").await;
+    let message = ready_condition(&late).message;
+    assert!(message.contains(&format!("{}/managing", h.ns)), "{message}");
+    assert_eq!(write_summary(&h.sim.calls()), [(SimOp::Create, Some(201))]);
+    h.stop().await;
+}

@@ -419,3 +419,33 @@ async fn a_label_selector_shards_the_objects() {
     assert_eq!(names, ["later", "mine"]);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_new_object_costs_one_metadata_patch_one_status_patch_and_one_event() {
+    let h = Harness::start().await.run();
+    let patches = h.requests("patch connectionoverrides");
+    let statuses = h.requests("patch connectionoverrides/status");
+    h.apply(&Cov::new("sf", "Salesforce")).await;
+    let ready = h.wait_ready("sf").await;
+    h.wait_event("sf", "Created").await;
+    // The test's own apply, and the operator's one patch: the finalizer and the
+    // create-pending mark together.
+    assert_eq!(h.requests("patch connectionoverrides"), patches + 2);
+    assert_eq!(h.requests("patch connectionoverrides/status"), statuses + 1);
+    let events = h.events("sf").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        ready
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == dpc_operator::api::FINALIZER)
+    );
+    let annotations = ready.metadata.annotations.unwrap_or_default();
+    assert!(
+        annotations.contains_key(dpc_operator::api::CREATE_PENDING_ANNOTATION),
+        "{annotations:?}"
+    );
+    h.stop().await;
+}

@@ -6,6 +6,7 @@
 
 mod flows;
 mod import;
+mod ownership;
 mod processes;
 mod sandbox;
 

@@ -14,6 +14,9 @@ pub struct Cov {
     pub name: String,
     pub spec: ConnectionOverrideSpec,
     pub annotations: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    /// Finalizers the object is created with (as an older operator would have left them).
+    pub finalizers: Vec<String>,
 }
 
 impl Cov {
@@ -25,6 +28,8 @@ impl Cov {
                 .in_aws("eu-west-1")
                 .with_literal("secretName", &format!("prod/{connection}")),
             annotations: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            finalizers: Vec::new(),
         }
     }
 
@@ -91,6 +96,27 @@ impl Cov {
 
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
         self.annotations.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Created holding `finalizer` already.
+    pub fn finalizer(mut self, finalizer: &str) -> Self {
+        self.finalizers.push(finalizer.into());
+        self
+    }
+
+    pub fn project(mut self, project: &str) -> Self {
+        self.spec.project_id = project.into();
+        self
+    }
+
+    pub fn observe_only(mut self) -> Self {
+        self.spec.management_policy = Some(dpc_operator::api::ManagementPolicy::ObserveOnly);
         self
     }
 }

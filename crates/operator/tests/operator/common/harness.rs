@@ -275,8 +275,14 @@ impl Harness {
     }
 
     pub async fn put_account(&self, name: &str, creds: &str) {
+        self.put_account_spec(name, self.account_spec(creds, None))
+            .await;
+    }
+
+    /// Applies the DpcAccount `name` with `spec`.
+    pub async fn put_account_spec(&self, name: &str, spec: DpcAccountSpec) {
         let api: Api<DpcAccount> = Api::namespaced(self.client.clone(), &self.ns);
-        let mut account = DpcAccount::new(name, self.account_spec(creds, None));
+        let mut account = DpcAccount::new(name, spec);
         account.metadata.namespace = Some(self.ns.clone());
         api.patch(
             name,
@@ -298,6 +304,8 @@ impl Harness {
         object.metadata.namespace = Some(self.ns.clone());
         object.metadata.annotations =
             (!cov.annotations.is_empty()).then(|| cov.annotations.clone());
+        object.metadata.labels = (!cov.labels.is_empty()).then(|| cov.labels.clone());
+        object.metadata.finalizers = (!cov.finalizers.is_empty()).then(|| cov.finalizers.clone());
         self.covs()
             .patch(
                 &cov.name,
