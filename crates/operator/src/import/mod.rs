@@ -5,6 +5,7 @@
 //!
 //! Progress and problems go to stderr, the YAML alone to stdout. Exit codes: see [`Failure`].
 
+mod cluster;
 mod render;
 mod yaml;
 
@@ -34,6 +35,12 @@ pub const CLIENT_SECRET_ENV: &str = "DPC_CLIENT_SECRET";
 Credentials come from DPC_CLIENT_ID and DPC_CLIENT_SECRET, or with --from-account from a
 DpcAccount and its Secret in the cluster of the current kubeconfig (its region, URLs and
 account id are used too).
+
+Every value printed is what DPC holds, as a literal, whoever wrote it there: review the
+output before committing it. With --from-account, overrides a ConnectionOverride in that
+cluster already names are not printed (each is named on stderr) — unless that object is an
+earlier import's output, applied as printed — and --with-account refuses to print a
+DpcAccount or Secret that exists there.
 
 Exit codes: 0 imported; 1 DPC failed or answered something unreadable; 2 wrong arguments,
 no credentials, or an endpoint that is refused; 3 the Kubernetes side of --from-account;
@@ -140,6 +147,9 @@ pub async fn command(args: ImportArgs) -> ExitCode {
             for note in &rendered.notes {
                 eprintln!("note: {note}");
             }
+            for skipped in &rendered.already {
+                eprintln!("not imported (already in the cluster): {skipped}");
+            }
             for skipped in &rendered.skipped {
                 eprintln!("not imported: {skipped}");
             }
@@ -167,6 +177,69 @@ pub async fn command(args: ImportArgs) -> ExitCode {
 
 /// The whole import: the YAML text, and what went into it.
 pub async fn import(args: &ImportArgs) -> Result<(String, Rendered), Failure> {
+    let (project, account_ref) = checked_arguments(args)?;
+    let settings = ClientSettings {
+        allow_insecure_http: args.allow_insecure_http,
+        request_timeout: args.timeout,
+        // A command waits for its turn rather than giving up.
+        max_admission_wait: Duration::from_secs(600),
+        allowed_hosts: args.dpc_allowed_hosts.clone(),
+        ..ClientSettings::default()
+    };
+    let source = account_source(args, &settings).await?;
+    let namespace = args.namespace.clone().or(source.namespace.clone());
+    if args.with_account
+        && let Some(client) = &source.cluster
+    {
+        let secret = render::account_secret_name(&account_ref.name);
+        let ns = namespace.as_deref().unwrap_or("default");
+        cluster::refuse_replacing(client, ns, &account_ref.name, &secret).await?;
+    }
+    let client = DpcClient::new(settings);
+    let handle = client.account(
+        source.key.clone(),
+        source.endpoint.clone(),
+        source.credentials,
+        source.rate,
+    );
+    eprintln!(
+        "importing project {project} from {} (credentials from {})",
+        source.endpoint.api_url, source.origin
+    );
+    let mut found = read_overrides(&handle, project, &args.environments, &source.origin).await?;
+    let already = match &source.cluster {
+        Some(client) => {
+            let ns = namespace.as_deref().unwrap_or("default");
+            let api = source.endpoint.api_url.as_str();
+            cluster::drop_named(client, project, ns, api, &mut found).await?
+        }
+        None => Vec::new(),
+    };
+    let options = Options {
+        project_id: project.to_string(),
+        namespace,
+        account: account_ref.clone(),
+        manage: args.manage,
+    };
+    let mut rendered = render::overrides(&found, &options);
+    rendered.already = already;
+    let mut documents = Vec::new();
+    if args.with_account {
+        let spec = source.spec;
+        documents.extend(render::account(
+            &account_ref.name,
+            options.namespace.as_deref(),
+            &spec,
+        ));
+    }
+    documents.append(&mut rendered.documents);
+    let text = format!("{}{}", header(project, &found), yaml::stream(&documents));
+    rendered.documents = documents;
+    Ok((text, rendered))
+}
+
+/// The project id and the account reference, once the arguments are found sound.
+fn checked_arguments(args: &ImportArgs) -> Result<(&str, crate::api::AccountRef), Failure> {
     let project = args.project.trim();
     if !is_project_id(project) {
         return Err(Failure::Usage(format!(
@@ -189,47 +262,7 @@ pub async fn import(args: &ImportArgs) -> Result<(String, Rendered), Failure> {
             "--with-account prints a DpcAccount; it cannot go with --account-ref ClusterDpcAccount/…".into(),
         ));
     }
-    let settings = ClientSettings {
-        allow_insecure_http: args.allow_insecure_http,
-        request_timeout: args.timeout,
-        // A command waits for its turn rather than giving up.
-        max_admission_wait: Duration::from_secs(600),
-        allowed_hosts: args.dpc_allowed_hosts.clone(),
-        ..ClientSettings::default()
-    };
-    let source = account_source(args, &settings).await?;
-    let client = DpcClient::new(settings);
-    let handle = client.account(
-        source.key.clone(),
-        source.endpoint.clone(),
-        source.credentials,
-        source.rate,
-    );
-    eprintln!(
-        "importing project {project} from {} (credentials from {})",
-        source.endpoint.api_url, source.origin
-    );
-    let found = read_overrides(&handle, project, &args.environments, &source.origin).await?;
-    let options = Options {
-        project_id: project.to_string(),
-        namespace: args.namespace.clone().or(source.namespace),
-        account: account_ref.clone(),
-        manage: args.manage,
-    };
-    let mut rendered = render::overrides(&found, &options);
-    let mut documents = Vec::new();
-    if args.with_account {
-        let spec = source.spec;
-        documents.extend(render::account(
-            &account_ref.name,
-            options.namespace.as_deref(),
-            &spec,
-        ));
-    }
-    documents.append(&mut rendered.documents);
-    let text = format!("{}{}", header(project, &found), yaml::stream(&documents));
-    rendered.documents = documents;
-    Ok((text, rendered))
+    Ok((project, account_ref))
 }
 
 /// What the CRD's `PROJECT_ID_PATTERN` accepts: 8-4-4-4-12 lower-case hexadecimal digits.
@@ -272,6 +305,8 @@ struct Source {
     origin: String,
     /// The namespace of `--from-account`.
     namespace: Option<String>,
+    /// The cluster of `--from-account`.
+    cluster: Option<kube::Client>,
 }
 
 async fn account_source(args: &ImportArgs, settings: &ClientSettings) -> Result<Source, Failure> {
@@ -321,6 +356,7 @@ async fn account_source(args: &ImportArgs, settings: &ClientSettings) -> Result<
         spec,
         origin: format!("{CLIENT_ID_ENV}/{CLIENT_SECRET_ENV}"),
         namespace: None,
+        cluster: None,
     })
 }
 
@@ -353,6 +389,7 @@ async fn from_cluster(
         spec,
         origin: format!("Secret {namespace}/{secret} of DpcAccount {namespace}/{name}"),
         namespace: Some(namespace.to_string()),
+        cluster: Some(client),
     })
 }
 

@@ -44,6 +44,8 @@ pub struct Rendered {
     pub skipped: Vec<String>,
     /// Remarks on overrides that were printed.
     pub notes: Vec<String>,
+    /// Overrides not printed because an object in the cluster names them already.
+    pub already: Vec<String>,
 }
 
 /// One ConnectionOverride per override, sorted by environment and connection name.
@@ -120,6 +122,13 @@ fn spec_of(
         .as_ref()
         .and_then(Value::as_object)
         .ok_or("DPC holds no connectionOverrides object for it")?;
+    if let Some((field, _)) = values.iter().find(|(k, v)| {
+        !matches!(k.as_str(), "connectionProperties" | "secretsLocation") && !v.is_null()
+    }) {
+        return Err(format!(
+            "DPC holds connectionOverrides.{field}, which a ConnectionOverride cannot hold: the object would not describe what DPC holds, and a write of it could erase the field in DPC"
+        ));
+    }
     let connection_properties = properties(values.get("connectionProperties"))?;
     let secrets_location = location(values.get("secretsLocation"))?;
     let auth_type = match remote.auth_type.as_deref() {
@@ -235,14 +244,21 @@ fn dns_part(text: &str) -> String {
     out.trim_matches('-').to_string()
 }
 
-fn short_hash(environment: &str, connection: &str) -> String {
+/// The first `2 * bytes` hex digits of a hash of the pair.
+fn short_hash(environment: &str, connection: &str, bytes: usize) -> String {
     let digest = Sha256::digest(format!("{environment}\0{connection}").as_bytes());
-    hex::encode(&digest[..4])
+    hex::encode(&digest[..bytes])
 }
 
+/// How many bytes of the pair's hash a name ends in, by how often it had to grow: none,
+/// then 4, 8, 16 and 24 (the name stays a DNS-1123 label).
+const HASH_BYTES: [usize; 5] = [0, 4, 8, 16, 24];
+
 /// A DNS-1123 label per (environment, connection): `<environment>-<connection>`; a name two
-/// pairs would share, or one too long, ends in a hash of the pair instead, so every name is
-/// unique and none depends on which other overrides exist besides those it collides with.
+/// pairs would share, or one too long, ends in a hash of the pair instead — a longer hash
+/// while it still meets another name — so every name is unique and none depends on which
+/// other overrides exist besides those it collides with. Distinct pairs, so the same pairs
+/// always get the same names.
 pub fn object_names(pairs: &[(&str, &str)]) -> Vec<String> {
     let bases: Vec<String> = pairs
         .iter()
@@ -260,28 +276,51 @@ pub fn object_names(pairs: &[(&str, &str)]) -> Vec<String> {
             }
         })
         .collect();
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for base in &bases {
-        *counts.entry(base.as_str()).or_default() += 1;
-    }
-    bases
+    let named = |i: usize, level: usize| {
+        let base = &bases[i];
+        let bytes = HASH_BYTES[level.min(HASH_BYTES.len() - 1)];
+        if bytes == 0 {
+            return base.clone();
+        }
+        let (environment, connection) = pairs[i];
+        let hash = short_hash(environment, connection, bytes);
+        let head = &base[..base.len().min(MAX_NAME - hash.len() - 1)];
+        format!("{}-{hash}", head.trim_end_matches('-'))
+    };
+    // Every pair starts at its plain name (hashed at once when too long); a name shared by
+    // two or more pairs moves each of them one level on, until no name is shared.
+    let mut levels: Vec<usize> = bases
         .iter()
-        .zip(pairs)
-        .map(|(base, (environment, connection))| {
-            if counts[base.as_str()] == 1 && base.len() <= MAX_NAME {
-                return base.clone();
+        .map(|b| usize::from(b.len() > MAX_NAME))
+        .collect();
+    loop {
+        let names: Vec<String> = (0..pairs.len()).map(|i| named(i, levels[i])).collect();
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for name in &names {
+            *counts.entry(name.as_str()).or_default() += 1;
+        }
+        let mut moved = false;
+        for (i, name) in names.iter().enumerate() {
+            if counts[name.as_str()] > 1 && levels[i] < HASH_BYTES.len() - 1 {
+                levels[i] += 1;
+                moved = true;
             }
-            let hash = short_hash(environment, connection);
-            let head = &base[..base.len().min(MAX_NAME - hash.len() - 1)];
-            format!("{}-{hash}", head.trim_end_matches('-'))
-        })
-        .collect()
+        }
+        if !moved {
+            return names;
+        }
+    }
+}
+
+/// The name of the Secret stub `--with-account` prints for the account `name`.
+pub fn account_secret_name(name: &str) -> String {
+    format!("{name}-credentials")
 }
 
 /// The DpcAccount the objects refer to, and a Secret stub for its credentials: the Secret
 /// carries placeholders, never the credentials the import used.
 pub fn account(name: &str, namespace: Option<&str>, spec: &DpcAccountSpec) -> [Value; 2] {
-    let secret_name = format!("{name}-credentials");
+    let secret_name = account_secret_name(name);
     let mut spec = spec.clone();
     spec.credentials_secret_ref = crate::api::CredentialsSecretRef::named(&secret_name);
     spec.requests_per_minute = None;

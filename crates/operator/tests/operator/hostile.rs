@@ -414,3 +414,34 @@ async fn a_delete_dpc_accepts_but_does_not_carry_out_is_not_taken_as_done() {
         .collect();
     assert_eq!(methods, ["DELETE", "GET"]);
 }
+
+#[tokio::test]
+async fn a_list_that_never_ends_is_refused_not_cut_short() {
+    let (_token, token_url, _) = server(|_| token_answer("1800")).await;
+    // Every page says more follow.
+    let (_api, api_url, seen) = server(|_| {
+        let body = r#"{"page": 0, "size": 1, "total": 1000000,
+            "results": [{"name": "C", "connectionOverrides": {"connectionProperties": {"secretName": "x"}}}]}"#;
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(http::full(body))
+            .unwrap()
+    })
+    .await;
+    let dpc = handle(&format!("{api_url}/dpc"), &format!("{token_url}/token"));
+    let error = dpc.list(PROJECT, "PROD").await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("still announced more pages after 1000 pages (1000 items)"),
+        "{text}"
+    );
+    assert!(
+        matches!(error, dpc_operator::dpc::DpcError::Decode { .. }),
+        "{error:?}"
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1000,
+        "the cap, not one call more"
+    );
+}

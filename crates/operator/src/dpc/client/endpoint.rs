@@ -79,13 +79,22 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The API base URL an account spec names (its `apiUrl`, else its region's), unchecked.
+    pub fn api_base(spec: &DpcAccountSpec) -> Option<String> {
+        match (&spec.api_url, spec.region) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(region)) => {
+                Some(format!("https://{}.api.matillion.com/dpc", region.as_str()))
+            }
+            (None, None) => None,
+        }
+    }
+
     /// The endpoint of a DpcAccount spec: the region's URL unless `apiUrl` is set. Plain
     /// http is refused unless the settings allow it, and so is a host not on their list.
     pub fn for_account(spec: &DpcAccountSpec, settings: &ClientSettings) -> Result<Self, String> {
-        let api = match (&spec.api_url, spec.region) {
-            (Some(url), _) => url.clone(),
-            (None, Some(region)) => format!("https://{}.api.matillion.com/dpc", region.as_str()),
-            (None, None) => return Err("the DpcAccount sets neither region nor apiUrl".into()),
+        let Some(api) = Self::api_base(spec) else {
+            return Err("the DpcAccount sets neither region nor apiUrl".into());
         };
         let token = spec
             .token_url

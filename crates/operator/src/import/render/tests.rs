@@ -60,6 +60,68 @@ fn names_are_dns_labels_unique_and_keep_to_themselves() {
 }
 
 #[test]
+fn names_stay_unique_when_a_plain_name_equals_another_pairs_hashed_name() {
+    // "Sales Force" and "sales-force" share a plain name, so both end in a hash; a third
+    // connection is named exactly as the first one's hashed name.
+    let hashed = short_hash("PROD", "Sales Force", 4);
+    let third = format!("Sales Force {hashed}");
+    let pairs = [
+        ("PROD", "Sales Force"),
+        ("PROD", "sales-force"),
+        ("PROD", third.as_str()),
+    ];
+    let names = object_names(&pairs);
+    let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), 3, "{names:?}");
+    for name in &names {
+        assert!(is_dns_label(name), "{name}");
+    }
+    // The same pairs in another order get the same names; a re-import prints them again.
+    let mut reversed = pairs;
+    reversed.reverse();
+    let mut again = object_names(&reversed);
+    again.reverse();
+    assert_eq!(again, names);
+    // Rendered, the three objects have three names.
+    let items: Vec<Found> = pairs
+        .iter()
+        .map(|(env, conn)| {
+            found(
+                env,
+                json!({"name": conn, "connectionOverrides": {"connectionProperties": {"secretName": "s"}}}),
+            )
+        })
+        .collect();
+    let rendered = overrides(&items, &options());
+    let printed: std::collections::BTreeSet<&str> = rendered
+        .documents
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(printed.len(), 3);
+}
+
+#[test]
+fn an_override_with_a_field_no_spec_can_hold_is_skipped_naming_the_field() {
+    let items = [found(
+        "PROD",
+        json!({"name": "A", "connectionOverrides": {
+            "connectionProperties": {"secretName": "a"},
+            "rotation": {"days": 30},
+            "nothing": null}}),
+    )];
+    let rendered = overrides(&items, &options());
+    assert!(rendered.documents.is_empty());
+    assert_eq!(rendered.skipped.len(), 1);
+    assert!(
+        rendered.skipped[0].contains("connectionOverrides.rotation"),
+        "{}",
+        rendered.skipped[0]
+    );
+    assert!(!rendered.skipped[0].contains("nothing"));
+}
+
+#[test]
 fn output_does_not_depend_on_the_order_dpc_listed_in() {
     let items = vec![
         found(

@@ -332,3 +332,155 @@ async fn import_failures_say_what_failed_and_exit_non_zero() {
     }
     h.stop().await;
 }
+
+/// The arguments of an import of the harness's project as its DpcAccount.
+fn from_account_args(h: &Harness, kubeconfig: &std::path::Path) -> Vec<String> {
+    [
+        "--project",
+        PROJECT,
+        "--from-account",
+        &format!("{}/{ACCOUNT}", h.ns),
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--allow-insecure-http",
+        "--dpc-allowed-hosts",
+        "127.0.0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn import_with(args: &[String], extra: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend_from_slice(extra);
+    run_import(&all, &[]).await
+}
+
+#[tokio::test]
+async fn an_import_prints_nothing_a_cluster_object_already_names_and_never_replaces_a_live_account()
+{
+    let h = Harness::start().await;
+    seed(&h.sim);
+    // Written by hand, reading its value from a Secret: DPC holds the resolved value.
+    let resolved = "resolved-from-a-secret-5e2d";
+    h.put_secret("refs", &[("key", resolved)]).await;
+    h.sim.put_override(
+        PROJECT,
+        "Prod EU",
+        "snowflake_main.v2",
+        None,
+        json!({"connectionProperties": {"secretName": resolved}}),
+    );
+    h.apply(
+        &Cov::new("hand-written", "snowflake_main.v2")
+            .environment("Prod EU")
+            .without_property("secretName")
+            .property_from_secret("secretName", "refs", "key"),
+    )
+    .await;
+    let kubeconfig = kubeconfig_file(&h, &h.kubeconfig());
+    let args = from_account_args(&h, &kubeconfig);
+
+    let (code, yaml, stderr) = import_with(&args, &[]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !yaml.contains(resolved),
+        "a value read from a Secret was printed"
+    );
+    assert!(!yaml.contains("snowflake_main.v2"), "{yaml}");
+    assert!(
+        stderr.contains(&format!(
+            "not imported (already in the cluster): the override of connection \"snowflake_main.v2\" in environment \"Prod EU\": ConnectionOverride {}/hand-written in the cluster already manages it",
+            h.ns
+        )),
+        "{stderr}"
+    );
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
+    assert_eq!(docs.len(), 3, "the other overrides are printed");
+
+    // The account the import read is live: --with-account would replace it.
+    let (code, yaml, stderr) = import_with(&args, &["--with-account"]).await;
+    assert_eq!((code, yaml.as_str()), (2, ""), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--with-account would print DpcAccount {}/{ACCOUNT}, which exists in the cluster",
+            h.ns
+        )),
+        "{stderr}"
+    );
+    // Another name whose credentials Secret exists is refused too; a new one is printed.
+    h.put_secret("fresh-credentials", &[("client_id", "x")])
+        .await;
+    let (code, _, stderr) = import_with(&args, &["--with-account", "--account-ref", "fresh"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!("Secret {}/fresh-credentials", h.ns)),
+        "{stderr}"
+    );
+    let (code, yaml, stderr) =
+        import_with(&args, &["--with-account", "--account-ref", "brand-new"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(yaml.contains("name: brand-new-credentials"), "{yaml}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_import_names_every_object_uniquely_and_skips_fields_no_spec_can_hold() {
+    let h = Harness::start().await;
+    // Two names that make the same object name, and a third spelt as the first one's
+    // hashed name.
+    let hashed = object_names_of(&[("PROD", "Sales Force"), ("PROD", "sales-force")]);
+    let third = format!("Sales Force {}", &hashed[0]["prod-sales-force-".len()..]);
+    for connection in ["Sales Force", "sales-force", third.as_str()] {
+        h.sim.put_override(
+            PROJECT,
+            "PROD",
+            connection,
+            None,
+            json!({"connectionProperties": {"secretName": connection}}),
+        );
+    }
+    h.sim.put_override(
+        PROJECT,
+        "PROD",
+        "Rotating",
+        None,
+        json!({"connectionProperties": {"secretName": "r"}, "rotationPolicy": {"days": 30}}),
+    );
+    let kubeconfig = kubeconfig_file(&h, &h.kubeconfig());
+    let args = from_account_args(&h, &kubeconfig);
+    let (code, yaml, stderr) = import_with(&args, &[]).await;
+    assert_eq!(code, 6, "{stderr}");
+    assert!(
+        stderr.contains("\"Rotating\"") && stderr.contains("connectionOverrides.rotationPolicy"),
+        "{stderr}"
+    );
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
+    let names: std::collections::BTreeSet<&str> = docs
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    // kubectl applies all three: no object overwrites another's immutable connectionName.
+    let kubectl = Kubectl { kubeconfig };
+    let (code, out, err) = kubectl.run_input(&["apply", "-f", "-"], &yaml).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let applied = h.covs().list(&Default::default()).await.unwrap().items;
+    let connections: std::collections::BTreeSet<String> = applied
+        .iter()
+        .map(|o| o.spec.connection_name.clone())
+        .collect();
+    assert_eq!(
+        connections,
+        ["Sales Force", "sales-force", third.as_str()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    h.stop().await;
+}
+
+fn object_names_of(pairs: &[(&str, &str)]) -> Vec<String> {
+    dpc_operator::import::object_names(pairs)
+}
