@@ -21,7 +21,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{ClusterDpcAccount, ConnectionOverride, DpcAccount};
+use crate::api::{CREATE_PENDING_ANNOTATION, ClusterDpcAccount, ConnectionOverride, DpcAccount};
 use crate::context::{Context, GuardRef};
 use crate::dpc::AccountKey;
 use crate::index::Reference;
@@ -66,14 +66,15 @@ fn hash_of<T: Hash>(value: &T) -> u64 {
 }
 
 /// What makes a ConnectionOverride worth reconciling again: its generation (spec), deletion,
-/// and the operator's annotations. Status writes (our own) change none of these.
+/// and the operator's annotations a user sets. Writes of our own (status, the finalizer, the
+/// create-pending annotation) change none of these.
 fn trigger_hash(obj: &DeserializeGuard<ConnectionOverride>) -> Option<u64> {
     let meta = obj.meta();
     let annotations: Vec<(&String, &String)> = meta
         .annotations
         .iter()
         .flatten()
-        .filter(|(k, _)| k.starts_with("dpc-operator.io/"))
+        .filter(|(k, _)| k.starts_with("dpc-operator.io/") && *k != CREATE_PENDING_ANNOTATION)
         .collect();
     let parse_ok = obj.0.is_ok();
     Some(hash_of(&(
@@ -231,6 +232,7 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     let store = reader.clone();
     let controller = Controller::for_stream(main, reader)
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
+        .trigger_backoff(EachWatchItsOwn)
         .reconcile_on(rx)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
             let (namespace, name) = (s.namespace().unwrap_or_default(), s.name_any());
@@ -298,6 +300,26 @@ where
     watcher::watcher(api, config)
         .default_backoff()
         .touched_objects()
+}
+
+/// The backoff of a controller's merged triggers: none. Each watch backs off on its own
+/// (`default_backoff` on every watcher); the controller's default — one shared backoff over
+/// every watch — paused all of them after an error of any one, and while paused their
+/// requests went stale and failed in turn, so one 410 could blind the controller for
+/// minutes.
+struct EachWatchItsOwn;
+
+impl Iterator for EachWatchItsOwn {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        // Never `None`: that would end the controller.
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for EachWatchItsOwn {
+    fn reset(&mut self) {}
 }
 
 /// One reconcile, counted in the metrics.
@@ -417,6 +439,7 @@ async fn run_accounts<K: AccountObject>(
     let stop = shutdown.clone();
     let store = reader.clone();
     let controller = Controller::for_stream(main, reader)
+        .trigger_backoff(EachWatchItsOwn)
         .reconcile_on(asked)
         .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
             index_ctx
