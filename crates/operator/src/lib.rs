@@ -46,3 +46,21 @@ pub async fn kube_client(kubeconfig: Option<&std::path::PathBuf>) -> Result<kube
     };
     kube::Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
 }
+
+/// Every object `api` lists, page by page (500 a page), so a large cluster is never held
+/// in one answer.
+pub(crate) async fn list_all_pages<K>(api: &kube::Api<K>) -> Result<Vec<K>, kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut items = Vec::new();
+    let mut params = kube::api::ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        items.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(items),
+        }
+    }
+}

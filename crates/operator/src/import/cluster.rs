@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::ListParams;
 use kube::{Api, Client};
 
 use super::{Failure, Found};
@@ -159,11 +158,11 @@ where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let forbidden = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 403);
-    let listed = match (list_all(&all).await, scoped) {
+    let listed = match (crate::list_all_pages(&all).await, scoped) {
         (Err(e), None) if forbidden(&e) => return Ok(None),
         (Err(e), Some(scoped)) if forbidden(&e) => {
             eprintln!("may not list {what} in every namespace; looking in one only");
-            list_all(&scoped).await
+            crate::list_all_pages(&scoped).await
         }
         (other, _) => other,
     };
@@ -173,22 +172,6 @@ where
         Err(e) => Err(Failure::Kube(format!(
             "listing the {what} already in the cluster failed: {e}"
         ))),
-    }
-}
-
-async fn list_all<K>(api: &Api<K>) -> Result<Vec<K>, kube::Error>
-where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut items = Vec::new();
-    let mut params = ListParams::default().limit(500);
-    loop {
-        let page = api.list(&params).await?;
-        items.extend(page.items);
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Ok(items),
-        }
     }
 }
 

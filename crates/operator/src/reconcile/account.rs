@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
@@ -290,8 +290,7 @@ async fn release_when_unused<K: AccountObject>(
     Ok(Some((message, Action::requeue(Duration::from_secs(60)))))
 }
 
-/// Every ConnectionOverride the operator may read that needs `key` to delete its override,
-/// listed page by page.
+/// Every ConnectionOverride the operator may read that needs `key` to delete its override.
 async fn unwatched_users(key: &AccountKey, ctx: &Context) -> Result<Vec<ObjKey>, Error> {
     let scopes: Vec<Option<String>> = match (&key.namespace, ctx.config.namespaces.is_empty()) {
         (Some(namespace), _) => vec![Some(namespace.clone())],
@@ -304,20 +303,13 @@ async fn unwatched_users(key: &AccountKey, ctx: &Context) -> Result<Vec<ObjKey>,
             Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
             None => Api::all(ctx.client.clone()),
         };
-        let mut params = ListParams::default().limit(500);
-        loop {
-            let page = api.list(&params).await?;
-            users.extend(
-                page.items
-                    .iter()
-                    .filter(|cov| account_of(cov) == *key && ownership::will_delete(cov, ctx))
-                    .map(|cov| key_of(&cov.metadata)),
-            );
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = params.continue_token(&token),
-                None => break,
-            }
-        }
+        users.extend(
+            crate::list_all_pages(&api)
+                .await?
+                .iter()
+                .filter(|cov| account_of(cov) == *key && ownership::will_delete(cov, ctx))
+                .map(|cov| key_of(&cov.metadata)),
+        );
     }
     users.sort();
     Ok(users)

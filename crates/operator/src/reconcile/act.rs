@@ -110,33 +110,25 @@ pub enum Failure {
     Kube(Error),
 }
 
-/// Why a write could not be made ready.
-enum NotReady {
-    Dpc(DpcError),
-    Kube(Error),
-}
-
-impl NotReady {
-    fn or_dpc(self, dpc: impl FnOnce(DpcError) -> Failure) -> Failure {
-        match self {
-            NotReady::Dpc(error) => dpc(error),
-            NotReady::Kube(error) => Failure::Kube(error),
-        }
-    }
-}
-
 /// The handle to send a write of `operation` with: when `marks` must record something
 /// first, once the write's slot and token are at hand and the record is written.
 async fn ready(
     dpc: &AccountHandle,
     operation: Operation,
     marks: &mut impl BeforeWrite,
-) -> Result<AccountHandle, NotReady> {
+    maybe_created: bool,
+) -> Result<AccountHandle, Failure> {
     if !marks.needs(operation) {
         return Ok(dpc.clone());
     }
-    let sender = dpc.admitted(operation).await.map_err(NotReady::Dpc)?;
-    marks.before(operation).await.map_err(NotReady::Kube)?;
+    let sender = dpc.admitted(operation).await.map_err(|error| {
+        Failure::Dpc(ActError {
+            error,
+            during: operation,
+            maybe_created,
+        })
+    })?;
+    marks.before(operation).await.map_err(Failure::Kube)?;
     Ok(sender)
 }
 
@@ -166,9 +158,7 @@ pub async fn act(
         })
     };
     for _ in 0..3 {
-        let sender = ready(dpc, next, marks)
-            .await
-            .map_err(|f| f.or_dpc(|error| failed(error, next, maybe_created)))?;
+        let sender = ready(dpc, next, marks, maybe_created).await?;
         let result = match next {
             Operation::Create => sender.create(project_id, &desired.request).await,
             _ => sender.update(project_id, &desired.request).await,

@@ -34,21 +34,20 @@ pub async fn cleanup(
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    if let Some((warning, reason, note)) = release_without_delete(obj, key, ctx) {
-        write::remove_finalizer(&obj.metadata, ctx).await?;
-        let event = EventSpec {
-            warning,
-            reason: reason.into(),
-            note,
-            action: "Delete".into(),
-        };
-        write::publish(ctx, &obj.object_ref(&()), event);
-        ctx.forget(key);
-        return Ok(Action::await_change());
-    }
-    let Some(owned) = ownership::owned(obj, ctx) else {
-        // `release_without_delete` released every object that owns nothing.
-        return Ok(Action::await_change());
+    let owned = match to_delete(obj, key, ctx) {
+        Ok(owned) => owned,
+        Err((warning, reason, note)) => {
+            write::remove_finalizer(&obj.metadata, ctx).await?;
+            let event = EventSpec {
+                warning,
+                reason: reason.into(),
+                note,
+                action: "Delete".into(),
+            };
+            write::publish(ctx, &obj.object_ref(&()), event);
+            ctx.forget(key);
+            return Ok(Action::await_change());
+        }
     };
     let old = obj.status.clone().unwrap_or_default();
     let deletion = Deletion {
@@ -63,13 +62,13 @@ pub async fn cleanup(
     deletion.run().await
 }
 
-/// Why a deletion may release the object without deleting in DPC, if it may:
-/// `(warning, Event reason, Event note)`.
-fn release_without_delete(
+/// The override this deletion is to delete, or why it releases the object without deleting
+/// anything in DPC: `(warning, Event reason, Event note)`.
+fn to_delete(
     obj: &ConnectionOverride,
     key: &ObjKey,
     ctx: &Context,
-) -> Option<(bool, &'static str, String)> {
+) -> Result<Owned, (bool, &'static str, String)> {
     let spec = &obj.spec;
     let target = format!(
         "the override of connection {} in environment {}",
@@ -78,28 +77,30 @@ fn release_without_delete(
     if annotation(obj, FORCE_ORPHAN_ANNOTATION) == Some("true") {
         let note =
             format!("released without deleting {target} in DPC ({FORCE_ORPHAN_ANNOTATION}=true)");
-        return Some((true, "ForceOrphaned", note));
+        return Err((true, "ForceOrphaned", note));
     }
     if spec.deletion_policy() == DeletionPolicy::Orphan {
         let note = format!("left {target} in DPC (deletionPolicy Orphan)");
-        return Some((false, "Orphaned", note));
+        return Err((false, "Orphaned", note));
     }
     if spec.management_policy() == ManagementPolicy::ObserveOnly {
         let note = format!("left {target} in DPC (managementPolicy ObserveOnly never writes)");
-        return Some((false, "Released", note));
+        return Err((false, "Released", note));
     }
-    if ownership::owned(obj, ctx).is_none() {
+    let Some(owned) = ownership::owned(obj, ctx) else {
         let note = format!(
             "nothing was deleted in DPC: this object never wrote or adopted {target} (DPC never accepted a write of it), so whatever DPC holds there is left as it is"
         );
-        return Some((false, "Released", note));
-    }
-    let owner = ctx.claims.other_owner(key)?;
+        return Err((false, "Released", note));
+    };
+    let Some(owner) = ctx.claims.other_owner(key) else {
+        return Ok(owned);
+    };
     let note = format!(
         "left {target} in DPC: ConnectionOverride {}/{} manages it",
         owner.0, owner.1
     );
-    Some((false, "Released", note))
+    Err((false, "Released", note))
 }
 
 /// When a failing deletion gives up (spec.deletionTimeout after deletion began), if it does.

@@ -63,24 +63,42 @@ impl AccountHandle {
         body: &OverrideRequest,
     ) -> Result<WriteAnswer, DpcError> {
         let url = self.overrides_url(project_id, &[]);
-        let journal = self.journal(project_id, &body.environment_name);
+        let sent = async {
+            let answer = self.send(operation, method, url, Some(body)).await?;
+            Ok(WriteAnswer {
+                status: answer.status.as_u16(),
+                remote: parse_write_answer(&answer.body),
+            })
+        };
         let connections = [body.connection_name.as_str()];
-        if let Some((writes, place)) = &journal {
-            writes.begin(place, &connections);
-        }
-        let result = self.send(operation, method, url, Some(body)).await;
-        let result = result.map(|answer| WriteAnswer {
-            status: answer.status.as_u16(),
-            remote: parse_write_answer(&answer.body),
-        });
-        if let Some((writes, place)) = &journal {
-            match &result {
-                Ok(answer) => {
-                    let held = held_after(body, answer.remote.as_ref());
-                    writes.end(place, &connections, WriteEffect::Holds(&held));
-                }
-                Err(error) => writes.end(place, &connections, effect_of_failure(error)),
-            }
+        let environment = &body.environment_name;
+        self.journaled(project_id, environment, &connections, sent, |answer| {
+            Some(held_after(body, answer.remote.as_ref()))
+        })
+        .await
+    }
+
+    /// Runs a write, telling the write observer (the drift checker's journal) when it
+    /// begins and what it left when it ends: what `left` says of a success (`None`: gone),
+    /// nothing after a refusal, and "unknown" after a failure that may have applied.
+    async fn journaled<T>(
+        &self,
+        project_id: &str,
+        environment: &str,
+        connections: &[&str],
+        write: impl std::future::Future<Output = Result<T, DpcError>>,
+        left: impl FnOnce(&T) -> Option<RemoteOverride>,
+    ) -> Result<T, DpcError> {
+        let Some(writes) = self.client.inner.writes.clone() else {
+            return write.await;
+        };
+        let place = self.place(project_id, environment);
+        writes.begin(&place, connections);
+        let result = write.await;
+        match result.as_ref().map(left) {
+            Ok(Some(held)) => writes.end(&place, connections, WriteEffect::Holds(&held)),
+            Ok(None) => writes.end(&place, connections, WriteEffect::Gone),
+            Err(error) => writes.end(&place, connections, effect_of_failure(error)),
         }
         result
     }
@@ -169,25 +187,17 @@ impl AccountHandle {
         }
         for (chunk, names) in self.delete_batches(project_id, environment, connection_names) {
             let url = self.overrides_url_raw(project_id, &chunk);
-            let journal = self.journal(project_id, environment);
-            if let Some((writes, place)) = &journal {
-                writes.begin(place, &names);
-            }
-            let result = match self
-                .send(Operation::Delete, Method::DELETE, url, None)
-                .await
-            {
-                Ok(_) | Err(DpcError::Api { status: 404, .. }) => Ok(()),
-                Err(e) => Err(e),
+            let sent = async {
+                match self
+                    .send(Operation::Delete, Method::DELETE, url, None)
+                    .await
+                {
+                    Ok(_) | Err(DpcError::Api { status: 404, .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
             };
-            if let Some((writes, place)) = &journal {
-                let effect = match &result {
-                    Ok(()) => WriteEffect::Gone,
-                    Err(error) => effect_of_failure(error),
-                };
-                writes.end(place, &names, effect);
-            }
-            result?;
+            self.journaled(project_id, environment, &names, sent, |()| None)
+                .await?;
         }
         let unusual: Vec<&String> = connection_names
             .iter()

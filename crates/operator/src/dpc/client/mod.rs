@@ -370,12 +370,6 @@ impl AccountHandle {
         })
     }
 
-    /// Tells the write observer a write begins, and returns what ends it.
-    fn journal(&self, project: &str, environment: &str) -> Option<(Arc<dyn WriteObserver>, Place)> {
-        let writes = self.client.inner.writes.clone()?;
-        Some((writes, self.place(project, environment)))
-    }
-
     /// A digest of the account's endpoint and credentials (not reversible): it changes when
     /// either does.
     pub fn fingerprint(&self) -> String {

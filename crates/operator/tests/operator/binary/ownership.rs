@@ -5,7 +5,7 @@
 //! never both write one override.
 
 use super::*;
-use dpc_operator::api::{CREATE_PENDING_ANNOTATION, DpcAccount, FINALIZER};
+use dpc_operator::api::{CREATE_PENDING_ANNOTATION, DpcAccount, DpcAccountSpec, FINALIZER};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
@@ -55,8 +55,6 @@ async fn put_account_with(h: &Harness, name: &str, change: impl FnOnce(&mut DpcA
     change(&mut spec);
     h.put_account_spec(name, spec).await;
 }
-
-use dpc_operator::api::DpcAccountSpec;
 
 #[tokio::test]
 async fn objects_that_never_wrote_or_adopted_delete_nothing_in_dpc() {
