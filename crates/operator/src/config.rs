@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// Address of the admin endpoints (/livez, /readyz, /metrics).
     #[arg(long, env = "DPC_OPERATOR_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: SocketAddr,
+    /// `/readyz` answers 503 once a watch has failed for longer than this (the operator is
+    /// blind to that watch's changes); `dpc_operator_watch_failing_seconds` shows it too.
+    #[arg(long, env = "DPC_OPERATOR_WATCH_BLIND_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub watch_blind_after: Duration,
     /// Do not export the per-object condition gauge (one series per object and condition).
     #[arg(long, env = "DPC_OPERATOR_NO_PER_OBJECT_METRICS")]
     pub no_per_object_metrics: bool,

@@ -10,6 +10,7 @@ use futures::channel::mpsc::UnboundedSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
@@ -28,6 +29,7 @@ use crate::index::Reference;
 use crate::key::ObjKey;
 use crate::reconcile;
 use crate::reconcile::account::AccountObject;
+use crate::watch::{self, Selectors};
 
 /// Checks that the CRDs are installed; the error says how to install them.
 ///
@@ -188,28 +190,16 @@ fn log_result<K: Resource, E: std::fmt::Display>(
 }
 
 async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: CancellationToken) {
-    let client = ctx.client.clone();
     let ns = scope.as_deref();
     let (reader, writer) = reflector::store();
     let main = override_stream(&ctx, scope.clone(), writer);
-    let default = watcher::Config::default;
-    let secrets = touched(scoped::<PartialObjectMeta<Secret>>(&client, ns), default());
-    let config_maps = touched(
-        scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
-        default(),
-    );
-    let accounts = touched(scoped::<DpcAccount>(&client, ns), default())
-        .predicate_filter(predicates::generation, Default::default());
-    let cluster_accounts = touched(Api::<ClusterDpcAccount>::all(client.clone()), default())
-        .predicate_filter(predicates::generation, Default::default());
-    let namespace_config = match ns {
-        Some(ns) => default().fields(&format!("metadata.name={ns}")),
-        None => default(),
-    };
-    let all_namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
-    let namespaces = touched(all_namespaces, namespace_config)
-        .predicate_filter(predicates::labels, Default::default());
-
+    let Triggers {
+        secrets,
+        config_maps,
+        accounts,
+        cluster_accounts,
+        namespaces,
+    } = triggers(&ctx, ns);
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let sweeper = tokio::spawn(sweep(
         reader.clone(),
@@ -259,6 +249,74 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     sweeper.abort();
 }
 
+/// What a ConnectionOverride reads, watched: changes trigger the objects that read it.
+struct Triggers {
+    secrets: BoxStream<'static, Result<PartialObjectMeta<Secret>, watcher::Error>>,
+    config_maps: BoxStream<'static, Result<PartialObjectMeta<ConfigMap>, watcher::Error>>,
+    accounts: BoxStream<'static, Result<DpcAccount, watcher::Error>>,
+    cluster_accounts: BoxStream<'static, Result<ClusterDpcAccount, watcher::Error>>,
+    namespaces: BoxStream<'static, Result<PartialObjectMeta<Namespace>, watcher::Error>>,
+}
+
+fn triggers(ctx: &Context, ns: Option<&str>) -> Triggers {
+    let client = ctx.client.clone();
+    let all = Selectors::default;
+    // Secrets and ConfigMaps pass on a new resourceVersion only: a relist after a 410 (an
+    // API server restart) triggers the users of what changed, not of every Secret.
+    let secrets = touched(
+        ctx,
+        ns,
+        "",
+        scoped::<PartialObjectMeta<Secret>>(&client, ns),
+        all(),
+    )
+    .predicate_filter(predicates::resource_version, Default::default());
+    let config_maps = touched(
+        ctx,
+        ns,
+        "",
+        scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
+        all(),
+    )
+    .predicate_filter(predicates::resource_version, Default::default());
+    let accounts = touched(
+        ctx,
+        ns,
+        "for ConnectionOverrides",
+        scoped::<DpcAccount>(&client, ns),
+        all(),
+    )
+    .predicate_filter(predicates::generation, Default::default());
+    let cluster_accounts = touched(
+        ctx,
+        None,
+        "for ConnectionOverrides",
+        Api::<ClusterDpcAccount>::all(client.clone()),
+        all(),
+    )
+    .predicate_filter(predicates::generation, Default::default());
+    let namespace_config = Selectors {
+        fields: ns.map(|ns| format!("metadata.name={ns}")),
+        ..Selectors::default()
+    };
+    let all_namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+    let namespaces = touched(
+        ctx,
+        None,
+        &scope_label(ns),
+        all_namespaces,
+        namespace_config,
+    )
+    .predicate_filter(predicates::labels, Default::default());
+    Triggers {
+        secrets: secrets.boxed(),
+        config_maps: config_maps.boxed(),
+        accounts: accounts.boxed(),
+        cluster_accounts: cluster_accounts.boxed(),
+        namespaces: namespaces.boxed(),
+    }
+}
+
 /// The watch of the ConnectionOverrides of one scope, slimmed, feeding the claims index and
 /// the store, and passing on only changes worth a reconcile.
 fn override_stream(
@@ -269,15 +327,15 @@ fn override_stream(
 + Send
 + use<> {
     let api: Api<DeserializeGuard<ConnectionOverride>> = scoped(&ctx.client, scope.as_deref());
-    let mut config = watcher::Config::default();
-    if let Some(selector) = &ctx.config.label_selector {
-        config = config.labels(selector);
-    }
+    let selectors = Selectors {
+        labels: ctx.config.label_selector.clone(),
+        ..Selectors::default()
+    };
     let hook = ctx.clone();
     let relist = Mutex::new(None);
     let first_sync = AtomicBool::new(false);
-    watcher::watcher(api, config)
-        .default_backoff()
+    let name = watch_name::<ConnectionOverride>(scope.as_deref(), "");
+    watch::watch(&ctx.watches, name, api, selectors)
         // Keep only what reconciles read: the store holds every object.
         .modify(slim)
         .map_ok(move |event| {
@@ -289,24 +347,54 @@ fn override_stream(
         .predicate_filter(trigger_hash, Default::default())
 }
 
-/// The objects a watch sees change (with the watcher's default backoff).
+/// `secrets (all namespaces)`, `dpcaccounts in team-a for …`: a watch's name in logs,
+/// metrics and `/readyz`.
+fn watch_name<K: Resource<DynamicType = ()>>(scope: Option<&str>, purpose: &str) -> String {
+    let scope = match scope {
+        Some(ns) => format!("in {ns}"),
+        None => "(all namespaces)".to_string(),
+    };
+    [K::plural(&()).as_ref(), &scope, purpose]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `for ConnectionOverrides in <ns>`: what a cluster-wide watch of one scope is for.
+fn scope_label(scope: Option<&str>) -> String {
+    match scope {
+        Some(ns) => format!("for ConnectionOverrides in {ns}"),
+        None => "for ConnectionOverrides".to_string(),
+    }
+}
+
+/// The objects a watch sees change; its name says what it watches, where and what for.
 fn touched<K>(
+    ctx: &Context,
+    scope: Option<&str>,
+    purpose: &str,
     api: Api<K>,
-    config: watcher::Config,
-) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
+    selectors: Selectors,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + use<K>
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
-    watcher::watcher(api, config)
-        .default_backoff()
-        .touched_objects()
+    let name = watch_name::<K>(scope, purpose);
+    watch::watch(&ctx.watches, name, api, selectors).touched_objects()
 }
 
 /// The backoff of a controller's merged triggers: none. Each watch backs off on its own
-/// (`default_backoff` on every watcher); the controller's default — one shared backoff over
-/// every watch — paused all of them after an error of any one, and while paused their
-/// requests went stale and failed in turn, so one 410 could blind the controller for
-/// minutes.
+/// (`crate::watch`); the controller's default — one shared backoff over every watch —
+/// paused all of them after an error of any one, and while paused their requests went
+/// stale and failed in turn, so one 410 could blind the controller for minutes.
 struct EachWatchItsOwn;
 
 impl Iterator for EachWatchItsOwn {
@@ -411,8 +499,8 @@ async fn run_accounts<K: AccountObject>(
     let api = K::watch_api(client.clone(), scope.as_deref());
     let (reader, writer) = reflector::store();
     // A change of spec, and the start of a deletion (which holds for the in-use finalizer).
-    let main = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
+    let name = watch_name::<K>(scope.as_deref(), "");
+    let main = watch::watch(&ctx.watches, name, api, Selectors::default())
         .reflect(writer)
         .applied_objects()
         .predicate_filter(
@@ -431,9 +519,12 @@ async fn run_accounts<K: AccountObject>(
     let asked = rx.filter_map(move |key: AccountKey| {
         futures::future::ready(account_ref::<K>(&key, account_scope.as_deref()))
     });
+    let purpose = format!("for {}s", K::KIND);
     let secrets = futures::stream::select_all(secret_scopes.iter().map(|ns| {
         let api = scoped::<PartialObjectMeta<Secret>>(&client, ns.as_deref());
-        touched(api, watcher::Config::default()).boxed()
+        touched(&ctx, ns.as_deref(), &purpose, api, Selectors::default())
+            .predicate_filter(predicates::resource_version, Default::default())
+            .boxed()
     }));
     let index_ctx = ctx.clone();
     let stop = shutdown.clone();

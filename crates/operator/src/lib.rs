@@ -21,6 +21,7 @@ pub(crate) mod reconcile;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod telemetry;
+pub mod watch;
 
 /// Installs rustls' ring crypto provider for the process (kube and reqwest share it).
 /// Calling it again is harmless.

@@ -120,9 +120,12 @@ async fn run_operator(args: RunArgs) -> ExitCode {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let standby_allowed = args.leader_election;
+        let blind_after = args.watch_blind_after;
         Arc::new(move || {
             if shutdown.is_cancelled() {
                 Err("shutting down".into())
+            } else if let Some(blind) = ctx.watches.blind(blind_after) {
+                Err(blind)
             } else if ctx.is_synced() || (standby_allowed && !ctx.is_running()) {
                 Ok(())
             } else {

@@ -41,6 +41,17 @@ struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    watch: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RestartLabels {
+    watch: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConditionLabels {
     namespace: String,
     name: String,
@@ -74,6 +85,11 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 /// A condition type and the status exported for it.
 type ExportedCondition = (&'static str, &'static str);
 
+/// Work done before each scrape (gauges that are ages are set then).
+type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
+
+type Seconds = Gauge<f64, AtomicU64>;
+
 /// Every metric of the operator.
 pub struct Metrics {
     registry: Registry,
@@ -88,6 +104,10 @@ pub struct Metrics {
     /// old series.
     condition_state: Mutex<HashMap<ObjKey, Vec<ExportedCondition>>>,
     per_object: bool,
+    watch_age: Family<WatchLabels, Seconds>,
+    watch_failing: Family<WatchLabels, Seconds>,
+    watch_restarts: Family<RestartLabels, Counter>,
+    on_scrape: Mutex<Vec<ScrapeHook>>,
 }
 
 fn reconcile_buckets() -> Histogram {
@@ -146,6 +166,7 @@ impl Metrics {
             "1 for the current status of each condition of each object (namespace, name, type, status)",
             conditions.clone(),
         );
+        let (watch_age, watch_failing, watch_restarts) = register_watch_families(&mut registry);
         Self {
             registry,
             reconciliations,
@@ -157,11 +178,47 @@ impl Metrics {
             conditions,
             condition_state: Mutex::new(HashMap::new()),
             per_object,
+            watch_age,
+            watch_failing,
+            watch_restarts,
+            on_scrape: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Runs `hook` before each scrape.
+    pub fn on_scrape(&self, hook: ScrapeHook) {
+        self.on_scrape.lock().expect("metrics lock").push(hook);
+    }
+
+    /// The state of the watch `watch`: time since its last event (or bookmark, list or
+    /// accepted request), and how long it has failed.
+    pub fn set_watch_health(&self, watch: &str, progress_age: Duration, failing: Duration) {
+        let labels = WatchLabels {
+            watch: watch.to_string(),
+        };
+        self.watch_age
+            .get_or_create(&labels)
+            .set(progress_age.as_secs_f64());
+        self.watch_failing
+            .get_or_create(&labels)
+            .set(failing.as_secs_f64());
+    }
+
+    /// The watch `watch` started again, for `reason` (gone, failed, idle).
+    pub fn watch_restarted(&self, watch: &str, reason: &'static str) {
+        self.watch_restarts
+            .get_or_create(&RestartLabels {
+                watch: watch.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
+        for hook in self.on_scrape.lock().expect("metrics lock").iter() {
+            hook(self);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
@@ -226,6 +283,34 @@ impl Metrics {
             }
         }
     }
+}
+
+type WatchFamilies = (
+    Family<WatchLabels, Seconds>,
+    Family<WatchLabels, Seconds>,
+    Family<RestartLabels, Counter>,
+);
+
+fn register_watch_families(registry: &mut Registry) -> WatchFamilies {
+    let age = Family::<WatchLabels, Seconds>::default();
+    registry.register(
+        "watch_last_event_age_seconds",
+        "Seconds since each watch last received an event or bookmark, completed a list or had a watch request accepted (a bookmark arrives about once a minute)",
+        age.clone(),
+    );
+    let failing = Family::<WatchLabels, Seconds>::default();
+    registry.register(
+        "watch_failing_seconds",
+        "Seconds for which every request of each watch has failed: 0 while it watches; above 0 the operator does not see that watch's changes",
+        failing.clone(),
+    );
+    let restarts = Family::<RestartLabels, Counter>::default();
+    registry.register(
+        "watch_restarts",
+        "Watches started again, by watch and reason (gone: 410, listed again; failed: a request or stream failed, retried after backoff; idle: nothing arrived for 150 s)",
+        restarts.clone(),
+    );
+    (age, failing, restarts)
 }
 
 fn labels(

@@ -28,6 +28,7 @@ use crate::drift::{DriftChecker, Journal};
 use crate::index::{RefIndex, account_of};
 use crate::key::{ObjKey, key_of};
 use crate::metrics::Metrics;
+use crate::watch::Watches;
 
 mod events;
 mod objects;
@@ -53,6 +54,8 @@ pub struct Context {
     /// last written); forgetting an object is one call, [`Context::forget`].
     pub objects: ObjectStates,
     pub metrics: Arc<Metrics>,
+    /// Every watch's health, and the probe their retries wait on.
+    pub watches: Arc<Watches>,
     /// Which object manages which remote override.
     pub claims: Claims,
     /// Resolved accounts, kept in step by the watches.
@@ -112,6 +115,7 @@ impl Context {
             cluster_events_namespace,
             queue,
         ));
+        let watches = Watches::new(client.clone(), metrics.clone());
         Arc::new(Self {
             events,
             objects: ObjectStates::new(config.backoff_base, config.backoff_max),
@@ -120,6 +124,7 @@ impl Context {
             config,
             index: RefIndex::default(),
             account_index: RefIndex::default(),
+            watches,
             metrics,
             running: AtomicBool::new(false),
             claims: Claims::default(),
@@ -184,6 +189,7 @@ impl Context {
         self.triggers.lock().expect("triggers lock").clear();
         self.account_triggers.lock().expect("triggers lock").clear();
         self.override_stores.lock().expect("stores lock").clear();
+        self.watches.clear();
         self.objects.forget_applied_hashes();
         self.stopping.store(false, Ordering::Release);
         self.running.store(true, Ordering::Release);

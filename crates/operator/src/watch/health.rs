@@ -1,0 +1,262 @@
+//! What each watch reports of itself (last progress, failing since, restarts), and the one
+//! probe of the API server that every failing watch waits on.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+
+/// How often the probe asks the API server's `/readyz` while a watch waits to retry.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long one probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why a watch started again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// `410 Gone`: its resourceVersion is older than the server keeps; listed again.
+    Gone,
+    /// A request failed, or the stream broke: retried after the watch's backoff.
+    Failed,
+    /// Nothing (not even a bookmark) arrived for the idle timeout: watched again.
+    Idle,
+}
+
+impl Restart {
+    pub fn label(self) -> &'static str {
+        match self {
+            Restart::Gone => "gone",
+            Restart::Failed => "failed",
+            Restart::Idle => "idle",
+        }
+    }
+}
+
+/// The state of one watch, read by `/readyz` and `/metrics`.
+pub struct WatchHealth {
+    /// `<resource> <scope>`, e.g. `secrets (all namespaces)`: a metric label.
+    pub name: String,
+    /// The last event, bookmark, completed list or accepted watch request.
+    last_progress: Mutex<Instant>,
+    /// Since when every request of this watch failed; `None` while it works.
+    failing_since: Mutex<Option<Instant>>,
+    /// The last failure's text (no object content: kube's error text).
+    last_error: Mutex<String>,
+    /// Whether its first list has completed.
+    listed: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl WatchHealth {
+    pub(super) fn progressed(&self) {
+        *self.last_progress.lock().expect("watch health lock") = Instant::now();
+        let was_failing = self.failing_since.lock().expect("watch health lock").take();
+        if let Some(since) = was_failing {
+            info!(watch = %self.name, after_seconds = since.elapsed().as_secs_f64(), "watching again");
+        }
+    }
+
+    pub(super) fn listed(&self) {
+        self.listed.store(true, Ordering::Relaxed);
+        self.progressed();
+    }
+
+    /// Records a failure; the first of a run is logged as a warning, the rest at debug.
+    pub(super) fn failed(&self, error: &str) {
+        *self.last_error.lock().expect("watch health lock") = error.to_string();
+        let mut since = self.failing_since.lock().expect("watch health lock");
+        if since.is_none() {
+            *since = Some(Instant::now());
+            warn!(watch = %self.name, error, "watch failed; retrying with backoff");
+        } else {
+            tracing::debug!(watch = %self.name, error, "watch failed again");
+        }
+    }
+
+    pub(super) fn restarted(&self, why: Restart) {
+        self.metrics.watch_restarted(&self.name, why.label());
+    }
+
+    /// Seconds since the last event, bookmark, list or accepted watch request.
+    pub fn progress_age(&self) -> Duration {
+        self.last_progress
+            .lock()
+            .expect("watch health lock")
+            .elapsed()
+    }
+
+    /// How long every request of this watch has failed (zero while it works).
+    pub fn failing_for(&self) -> Duration {
+        self.failing_since
+            .lock()
+            .expect("watch health lock")
+            .map(|since| since.elapsed())
+            .unwrap_or_default()
+    }
+}
+
+/// Every watch of the operator, and the probe their retries wait on.
+pub struct Watches {
+    client: Client,
+    metrics: Arc<Metrics>,
+    all: Mutex<Vec<Arc<WatchHealth>>>,
+    gate: Arc<ProbeGate>,
+}
+
+impl Watches {
+    /// The registry; the probe task starts with the first watch that waits to retry.
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Arc<Self> {
+        let watches = Arc::new(Self {
+            client,
+            metrics: metrics.clone(),
+            all: Mutex::new(Vec::new()),
+            gate: Arc::new(ProbeGate::default()),
+        });
+        let weak = Arc::downgrade(&watches);
+        metrics.on_scrape(Box::new(move |metrics: &Metrics| {
+            if let Some(watches) = weak.upgrade() {
+                for watch in watches.all.lock().expect("watches lock").iter() {
+                    metrics.set_watch_health(
+                        &watch.name,
+                        watch.progress_age(),
+                        watch.failing_for(),
+                    );
+                }
+            }
+        }));
+        watches
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A new watch's health entry (a watch started again in a new term takes over the entry
+    /// of the same name).
+    pub fn register(&self, name: String) -> Arc<WatchHealth> {
+        let health = Arc::new(WatchHealth {
+            name,
+            last_progress: Mutex::new(Instant::now()),
+            failing_since: Mutex::new(None),
+            last_error: Mutex::new(String::new()),
+            listed: AtomicBool::new(false),
+            metrics: self.metrics.clone(),
+        });
+        let mut all = self.all.lock().expect("watches lock");
+        all.retain(|w| w.name != health.name);
+        all.push(health.clone());
+        health
+    }
+
+    /// Forgets the watches of a stopped term.
+    pub fn clear(&self) {
+        self.all.lock().expect("watches lock").clear();
+    }
+
+    /// Why the operator is blind, if a watch has failed for longer than `threshold`.
+    pub fn blind(&self, threshold: Duration) -> Option<String> {
+        let all = self.all.lock().expect("watches lock");
+        let worst = all.iter().max_by_key(|w| w.failing_for())?;
+        let failing = worst.failing_for();
+        (failing > threshold).then(|| {
+            format!(
+                "the watch of {} has failed for {}s (last error: {})",
+                worst.name,
+                failing.as_secs(),
+                worst.last_error.lock().expect("watch health lock")
+            )
+        })
+    }
+
+    /// Waits `delay`, or less: until the probe sees the API server answer again after it
+    /// stopped answering. Returns whether the probe cut the wait short.
+    pub(super) async fn pause(&self, delay: Duration) -> bool {
+        self.gate.ensure_probe(&self.client);
+        self.gate.pause(delay).await
+    }
+}
+
+/// Counts the API server's returns: a watch that waits to retry wakes when the count moves.
+#[derive(Default)]
+pub(super) struct ProbeGate {
+    /// Incremented each time the probe sees the server answer after not answering.
+    returns: AtomicU64,
+    /// The probe's last answer: false while the server does not answer.
+    answering: AtomicBool,
+    waiters: AtomicUsize,
+    changed: tokio::sync::Notify,
+    wake_probe: tokio::sync::Notify,
+    probe_started: AtomicBool,
+}
+
+impl ProbeGate {
+    fn ensure_probe(self: &Arc<Self>, client: &Client) {
+        if self.probe_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.answering.store(true, Ordering::SeqCst);
+        // The gate lives as long as the operator's context: the task holds it.
+        let gate = self.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                if gate.waiters.load(Ordering::SeqCst) == 0 {
+                    gate.wake_probe.notified().await;
+                    continue;
+                }
+                let answered = probe(&client).await;
+                let was = gate.answering.swap(answered, Ordering::SeqCst);
+                if answered && !was {
+                    gate.returns.fetch_add(1, Ordering::SeqCst);
+                    let waiting = gate.waiters.load(Ordering::SeqCst);
+                    info!(
+                        waiting,
+                        "the API server answers /readyz again; the watches retry now"
+                    );
+                    gate.changed.notify_waiters();
+                } else if !answered && was {
+                    warn!("the API server does not answer /readyz; watches retry when it does");
+                }
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+        });
+    }
+
+    async fn pause(&self, delay: Duration) -> bool {
+        let seen = self.returns.load(Ordering::SeqCst);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        self.wake_probe.notify_one();
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        let woken = loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.returns.load(Ordering::SeqCst) != seen {
+                break true;
+            }
+            tokio::select! {
+                () = &mut sleep => break false,
+                () = changed => {}
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        woken
+    }
+}
+
+/// Whether the API server answers `/readyz` with 200 (every client may read it: the
+/// `system:public-info-viewer` role).
+async fn probe(client: &Client) -> bool {
+    let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, client.request_text(request)).await,
+        Ok(Ok(_))
+    )
+}

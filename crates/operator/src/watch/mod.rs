@@ -1,0 +1,323 @@
+//! The operator's watches: list, then watch from the list's resourceVersion, yielding the
+//! events kube-runtime's `watcher` yields (so reflectors and controllers take them), with
+//! what a controller needs to ride out its API server:
+//!
+//! - **Its own backoff per watch**: 0.5 s doubling to 5 s, reset by the next event. A
+//!   failure of one watch never pauses another (kube-runtime's controller shares one backoff
+//!   over all its triggers; the controllers turn it off, see `controller.rs`).
+//! - **Back at once**: a watch waiting to retry wakes when the one probe of `/readyz`
+//!   ([`health::Watches`]) sees the API server answer again after it stopped answering, so
+//!   every watch retries within the probe's interval (0.5 s) of the server's return, not at
+//!   the end of its backoff.
+//! - **A bounded cost while the server is down**: each watch makes at most one request per
+//!   5 s after its first four retries (0.5, 1, 2, 4 s), and the probe two per second.
+//! - **410 Gone relists at the newest version**: after a `410` the list is a consistent
+//!   read (no resourceVersion), as client-go's reflector does, so the watch that follows
+//!   starts from a version the server still holds; a list at `resourceVersion=0` may be
+//!   served by a watch cache that restarted older than the version that expired. A watch
+//!   that answers 410 again right after a list backs off rather than loop.
+//! - **Seen to be alive**: bookmarks (the server sends one about every minute) count as
+//!   progress; a watch with no event and no bookmark for [`IDLE_TIMEOUT`] is started again.
+//!   Each watch reports its last progress, how long it has failed and its restarts
+//!   ([`health::WatchHealth`]).
+//!
+//! Errors are not passed on: they are logged, counted and retried here.
+
+pub mod health;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use kube::api::{ListParams, WatchEvent, WatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+
+pub use health::{Restart, WatchHealth, Watches};
+
+/// The first retry delay of a failing watch.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// The longest retry delay of a failing watch.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A watch with no event and no bookmark for this long is started again (the server sends
+/// a bookmark about once a minute; kube-apiserver ends a watch after `timeoutSeconds`).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
+/// The server ends each watch after this long (it is then resumed from its version).
+const WATCH_TIMEOUT_SECS: u32 = 290;
+/// A watch closed sooner than this without an event counts as a failure (no busy loop on a
+/// server that ends every watch at once).
+const SHORT_WATCH: Duration = Duration::from_secs(1);
+const PAGE_SIZE: u32 = 500;
+
+/// What a watch selects.
+#[derive(Clone, Debug, Default)]
+pub struct Selectors {
+    pub labels: Option<String>,
+    pub fields: Option<String>,
+}
+
+/// Where the watch is.
+enum Phase<K> {
+    /// List from scratch: at `resourceVersion=0` the first time, consistently after a 410.
+    List { consistent: bool },
+    /// Start a watch from this version.
+    Watch { version: String, after_list: bool },
+    Watching {
+        version: String,
+        stream: futures::stream::BoxStream<'static, kube::Result<WatchEvent<K>>>,
+        started: Instant,
+        seen_event: bool,
+        after_list: bool,
+    },
+}
+
+struct Watcher<K: Clone> {
+    api: Api<K>,
+    selectors: Selectors,
+    phase: Phase<K>,
+    out: VecDeque<Event<K>>,
+    /// The delay before the next retry, if the last request failed.
+    retry_in: Option<Duration>,
+    backoff: Duration,
+    health: std::sync::Arc<WatchHealth>,
+    watches: std::sync::Arc<Watches>,
+}
+
+/// The watch `name` of `api`, registered in `watches`.
+pub fn watch<K>(
+    watches: &std::sync::Arc<Watches>,
+    name: String,
+    api: Api<K>,
+    selectors: Selectors,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + use<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let state = Watcher {
+        api,
+        selectors,
+        phase: Phase::List { consistent: false },
+        out: VecDeque::new(),
+        retry_in: None,
+        backoff: BACKOFF_BASE,
+        health: watches.register(name),
+        watches: watches.clone(),
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        let event = state.next_event().await;
+        Some((Ok(event), state))
+    })
+}
+
+impl<K> Watcher<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    async fn next_event(&mut self) -> Event<K> {
+        loop {
+            if let Some(event) = self.out.pop_front() {
+                return event;
+            }
+            if let Some(delay) = self.retry_in.take()
+                && self.watches.pause(delay).await
+            {
+                // The server is back: the next failure starts the backoff over.
+                self.backoff = BACKOFF_BASE;
+            }
+            let phase = std::mem::replace(&mut self.phase, Phase::List { consistent: true });
+            self.phase = match phase {
+                Phase::List { consistent } => self.list(consistent).await,
+                Phase::Watch {
+                    version,
+                    after_list,
+                } => self.start(version, after_list).await,
+                Phase::Watching {
+                    version,
+                    stream,
+                    started,
+                    seen_event,
+                    after_list,
+                } => {
+                    self.step(version, stream, started, seen_event, after_list)
+                        .await
+                }
+            };
+        }
+    }
+
+    fn failed(&mut self, error: &dyn std::fmt::Display) {
+        self.health.failed(&error.to_string());
+        self.health.restarted(Restart::Failed);
+        self.retry_in = Some(self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    fn progressed(&mut self) {
+        self.health.progressed();
+        self.backoff = BACKOFF_BASE;
+    }
+
+    async fn list(&mut self, consistent: bool) -> Phase<K> {
+        let mut params = ListParams {
+            label_selector: self.selectors.labels.clone(),
+            field_selector: self.selectors.fields.clone(),
+            limit: Some(PAGE_SIZE),
+            ..ListParams::default()
+        };
+        if !consistent {
+            params = params.match_any();
+        }
+        let mut items = Vec::new();
+        let version = loop {
+            match self.api.list(&params).await {
+                Ok(page) => {
+                    items.extend(page.items);
+                    let version = page.metadata.resource_version.unwrap_or_default();
+                    match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                        Some(token) => params.continue_token = Some(token),
+                        None if version.is_empty() => {
+                            self.failed(&"the list had no resourceVersion");
+                            return Phase::List { consistent };
+                        }
+                        None => break version,
+                    }
+                }
+                Err(e) => {
+                    // A continue token too old (410) or any failure: the list starts over,
+                    // consistently, after the backoff.
+                    self.failed(&e);
+                    return Phase::List { consistent: true };
+                }
+            }
+        };
+        self.out.push_back(Event::Init);
+        self.out.extend(items.into_iter().map(Event::InitApply));
+        self.out.push_back(Event::InitDone);
+        self.health.listed();
+        self.backoff = BACKOFF_BASE;
+        Phase::Watch {
+            version,
+            after_list: true,
+        }
+    }
+
+    fn watch_params(&self) -> WatchParams {
+        // Bookmarks are on by default.
+        let mut params = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
+        params.label_selector = self.selectors.labels.clone();
+        params.field_selector = self.selectors.fields.clone();
+        params
+    }
+
+    async fn start(&mut self, version: String, after_list: bool) -> Phase<K> {
+        match self.api.watch(&self.watch_params(), &version).await {
+            Ok(stream) => {
+                self.health.progressed();
+                Phase::Watching {
+                    version,
+                    stream: stream.boxed(),
+                    started: Instant::now(),
+                    seen_event: false,
+                    after_list,
+                }
+            }
+            Err(kube::Error::Api(status)) if status.code == 410 => self.gone(after_list, &status),
+            Err(e) => {
+                self.failed(&e);
+                Phase::Watch {
+                    version,
+                    after_list,
+                }
+            }
+        }
+    }
+
+    /// `410 Gone`: list again, consistently; at once, unless the watch of a fresh list
+    /// already failed so (then after the backoff: never a loop).
+    fn gone(&mut self, after_list: bool, status: &dyn std::fmt::Display) -> Phase<K> {
+        if after_list {
+            self.failed(status);
+        } else {
+            tracing::debug!(watch = %self.health.name, "resourceVersion expired (410); listing again");
+        }
+        self.health.restarted(Restart::Gone);
+        Phase::List { consistent: true }
+    }
+
+    async fn step(
+        &mut self,
+        mut version: String,
+        mut stream: futures::stream::BoxStream<'static, kube::Result<WatchEvent<K>>>,
+        started: Instant,
+        mut seen_event: bool,
+        after_list: bool,
+    ) -> Phase<K> {
+        let next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await;
+        let event = match next {
+            Err(_) => {
+                self.health.restarted(Restart::Idle);
+                return Phase::Watch {
+                    version,
+                    after_list: false,
+                };
+            }
+            Ok(None) if !seen_event && started.elapsed() < SHORT_WATCH => {
+                self.failed(&"the server ended the watch at once");
+                return Phase::Watch {
+                    version,
+                    after_list,
+                };
+            }
+            Ok(None) => {
+                return Phase::Watch {
+                    version,
+                    after_list: false,
+                };
+            }
+            // kube-client passes an ERROR event it cannot read as a watch event as an error:
+            // a 410 comes either way.
+            Ok(Some(Err(kube::Error::Api(status)))) if status.code == 410 => {
+                return self.gone(after_list && !seen_event, &status);
+            }
+            Ok(Some(Err(e))) => {
+                self.failed(&e);
+                return Phase::Watch {
+                    version,
+                    after_list: false,
+                };
+            }
+            Ok(Some(Ok(event))) => event,
+        };
+        match event {
+            WatchEvent::Added(obj) | WatchEvent::Modified(obj) => {
+                version = obj.meta().resource_version.clone().unwrap_or(version);
+                self.out.push_back(Event::Apply(obj));
+            }
+            WatchEvent::Deleted(obj) => {
+                version = obj.meta().resource_version.clone().unwrap_or(version);
+                self.out.push_back(Event::Delete(obj));
+            }
+            WatchEvent::Bookmark(bookmark) => version = bookmark.metadata.resource_version,
+            WatchEvent::Error(status) if status.code == 410 => {
+                return self.gone(after_list && !seen_event, &status);
+            }
+            WatchEvent::Error(status) => {
+                self.failed(&status);
+                return Phase::Watch {
+                    version,
+                    after_list: false,
+                };
+            }
+        }
+        seen_event = true;
+        self.progressed();
+        Phase::Watching {
+            version,
+            stream,
+            started,
+            seen_event,
+            after_list,
+        }
+    }
+}
