@@ -13,13 +13,15 @@
 //! There is no kubelet: Deployments create no Pods. An operator under test runs as a process.
 
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+mod support;
+use support::*;
+pub use support::{compact_etcd, install_crds, tools_dir};
 
 /// The environment variable naming the folder of a running control plane to attach to.
 pub const ENV_DIR: &str = "DPC_TEST_CONTROL_PLANE";
@@ -51,6 +53,9 @@ pub struct Endpoint {
     pub version: String,
     /// The folder that holds the binaries.
     pub tools: PathBuf,
+    /// etcd's client URL (its v3 HTTP gateway answers there: `/v3/kv/compaction`).
+    #[serde(default)]
+    pub etcd_url: String,
 }
 
 impl Endpoint {
@@ -103,7 +108,24 @@ pub struct ControlPlane {
     pub endpoint: Endpoint,
     dir: PathBuf,
     keep_dir: bool,
-    children: Vec<(String, Child)>,
+    children: Vec<Process>,
+}
+
+/// One process of the control plane, and how to start it again.
+struct Process {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// How a process of the control plane is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM, and wait for it to exit (kube-apiserver shuts down gracefully).
+    Term,
+    /// SIGKILL.
+    Kill,
 }
 
 impl ControlPlane {
@@ -132,6 +154,7 @@ impl ControlPlane {
                 audit_log: dir.join("audit.log"),
                 version: String::new(),
                 tools: tools.clone(),
+                etcd_url: String::new(),
             },
             dir: dir.clone(),
             keep_dir,
@@ -143,9 +166,9 @@ impl ControlPlane {
 
         // etcd
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        plane.endpoint.etcd_url = etcd_url.clone();
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let mut etcd = Command::new(tools.join("etcd"));
-        etcd.args([
+        let etcd = args([
             "--name=default",
             &format!("--data-dir={}", dir.join("etcd").display()),
             &format!("--listen-client-urls={etcd_url}"),
@@ -156,26 +179,12 @@ impl ControlPlane {
             "--unsafe-no-fsync",
             "--log-level=warn",
         ]);
-        plane.spawn("etcd", etcd)?;
-        plane
-            .wait_until("etcd", || {
-                let etcd_url = etcd_url.clone();
-                async move {
-                    let body = reqwest::get(format!("{etcd_url}/health"))
-                        .await
-                        .ok()?
-                        .text()
-                        .await
-                        .ok()?;
-                    body.contains("\"true\"").then_some(())
-                }
-            })
-            .await?;
+        plane.spawn("etcd", tools.join("etcd"), etcd)?;
+        plane.wait_for_etcd().await?;
 
         // kube-apiserver
         let file = |name: &str| dir.join(name).display().to_string();
-        let mut apiserver = Command::new(tools.join("kube-apiserver"));
-        apiserver.args([
+        let apiserver = args([
             &format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
@@ -198,17 +207,9 @@ impl ControlPlane {
             "--audit-log-maxsize=0",
             "--profiling=false",
         ]);
-        plane.spawn("kube-apiserver", apiserver)?;
+        plane.spawn("kube-apiserver", tools.join("kube-apiserver"), apiserver)?;
+        plane.wait_for_apiserver().await?;
         let admin = plane.endpoint.client().await;
-        plane
-            .wait_until("kube-apiserver /readyz", || {
-                let admin = admin.clone();
-                async move {
-                    let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
-                    admin.request_text(request).await.ok().map(|_| ())
-                }
-            })
-            .await?;
         let version = admin
             .apiserver_version()
             .await
@@ -216,8 +217,7 @@ impl ControlPlane {
         plane.endpoint.version = version.git_version;
 
         // kube-controller-manager: namespace deletion and garbage collection only.
-        let mut kcm = Command::new(tools.join("kube-controller-manager"));
-        kcm.args([
+        let kcm = args([
             &format!("--kubeconfig={}", file("admin.kubeconfig")),
             &format!("--authentication-kubeconfig={}", file("admin.kubeconfig")),
             &format!("--authorization-kubeconfig={}", file("admin.kubeconfig")),
@@ -225,7 +225,11 @@ impl ControlPlane {
             "--leader-elect=false",
             "--secure-port=0",
         ]);
-        plane.spawn("kube-controller-manager", kcm)?;
+        plane.spawn(
+            "kube-controller-manager",
+            tools.join("kube-controller-manager"),
+            kcm,
+        )?;
 
         let description = serde_json::to_string_pretty(&plane.endpoint).expect("serializable");
         std::fs::write(dir.join(DESCRIPTION), description)
@@ -281,16 +285,166 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn spawn(&mut self, name: &str, mut command: Command) -> Result<(), String> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+    fn spawn(&mut self, name: &str, program: PathBuf, args: Vec<String>) -> Result<(), String> {
+        let mut process = Process {
+            name: name.into(),
+            program,
+            args,
+            child: None,
+        };
+        process.child = Some(self.launch(&process)?);
+        self.children.push(process);
+        Ok(())
+    }
+
+    fn launch(&self, process: &Process) -> Result<Child, String> {
+        let name = &process.name;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
             .map_err(|e| format!("{name}.log: {e}"))?;
+        let mut command = Command::new(&process.program);
         command
+            .args(&process.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
-        let child = spawn_tied(command).map_err(|e| format!("starting {name}: {e}"))?;
-        self.children.push((name.into(), child));
-        Ok(())
+        spawn_tied(command).map_err(|e| format!("starting {name}: {e}"))
+    }
+
+    fn process(&mut self, name: &str) -> &mut Process {
+        self.children
+            .iter_mut()
+            .find(|p| p.name == name)
+            .expect("a process of the control plane")
+    }
+
+    /// Stops `name` (`etcd`, `kube-apiserver`, `kube-controller-manager`) and waits for it
+    /// to exit (a graceful kube-apiserver takes up to a minute: it finishes its requests).
+    pub async fn stop(&mut self, name: &str, how: Stop) {
+        let Some(mut child) = self.process(name).child.take() else {
+            return;
+        };
+        let signal = match how {
+            Stop::Term => "-TERM",
+            Stop::Kill => "-KILL",
+        };
+        let _ = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status();
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+
+    /// Starts `name` again with the same arguments (the same data, ports and certificates)
+    /// and waits until it serves (`/readyz` of kube-apiserver, `/health` of etcd).
+    pub async fn restart(&mut self, name: &str) -> Result<(), String> {
+        let process = self.process(name);
+        if process.child.is_some() {
+            return Ok(());
+        }
+        let spec = Process {
+            name: process.name.clone(),
+            program: process.program.clone(),
+            args: process.args.clone(),
+            child: None,
+        };
+        let child = self.launch(&spec)?;
+        self.process(name).child = Some(child);
+        match name {
+            "etcd" => self.wait_for_etcd().await,
+            "kube-apiserver" => self.wait_for_apiserver().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops `name`, waits `down`, and starts it again (waiting until it serves).
+    pub async fn outage(&mut self, name: &str, how: Stop, down: Duration) -> Result<(), String> {
+        self.stop(name, how).await;
+        tokio::time::sleep(down).await;
+        self.restart(name).await
+    }
+
+    /// The process id of `name`, while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|p| p.name == name)?
+            .child
+            .as_ref()
+            .map(Child::id)
+    }
+
+    /// Starts a second kube-apiserver on the same etcd (as an HA control plane has), named
+    /// `name`, and returns its URL: a client of it keeps working while the first one is
+    /// stopped.
+    pub async fn add_apiserver(&mut self, name: &str) -> Result<String, String> {
+        let [port, _, _] = free_ports()?;
+        let server = format!("https://127.0.0.1:{port}");
+        let first = self.process("kube-apiserver");
+        let args = first
+            .args
+            .iter()
+            .map(|a| {
+                if a.starts_with("--secure-port=") {
+                    format!("--secure-port={port}")
+                } else if a.starts_with("--audit-log-path=") {
+                    format!("{a}.{name}")
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        let program = first.program.clone();
+        self.spawn(name, program, args)?;
+        let mut endpoint = self.endpoint.clone();
+        endpoint.server = server.clone();
+        let admin = endpoint.client().await;
+        self.wait_until(name, || {
+            let admin = admin.clone();
+            async move {
+                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                admin.request_text(request).await.ok().map(|_| ())
+            }
+        })
+        .await?;
+        Ok(server)
+    }
+
+    /// Compacts etcd's history up to its current revision (as etcd's periodic compaction
+    /// does, all at once): a watch or a continue token from before it is `410 Gone` unless
+    /// the API server's watch cache still holds it. Returns the revision.
+    pub async fn compact_etcd(&self) -> Result<i64, String> {
+        compact_etcd(&self.endpoint.etcd_url).await
+    }
+
+    async fn wait_for_etcd(&mut self) -> Result<(), String> {
+        let etcd_url = self.endpoint.etcd_url.clone();
+        self.wait_until("etcd", || {
+            let etcd_url = etcd_url.clone();
+            async move {
+                let body = reqwest::get(format!("{etcd_url}/health"))
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                body.contains("\"true\"").then_some(())
+            }
+        })
+        .await
+    }
+
+    async fn wait_for_apiserver(&mut self) -> Result<(), String> {
+        let admin = self.endpoint.client().await;
+        self.wait_until("kube-apiserver /readyz", || {
+            let admin = admin.clone();
+            async move {
+                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                admin.request_text(request).await.ok().map(|_| ())
+            }
+        })
+        .await
     }
 
     /// Polls `ready` until it answers, failing early with the log of a process that exited.
@@ -304,7 +458,11 @@ impl ControlPlane {
             if ready().await.is_some() {
                 return Ok(());
             }
-            for (name, child) in &mut self.children {
+            for process in &mut self.children {
+                let name = &process.name;
+                let Some(child) = process.child.as_mut() else {
+                    continue;
+                };
                 if let Ok(Some(status)) = child.try_wait() {
                     return Err(format!(
                         "{name} exited ({status}) before {what} was ready; its log ends with:\n{}",
@@ -326,7 +484,12 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // The API server first, so nothing writes to a stopped etcd.
-        for (_, child) in self.children.iter_mut().rev() {
+        for child in self
+            .children
+            .iter_mut()
+            .rev()
+            .filter_map(|p| p.child.as_mut())
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -394,184 +557,4 @@ fn remove_stale_folders() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-}
-
-/// Every request of a ServiceAccount at level Metadata (who, verb, resource, namespace);
-/// nothing else, so the log stays small and carries no object bodies.
-const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
-kind: Policy
-omitStages: [RequestReceived]
-rules:
-- level: Metadata
-  userGroups: [\"system:serviceaccounts\"]
-- level: None
-";
-
-fn serving_certificates() -> Result<(String, String, String), String> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let e = |e: rcgen::Error| format!("generating certificates: {e}");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "dpc-operator test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(e)?).map_err(e)?;
-    let mut serving = CertificateParams::new(vec![
-        "127.0.0.1".to_string(),
-        "localhost".to_string(),
-        "kubernetes.default.svc".to_string(),
-    ])
-    .map_err(e)?;
-    serving
-        .distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
-    let key = KeyPair::generate().map_err(e)?;
-    let cert = serving.signed_by(&key, &ca).map_err(e)?;
-    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
-}
-
-/// Three loopback ports free a moment ago.
-fn free_ports() -> Result<[u16; 3], String> {
-    let listeners: Vec<TcpListener> = (0..3)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("no free port: {e}"))?;
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    Ok([ports[0], ports[1], ports[2]])
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// The folder of the built binaries: `$DPC_KUBE_TOOLS`, or what `.ci/kube-tools` prints (it
-/// builds them the first time, which takes 10–20 minutes).
-pub fn tools_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = std::env::var_os(ENV_TOOLS) {
-        return Ok(PathBuf::from(dir));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/kube-tools");
-    let output = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{} failed ({}): the tests need a kube-apiserver built from its Go module; install Go 1.26 and run `bash .ci/kube-tools` (its messages are above)",
-            script.display(),
-            output.status
-        ));
-    }
-    let dir = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    Ok(PathBuf::from(dir))
-}
-
-/// Spawns `command` from a thread that lives as long as the process, with a parent-death
-/// signal, so the child is killed when this process dies however it ends (a test binary
-/// keeps its shared control plane in a static, which is never dropped).
-fn spawn_tied(command: Command) -> std::io::Result<Child> {
-    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
-    let sender = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Request>();
-        std::thread::Builder::new()
-            .name("control-plane-spawner".into())
-            .spawn(move || {
-                for (mut command, reply) in rx {
-                    let _ = reply.send(spawn_with_parent_death_signal(&mut command));
-                }
-                // The senders live in a static: this loop never ends, and neither does the
-                // thread whose death the children's signal is tied to.
-            })
-            .expect("a spawner thread");
-        Mutex::new(tx)
-    });
-    let (reply, answer) = mpsc::channel();
-    sender
-        .lock()
-        .expect("spawner lock")
-        .send((command, reply))
-        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
-}
-
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // the one unsafe block of the workspace: a pre-exec hook
-fn spawn_with_parent_death_signal(command: &mut Command) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command.spawn()
-}
-
-#[cfg(not(target_os = "linux"))]
-fn spawn_with_parent_death_signal(command: &mut Command) -> std::io::Result<Child> {
-    command.spawn()
-}
-
-/// Installs (or upgrades to) the operator's CRDs on the API server `server` through `client`,
-/// once per server and test process (every test binary applies the same CRDs with the same
-/// field manager), and waits until they are established.
-pub async fn install_crds(client: &kube::Client, server: &str) {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Api, Patch, PatchParams};
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, LazyLock, Mutex};
-    const ESTABLISHED_WITHIN: Duration = Duration::from_secs(30);
-    type Once = Arc<tokio::sync::OnceCell<()>>;
-    static DONE: LazyLock<Mutex<BTreeMap<String, Once>>> = LazyLock::new(Default::default);
-    let once = DONE
-        .lock()
-        .expect("the CRD install lock")
-        .entry(server.to_string())
-        .or_default()
-        .clone();
-    once.get_or_init(|| async {
-        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in dpc_operator_api::crds() {
-            let name = crd.metadata.name.clone().expect("a CRD has a name");
-            api.patch(
-                &name,
-                &PatchParams::apply("dpc-operator-tests").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("installing the CRD {name}: {e}"));
-            let established = kube::runtime::wait::await_condition(
-                api.clone(),
-                &name,
-                kube::runtime::conditions::is_crd_established(),
-            );
-            tokio::time::timeout(ESTABLISHED_WITHIN, established)
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("the CRD {name} was not established within {ESTABLISHED_WITHIN:?}")
-                })
-                .expect("the CRD is read");
-        }
-    })
-    .await;
 }
