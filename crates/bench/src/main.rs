@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dpc_bench::bench::{self, BenchOptions};
+use dpc_bench::bench::{self, BenchOptions, KubeKind};
 use dpc_bench::soak::{self, SoakOptions};
 use dpc_operator_api::duration::parse_duration;
 
@@ -44,6 +44,14 @@ struct SoakArgs {
     /// Calls per object per minute above which the run fails (a retry storm).
     #[arg(long, default_value_t = 60.0)]
     max_calls_per_object_minute: f64,
+    /// The Kubernetes API: the emulator, or the real control plane of `.ci/kube-tools`
+    /// (its binaries' folder in $DPC_KUBE_TOOLS, else the script builds them).
+    #[arg(long, value_enum, default_value = "emulator")]
+    kube: KubeKind,
+    /// Faults of the real control plane (kube-apiserver SIGTERM and SIGKILL restarts, etcd
+    /// compaction, an etcd stop, in turn).
+    #[arg(long, default_value_t = 8)]
+    control_plane_faults: usize,
     #[arg(long)]
     operator: Option<PathBuf>,
     #[arg(long)]
@@ -55,6 +63,9 @@ struct Args {
     /// Objects N.
     #[arg(long, default_value_t = 2000)]
     objects: usize,
+    /// The Kubernetes API: the emulator, or the real control plane of `.ci/kube-tools`.
+    #[arg(long, value_enum, default_value = "emulator")]
+    kube: KubeKind,
     /// Environments S the objects are spread over.
     #[arg(long, default_value_t = 20)]
     environments: usize,
@@ -123,6 +134,8 @@ async fn main() -> ExitCode {
                 operator: default_operator(args.operator),
                 work_dir,
                 max_calls_per_object_minute: args.max_calls_per_object_minute,
+                kube: args.kube,
+                control_plane_faults: args.control_plane_faults,
             };
             return match soak::run(&options).await {
                 Ok(report) => {
@@ -147,6 +160,7 @@ async fn main() -> ExitCode {
     let operator = default_operator(args.operator);
     let options = BenchOptions {
         objects: args.objects,
+        kube: args.kube,
         environments: args.environments,
         latency: args.latency,
         concurrency: args.concurrency,

@@ -17,8 +17,11 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::bench::{self, CLIENT_ID, CLIENT_SECRET, NAMESPACE, OperatorProcess, PROJECT, World};
+use crate::bench::{
+    self, CLIENT_ID, CLIENT_SECRET, Kube, KubeKind, NAMESPACE, OperatorProcess, PROJECT, World,
+};
 use dpc_operator_api::ConnectionOverride;
+use dpc_testkit::control_plane::Stop;
 use dpc_testkit::dpc::{Fault, FaultKind, RandomFaults, SimConfig, SimOp};
 
 /// How to soak.
@@ -34,6 +37,21 @@ pub struct SoakOptions {
     pub work_dir: PathBuf,
     /// An object retried more often than this per minute is a retry storm.
     pub max_calls_per_object_minute: f64,
+    /// The emulator (dropped watches, compaction) or the real control plane (kube-apiserver
+    /// SIGTERM and SIGKILL restarts, etcd compaction, an etcd stop).
+    pub kube: KubeKind,
+    /// Faults of the real control plane, spread over the run (cycling through the kinds).
+    pub control_plane_faults: usize,
+}
+
+/// How long after a fault the next change reached DPC.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Recovery {
+    pub count: usize,
+    pub p50_ms: u64,
+    pub max_ms: u64,
+    #[serde(skip)]
+    samples: Vec<u64>,
 }
 
 /// What happened and what was found.
@@ -44,9 +62,15 @@ pub struct SoakReport {
     pub updated: usize,
     pub deleted: usize,
     pub rotated: usize,
+    pub kube: Option<KubeKind>,
     pub watch_drops: usize,
     pub compactions: usize,
     pub kills: usize,
+    /// Faults of the control plane by kind.
+    pub control_plane_faults: BTreeMap<String, usize>,
+    /// Per fault kind: from the end of the fault (the restarted process serving again) to
+    /// the next change (a Secret rotation) reaching DPC.
+    pub recovery: BTreeMap<String, Recovery>,
     pub faults_by_kind: BTreeMap<String, usize>,
     pub dpc_calls: usize,
     pub max_calls_per_object_minute: f64,
@@ -84,11 +108,12 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
         random_faults: Some(random),
         ..SimConfig::default()
     };
-    let world = World::start(&options.work_dir, sim_config, 600_000, 100)
+    let mut world = World::start(&options.work_dir, sim_config, 600_000, 100, options.kube)
         .await
         .map_err(|e| format!("starting the test doubles: {e}"))?;
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut report = SoakReport {
+        kube: Some(options.kube),
         objects_at_start: options.objects,
         ..SoakReport::default()
     };
@@ -150,9 +175,38 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
     let kill_at: Vec<Duration> = (1..=options.kills)
         .map(|k| options.duration * k as u32 / (options.kills as u32 + 1))
         .collect();
+    let fault_at: Vec<Duration> = match options.kube {
+        KubeKind::Real => (1..=options.control_plane_faults)
+            .map(|k| {
+                options.duration * (2 * k as u32 - 1) / (2 * options.control_plane_faults as u32)
+            })
+            .collect(),
+        KubeKind::Emulator => Vec::new(),
+    };
+    let mut faults_done = 0;
     let mut next_object = objects;
-    while started.elapsed() < options.duration {
+    let mut changes = Changes {
+        secrets: &secrets,
+        desired: &mut desired,
+        deleted: &mut deleted,
+        secret_values: &mut secret_values,
+    };
+    // A fault can outlast the run (a graceful kube-apiserver drains for about a minute):
+    // every fault and kill scheduled still happens.
+    while started.elapsed() < options.duration
+        || faults_done < fault_at.len()
+        || report.kills < kill_at.len()
+    {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        if faults_done < fault_at.len() && started.elapsed() >= fault_at[faults_done] {
+            let kind = CONTROL_PLANE_FAULTS[faults_done % CONTROL_PLANE_FAULTS.len()];
+            faults_done += 1;
+            control_plane_fault(&mut world, kind).await?;
+            *report.control_plane_faults.entry(kind.into()).or_default() += 1;
+            let took = changes.next_change_reaches_dpc(&world, &mut rng).await?;
+            report.recovery.entry(kind.into()).or_default().add(took);
+            continue;
+        }
         if report.kills < kill_at.len() && started.elapsed() >= kill_at[report.kills] {
             operator.kill().await;
             report.kills += 1;
@@ -165,8 +219,17 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
                 &flags,
             )
             .map_err(|e| format!("restarting the operator: {e}"))?;
+            let took = changes.next_change_reaches_dpc(&world, &mut rng).await?;
+            report
+                .recovery
+                .entry("operator SIGKILL".into())
+                .or_default()
+                .add(took);
             continue;
         }
+        let desired = &mut *changes.desired;
+        let deleted = &mut *changes.deleted;
+        let secret_values = &mut *changes.secret_values;
         let live: Vec<usize> = desired
             .keys()
             .copied()
@@ -192,17 +255,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
                 let i = pick(&mut rng);
                 if desired[&i].secret_value.is_some() {
                     let value = new_value(&mut rng, i);
-                    let patch = json!({"stringData": {"key": value}});
-                    secrets
-                        .patch(
-                            &secret_name(i),
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        )
-                        .await
-                        .map_err(|e| format!("rotating {}: {e}", secret_name(i)))?;
-                    secret_values.insert(value.clone());
-                    desired.get_mut(&i).expect("a live object").secret_value = Some(value);
+                    changes.rotate(i, value).await?;
                     report.rotated += 1;
                 }
             }
@@ -233,14 +286,18 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
                 report.created += 1;
             }
             70..76 => {
-                world.emu.drop_watches();
-                report.watch_drops += 1;
+                if let Kube::Emulator(emu) = &world.kube {
+                    emu.drop_watches();
+                    report.watch_drops += 1;
+                }
             }
             76..80 => {
                 // Watches resuming from before now get 410 Gone and must list again.
-                world.emu.compact();
-                world.emu.drop_watches();
-                report.compactions += 1;
+                if let Kube::Emulator(emu) = &world.kube {
+                    emu.compact();
+                    emu.drop_watches();
+                    report.compactions += 1;
+                }
             }
             80..84 => {
                 let burst = Fault {
@@ -271,10 +328,7 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
         .collect();
     let deadline = Duration::from_secs(120);
     loop {
-        let ready = world.ready_count();
-        let total = world
-            .emu
-            .count_where("dpc-operator.io", "connectionoverrides", |_| true);
+        let (total, ready) = world.ready_count().await?;
         if ready == live.len() && total == live.len() {
             break;
         }
@@ -381,6 +435,100 @@ pub async fn run(options: &SoakOptions) -> Result<SoakReport, String> {
         }
     }
     Ok(report)
+}
+
+/// The faults of the real control plane, in the order the soak injects them.
+const CONTROL_PLANE_FAULTS: [&str; 4] = [
+    "kube-apiserver SIGKILL",
+    "etcd compaction",
+    "etcd stop",
+    "kube-apiserver SIGTERM",
+];
+
+/// How long a stopped process of the control plane stays down.
+const DOWN: Duration = Duration::from_secs(2);
+
+async fn control_plane_fault(world: &mut World, kind: &str) -> Result<(), String> {
+    let Kube::Real(plane) = &mut world.kube else {
+        return Ok(());
+    };
+    match kind {
+        "kube-apiserver SIGTERM" => plane.outage("kube-apiserver", Stop::Term, DOWN).await,
+        "kube-apiserver SIGKILL" => plane.outage("kube-apiserver", Stop::Kill, DOWN).await,
+        "etcd stop" => plane.outage("etcd", Stop::Term, DOWN).await,
+        _ => plane.compact_etcd().await.map(|_| ()),
+    }
+}
+
+/// The soak's record of what it changed, for the checks at the end.
+struct Changes<'a> {
+    secrets: &'a Api<Secret>,
+    desired: &'a mut BTreeMap<usize, Desired>,
+    deleted: &'a mut BTreeSet<usize>,
+    secret_values: &'a mut BTreeSet<String>,
+}
+
+impl Changes<'_> {
+    /// Rotates the Secret of object `i` to `value`, and records it.
+    async fn rotate(&mut self, i: usize, value: String) -> Result<(), String> {
+        let patch = json!({"stringData": {"key": value}});
+        self.secrets
+            .patch(
+                &secret_name(i),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| format!("rotating {}: {e}", secret_name(i)))?;
+        self.secret_values.insert(value.clone());
+        self.desired
+            .get_mut(&i)
+            .expect("a live object")
+            .secret_value = Some(value);
+        Ok(())
+    }
+
+    /// Rotates the Secret of a live object and returns how long until DPC saw its value.
+    async fn next_change_reaches_dpc(
+        &mut self,
+        world: &World,
+        rng: &mut StdRng,
+    ) -> Result<Duration, String> {
+        let with_secret: Vec<usize> = self
+            .desired
+            .iter()
+            .filter(|(i, d)| d.secret_value.is_some() && !self.deleted.contains(i))
+            .map(|(i, _)| *i)
+            .collect();
+        let i = with_secret[rng.random_range(0..with_secret.len())];
+        let value = format!("sv-{i}-{:08x}", rng.random::<u32>());
+        let started = Instant::now();
+        self.rotate(i, value.clone()).await?;
+        let written = world
+            .sim
+            .wait_for_calls(Duration::from_secs(60), |calls| {
+                calls.iter().rev().any(|c| {
+                    c.is_write()
+                        && c.body.as_ref().is_some_and(|b| {
+                            b["connectionOverrides"]["connectionProperties"]["secretKey"]
+                                == value.as_str()
+                        })
+                })
+            })
+            .await;
+        written.map_err(|_| format!("a rotation of {} never reached DPC", secret_name(i)))?;
+        Ok(started.elapsed())
+    }
+}
+
+impl Recovery {
+    fn add(&mut self, took: Duration) {
+        self.samples.push(took.as_millis() as u64);
+        self.samples.sort_unstable();
+        self.count = self.samples.len();
+        self.p50_ms = self.samples[(self.count - 1) / 2];
+        self.max_ms = *self.samples.last().expect("a sample");
+    }
 }
 
 fn soak_spec(i: usize) -> dpc_operator_api::ConnectionOverrideSpec {

@@ -1,6 +1,10 @@
-//! The world a benchmark or soak runs in: the emulator, the simulator, the account, the objects, and the operator as a process.
+//! The world a benchmark or soak runs in: the Kubernetes API (the emulator, or the real
+//! control plane of `.ci/kube-tools`), the simulator, the account, the objects, and the
+//! operator as a process.
 
 use super::*;
+use dpc_testkit::control_plane::ControlPlane;
+use k8s_openapi::api::core::v1::Namespace;
 
 /// A running operator process.
 pub struct OperatorProcess {
@@ -87,12 +91,70 @@ pub fn process_stats(pid: u32) -> Option<(f64, f64)> {
     Some((hwm_kb / 1024.0, ticks / hz))
 }
 
+/// Which Kubernetes API the operator runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeKind {
+    /// The in-process emulator (`dpc-testkit`).
+    Emulator,
+    /// etcd, kube-apiserver and kube-controller-manager built by `.ci/kube-tools`.
+    Real,
+}
+
+/// The Kubernetes API of a run.
+pub enum Kube {
+    Emulator(KubeEmulator),
+    Real(Box<ControlPlane>),
+}
+
 /// The test doubles, the namespace, the account and its credentials.
 pub struct World {
-    pub emu: KubeEmulator,
+    pub kube: Kube,
     pub sim: DpcSim,
     pub client: Client,
     pub kubeconfig: PathBuf,
+}
+
+async fn start_kube(work_dir: &Path, kind: KubeKind) -> std::io::Result<(Kube, Client, PathBuf)> {
+    let kubeconfig = work_dir.join("kubeconfig");
+    match kind {
+        KubeKind::Emulator => {
+            let emu = KubeEmulator::start_with(
+                "127.0.0.1:0".parse().expect("an address"),
+                EmulatorConfig {
+                    history_limit: 200_000,
+                    ..EmulatorConfig::default()
+                },
+            )
+            .await?;
+            std::fs::write(&kubeconfig, emu.kubeconfig())?;
+            let client = emu.client();
+            emu.install_crds().await.map_err(std::io::Error::other)?;
+            emu.create_namespace(NAMESPACE)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok((Kube::Emulator(emu), client, kubeconfig))
+        }
+        KubeKind::Real => {
+            let plane = ControlPlane::start(Some(work_dir.join("control-plane")))
+                .await
+                .map_err(std::io::Error::other)?;
+            let client = plane.endpoint.client().await;
+            dpc_testkit::control_plane::install_crds(&client, &plane.endpoint.server).await;
+            let namespaces: Api<Namespace> = Api::all(client.clone());
+            let namespace =
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}});
+            namespaces
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(namespace).expect("a Namespace"),
+                )
+                .await
+                .map_err(std::io::Error::other)?;
+            std::fs::copy(&plane.endpoint.kubeconfig, &kubeconfig)?;
+            Ok((Kube::Real(Box::new(plane)), client, kubeconfig))
+        }
+    }
 }
 
 impl World {
@@ -101,27 +163,14 @@ impl World {
         sim_config: SimConfig,
         requests_per_minute: u32,
         burst: u32,
+        kind: KubeKind,
     ) -> std::io::Result<Self> {
-        let emu = KubeEmulator::start_with(
-            "127.0.0.1:0".parse().expect("an address"),
-            EmulatorConfig {
-                history_limit: 200_000,
-                ..EmulatorConfig::default()
-            },
-        )
-        .await?;
+        std::fs::create_dir_all(work_dir)?;
+        let (kube, client, kubeconfig) = start_kube(work_dir, kind).await?;
         let sim = DpcSim::start(sim_config).await?;
         sim.add_client(CLIENT_ID, CLIENT_SECRET);
-        std::fs::create_dir_all(work_dir)?;
-        let kubeconfig = work_dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, emu.kubeconfig())?;
-        let client = emu.client();
-        emu.install_crds().await.map_err(std::io::Error::other)?;
-        emu.create_namespace(NAMESPACE)
-            .await
-            .map_err(std::io::Error::other)?;
         let world = Self {
-            emu,
+            kube,
             sim,
             client,
             kubeconfig,
@@ -169,54 +218,139 @@ impl World {
         .expect("writing a Secret");
     }
 
-    /// How many ConnectionOverrides are Ready for their current generation.
-    pub fn ready_count(&self) -> usize {
-        self.emu
-            .count_where("dpc-operator.io", "connectionoverrides", is_ready)
+    /// CPU seconds used so far by kube-apiserver and etcd (0 on the emulator).
+    pub fn control_plane_cpu(&self) -> f64 {
+        let Kube::Real(plane) = &self.kube else {
+            return 0.0;
+        };
+        ["kube-apiserver", "etcd"]
+            .iter()
+            .filter_map(|name| process_stats(plane.pid(name)?))
+            .map(|(_, cpu)| cpu)
+            .sum()
     }
 
-    /// Waits until `expected` ConnectionOverrides are Ready, following the emulator's changes
-    /// (a scan of every object per look would hold the store lock the operator needs).
-    pub async fn wait_ready(&self, expected: usize, timeout: Duration) -> Result<Duration, String> {
-        use tokio::sync::broadcast::error::RecvError;
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let follow = || {
-            self.emu
-                .select_and_follow("dpc-operator.io", "connectionoverrides", is_ready)
-        };
-        let (mut ready, mut changes) = follow();
-        while ready.len() < expected {
-            let change = match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Err(_) => {
-                    let ready = ready.len();
-                    return Err(format!(
-                        "only {ready} of {expected} objects became Ready within {timeout:?}"
-                    ));
+    /// How many ConnectionOverrides exist, and how many are Ready for their current
+    /// generation.
+    pub async fn ready_count(&self) -> Result<(usize, usize), String> {
+        match &self.kube {
+            Kube::Emulator(emu) => Ok((
+                emu.count_where("dpc-operator.io", "connectionoverrides", |_| true),
+                emu.count_where("dpc-operator.io", "connectionoverrides", is_ready),
+            )),
+            Kube::Real(_) => {
+                let api: Api<ConnectionOverride> = Api::namespaced(self.client.clone(), NAMESPACE);
+                let mut params = kube::api::ListParams::default().limit(500);
+                let (mut total, mut ready) = (0, 0);
+                loop {
+                    let page = api.list(&params).await.map_err(|e| e.to_string())?;
+                    for obj in &page.items {
+                        total += 1;
+                        ready += usize::from(is_ready(&serde_json::to_value(obj).expect("json")));
+                    }
+                    match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                        Some(token) => params = params.continue_token(&token),
+                        None => return Ok((total, ready)),
+                    }
                 }
-                Ok(Err(RecvError::Lagged(_))) => {
-                    (ready, changes) = follow();
-                    continue;
-                }
-                Ok(Err(RecvError::Closed)) => return Err("the emulator stopped".to_string()),
-                Ok(Ok(change)) => change,
-            };
-            if change.type_key.1 != "connectionoverrides" {
-                continue;
-            }
-            let meta = &change.object["metadata"];
-            let key = (
-                meta["namespace"].as_str().unwrap_or_default().to_string(),
-                meta["name"].as_str().unwrap_or_default().to_string(),
-            );
-            if change.kind != ChangeKind::Deleted && is_ready(&change.object) {
-                ready.insert(key);
-            } else {
-                ready.remove(&key);
             }
         }
-        Ok(started.elapsed())
     }
+
+    /// Waits until `expected` ConnectionOverrides are Ready, following their changes (a scan
+    /// of every object per look would hold the emulator's store lock the operator needs, or
+    /// load the API server).
+    pub async fn wait_ready(&self, expected: usize, timeout: Duration) -> Result<Duration, String> {
+        match &self.kube {
+            Kube::Emulator(emu) => wait_ready_emulated(emu, expected, timeout).await,
+            Kube::Real(_) => wait_ready_watched(&self.client, expected, timeout).await,
+        }
+    }
+}
+
+async fn wait_ready_watched(
+    client: &Client,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    use kube::runtime::watcher::{self, Event};
+    let started = Instant::now();
+    let api: Api<ConnectionOverride> = Api::namespaced(client.clone(), NAMESPACE);
+    let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+    let mut ready = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while ready.len() < expected {
+        let event = match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => {
+                return Err(format!(
+                    "only {} of {expected} objects became Ready within {timeout:?}",
+                    ready.len()
+                ));
+            }
+            Ok(None) => return Err("the watch ended".into()),
+            // The watcher retries on its own.
+            Ok(Some(Err(_))) => continue,
+            Ok(Some(Ok(event))) => event,
+        };
+        match event {
+            Event::Apply(obj) | Event::InitApply(obj) => {
+                let name = obj.metadata.name.clone().unwrap_or_default();
+                if is_ready(&serde_json::to_value(&obj).expect("json")) {
+                    ready.insert(name);
+                } else {
+                    ready.remove(&name);
+                }
+            }
+            Event::Delete(obj) => {
+                ready.remove(&obj.metadata.name.clone().unwrap_or_default());
+            }
+            Event::Init => ready.clear(),
+            Event::InitDone => {}
+        }
+    }
+    Ok(started.elapsed())
+}
+
+async fn wait_ready_emulated(
+    emu: &KubeEmulator,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    use tokio::sync::broadcast::error::RecvError;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let follow = || emu.select_and_follow("dpc-operator.io", "connectionoverrides", is_ready);
+    let (mut ready, mut changes) = follow();
+    while ready.len() < expected {
+        let change = match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Err(_) => {
+                let ready = ready.len();
+                return Err(format!(
+                    "only {ready} of {expected} objects became Ready within {timeout:?}"
+                ));
+            }
+            Ok(Err(RecvError::Lagged(_))) => {
+                (ready, changes) = follow();
+                continue;
+            }
+            Ok(Err(RecvError::Closed)) => return Err("the emulator stopped".to_string()),
+            Ok(Ok(change)) => change,
+        };
+        if change.type_key.1 != "connectionoverrides" {
+            continue;
+        }
+        let meta = &change.object["metadata"];
+        let key = (
+            meta["namespace"].as_str().unwrap_or_default().to_string(),
+            meta["name"].as_str().unwrap_or_default().to_string(),
+        );
+        if change.kind != ChangeKind::Deleted && is_ready(&change.object) {
+            ready.insert(key);
+        } else {
+            ready.remove(&key);
+        }
+    }
+    Ok(started.elapsed())
 }
 
 /// Ready=True for the object's current generation.

@@ -4,6 +4,7 @@
 //! API server, the simulator's call log and the API server's audit log — including SIGKILL
 //! at the worst moment and SIGTERM with work in flight.
 
+mod control_plane;
 mod flows;
 mod import;
 mod ownership;
