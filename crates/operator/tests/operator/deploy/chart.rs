@@ -312,6 +312,11 @@ fn the_alert_rules_use_metrics_the_operator_exports() {
     )
     .unwrap();
     metrics.set_conditions("ns", "x", &[condition]);
+    metrics.set_watch_health(
+        "secrets (all namespaces)",
+        std::time::Duration::from_secs(1),
+        std::time::Duration::ZERO,
+    );
     let exported = metrics.encode();
     let alerts = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
     let names: Vec<&str> = alerts
@@ -323,7 +328,8 @@ fn the_alert_rules_use_metrics_the_operator_exports() {
         [
             "DpcConnectionOverrideNotReady",
             "DpcApiErrors",
-            "DpcRateLimited"
+            "DpcRateLimited",
+            "DpcOperatorWatchFailing"
         ]
     );
     assert_eq!(alerts[0]["for"], "15m");
