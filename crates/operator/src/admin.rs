@@ -1,6 +1,7 @@
 //! The admin endpoints: `/livez` (the process serves), `/readyz` (the watches have delivered
 //! their first lists, or this replica is a standby follower; false again once shutdown
-//! begins), and `/metrics` in Prometheus text format.
+//! begins, and while a watch has failed for longer than `--watch-blind-after`), and
+//! `/metrics` in Prometheus text format.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
