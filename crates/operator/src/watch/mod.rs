@@ -224,10 +224,12 @@ where
             }
             Err(kube::Error::Api(status)) if status.code == 410 => self.gone(after_list, &status),
             Err(e) => {
+                // A failed start ends "right after a list": a 410 once the server is back
+                // means the server restarted, not that the list's version was stale.
                 self.failed(&e);
                 Phase::Watch {
                     version,
-                    after_list,
+                    after_list: false,
                 }
             }
         }
@@ -266,7 +268,7 @@ where
                 self.failed(&"the server ended the watch at once");
                 return Phase::Watch {
                     version,
-                    after_list,
+                    after_list: false,
                 };
             }
             Ok(None) => {
