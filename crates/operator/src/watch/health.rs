@@ -255,8 +255,103 @@ async fn probe(client: &Client) -> bool {
     let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else {
         return false;
     };
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, client.request_text(request)).await,
-        Ok(Ok(_))
-    )
+    match tokio::time::timeout(PROBE_TIMEOUT, client.request_text(request)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "probe of /readyz failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("probe of /readyz timed out");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU16;
+
+    /// An API server that answers `/readyz` with the status in `status` (0: it hangs up).
+    async fn fake_server(status: Arc<AtomicU16>) -> (dpc_http::Server, Client) {
+        let server = dpc_http::bind_and_serve(
+            "127.0.0.1:0".parse().unwrap(),
+            move |_req: dpc_http::Req| {
+                let status = status.load(Ordering::SeqCst);
+                async move {
+                    match hyper::StatusCode::from_u16(status) {
+                        Ok(code) => Ok(dpc_http::text(code, "readyz\n")),
+                        Err(_) => Err(dpc_http::Hangup),
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+        let config = kube::Config::new(format!("http://{}", server.addr).parse().unwrap());
+        (server, Client::try_from(config).unwrap())
+    }
+
+    fn watches(client: Client) -> Arc<Watches> {
+        Watches::new(client, Arc::new(Metrics::new(false)))
+    }
+
+    #[tokio::test]
+    async fn a_waiting_watch_wakes_when_the_server_answers_again_not_at_the_end_of_its_backoff() {
+        let status = Arc::new(AtomicU16::new(503));
+        let (_server, client) = fake_server(status.clone()).await;
+        let watches = watches(client);
+        let started = Instant::now();
+        let flip = {
+            let status = status.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                status.store(200, Ordering::SeqCst);
+            })
+        };
+        let woken = watches.pause(Duration::from_secs(30)).await;
+        flip.await.unwrap();
+        assert!(woken, "the pause ended because the server answered");
+        let took = started.elapsed();
+        // Woken after the server's return, long before the 30 s backoff ended.
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+            "woken {took:?} after the start (the server answered after 1 s)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watch_failing_while_the_server_answers_waits_its_whole_backoff() {
+        // The server answers all along (the watch fails for another reason: RBAC, say): the
+        // probe sees no return, so the retry waits its backoff rather than spin.
+        let (_server, client) = fake_server(Arc::new(AtomicU16::new(200))).await;
+        let watches = watches(client);
+        let started = Instant::now();
+        let woken = watches.pause(Duration::from_millis(1500)).await;
+        assert!(!woken);
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn blind_names_the_watch_that_failed_longest() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let watches = watches(client);
+        let quiet = watches.register("configmaps (all namespaces)".into());
+        let broken = watches.register("secrets (all namespaces)".into());
+        broken.failed("connection refused");
+        assert_eq!(watches.blind(Duration::from_secs(3600)), None);
+        let why = watches.blind(Duration::ZERO).expect("a watch has failed");
+        assert!(why.contains("secrets (all namespaces)"), "{why}");
+        assert!(why.contains("connection refused"), "{why}");
+        broken.progressed();
+        quiet.progressed();
+        assert_eq!(watches.blind(Duration::ZERO), None);
+    }
 }

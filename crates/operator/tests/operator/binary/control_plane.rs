@@ -22,6 +22,8 @@ struct Rig {
     h: Harness,
     operator: Operator,
     admin: String,
+    /// The operator's ServiceAccount (the audit log names it).
+    id: crate::common::identity::Identity,
     /// The value the Secret holds now.
     generation: u32,
 }
@@ -34,7 +36,7 @@ impl Rig {
         h.put_secret("refs", &[("key", "value-0")]).await;
         h.apply(&Cov::new("sf", "Salesforce").property_from_secret("secretKey", "refs", "key"))
             .await;
-        let (kubeconfig, _id) = namespaced_operator(&h).await;
+        let (kubeconfig, id) = namespaced_operator(&h).await;
         let mut args = vec!["--allow-insecure-http"];
         args.extend_from_slice(extra);
         let operator = Operator::scoped(&h, &kubeconfig, &args);
@@ -45,6 +47,7 @@ impl Rig {
             h,
             operator,
             admin,
+            id,
             generation: 0,
         }
     }
@@ -75,6 +78,18 @@ impl Rig {
                 tail(&self.operator.output())
             );
         }
+    }
+
+    /// The operator's list requests so far, by resource (from the API server's audit log).
+    fn lists(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut lists = std::collections::BTreeMap::new();
+        for request in audit::requests_of(&self.plane.endpoint.audit_log, &self.id.username) {
+            let (_, resource, verb) = request.access;
+            if verb == "list" {
+                *lists.entry(resource).or_default() += 1;
+            }
+        }
+        lists
     }
 
     async fn readyz(&self) -> (u16, String) {
@@ -113,7 +128,11 @@ fn tail(output: &str) -> String {
 fn watch_lines(output: &str) -> String {
     output
         .lines()
-        .filter(|l| l.contains("\"target\":\"dpc_operator::watch"))
+        .filter(|l| {
+            l.contains("\"target\":\"dpc_operator::watch")
+                && (l.contains("readyz") || !l.contains("\"DEBUG\""))
+        })
+        .map(|l| &l[..l.len().min(400)])
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -142,6 +161,7 @@ async fn after_each_api_server_restart_and_compaction_the_next_change_reaches_dp
     ));
 
     // Down for 15 s: longer than --watch-blind-after, so /readyz and the metrics say so.
+    let lists_before = rig.lists();
     rig.plane.stop("kube-apiserver", Stop::Kill).await;
     let blind_at = Instant::now() + Duration::from_secs(15);
     let (status, why) = loop {
@@ -181,6 +201,26 @@ async fn after_each_api_server_restart_and_compaction_the_next_change_reaches_dp
         (200, 0.0),
         "every watch back within {RESUMED_WITHIN:?} of the API server's return: {why}\n{metrics}\nthe operator printed:\n{}",
         watch_lines(&rig.operator.output())
+    );
+    // Each watch listed again at most once: a 410 after the restart never loops. (Two
+    // watches each of Secrets, DpcAccounts and ClusterDpcAccounts; one of the others.)
+    let lists_after = rig.lists();
+    for (resource, after) in &lists_after {
+        let relists = after - lists_before.get(resource).copied().unwrap_or(0);
+        let watches =
+            if ["secrets", "dpcaccounts", "clusterdpcaccounts"].contains(&resource.as_str()) {
+                2
+            } else {
+                1
+            };
+        assert!(
+            relists <= watches,
+            "{resource} was listed {relists} times after the restart ({watches} watches)"
+        );
+    }
+    assert!(
+        lists_after.values().sum::<usize>() > lists_before.values().sum::<usize>(),
+        "the watches listed again after the restart (410)"
     );
 
     // SIGKILL, restarted at once: open watches break, nothing is drained.
