@@ -59,8 +59,12 @@ pub struct Selectors {
 
 /// Where the watch is.
 enum Phase<K> {
-    /// List from scratch: at `resourceVersion=0` the first time, consistently after a 410.
-    List { consistent: bool },
+    /// List (from its first page when there is no continue token): at `resourceVersion=0`
+    /// the first time, consistently after a 410.
+    List {
+        consistent: bool,
+        continue_token: Option<String>,
+    },
     /// Start a watch from this version.
     Watch { version: String, after_list: bool },
     Watching {
@@ -97,7 +101,10 @@ where
     let state = Watcher {
         api,
         selectors,
-        phase: Phase::List { consistent: false },
+        phase: Phase::List {
+            consistent: false,
+            continue_token: None,
+        },
         out: VecDeque::new(),
         retry_in: None,
         backoff: BACKOFF_BASE,
@@ -125,9 +132,16 @@ where
                 // The server is back: the next failure starts the backoff over.
                 self.backoff = BACKOFF_BASE;
             }
-            let phase = std::mem::replace(&mut self.phase, Phase::List { consistent: true });
+            let placeholder = Phase::List {
+                consistent: true,
+                continue_token: None,
+            };
+            let phase = std::mem::replace(&mut self.phase, placeholder);
             self.phase = match phase {
-                Phase::List { consistent } => self.list(consistent).await,
+                Phase::List {
+                    consistent,
+                    continue_token,
+                } => self.list(consistent, continue_token).await,
                 Phase::Watch {
                     version,
                     after_list,
@@ -158,41 +172,51 @@ where
         self.backoff = BACKOFF_BASE;
     }
 
-    async fn list(&mut self, consistent: bool) -> Phase<K> {
+    /// One page of the list: its objects are passed on at once (the next page is asked
+    /// for when they are consumed), so no more than a page of full objects is held.
+    async fn list(&mut self, consistent: bool, continue_token: Option<String>) -> Phase<K> {
         let mut params = ListParams {
             label_selector: self.selectors.labels.clone(),
             field_selector: self.selectors.fields.clone(),
             limit: Some(PAGE_SIZE),
+            continue_token: continue_token.clone(),
             ..ListParams::default()
         };
         if !consistent {
             params = params.match_any();
         }
-        let mut items = Vec::new();
-        let version = loop {
-            match self.api.list(&params).await {
-                Ok(page) => {
-                    items.extend(page.items);
-                    let version = page.metadata.resource_version.unwrap_or_default();
-                    match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                        Some(token) => params.continue_token = Some(token),
-                        None if version.is_empty() => {
-                            self.failed(&"the list had no resourceVersion");
-                            return Phase::List { consistent };
-                        }
-                        None => break version,
-                    }
-                }
-                Err(e) => {
-                    // A continue token too old (410) or any failure: the list starts over,
-                    // consistently, after the backoff.
-                    self.failed(&e);
-                    return Phase::List { consistent: true };
-                }
+        let page = match self.api.list(&params).await {
+            Ok(page) => page,
+            Err(e) => {
+                // A continue token too old (410) or any failure: the list starts over,
+                // consistently, after the backoff (a new `Init` drops what was passed on).
+                self.failed(&e);
+                return Phase::List {
+                    consistent: true,
+                    continue_token: None,
+                };
             }
         };
-        self.out.push_back(Event::Init);
-        self.out.extend(items.into_iter().map(Event::InitApply));
+        let version = page.metadata.resource_version.unwrap_or_default();
+        let next = page.metadata.continue_.filter(|c| !c.is_empty());
+        if next.is_none() && version.is_empty() {
+            self.failed(&"the list had no resourceVersion");
+            return Phase::List {
+                consistent,
+                continue_token: None,
+            };
+        }
+        if continue_token.is_none() {
+            self.out.push_back(Event::Init);
+        }
+        self.out
+            .extend(page.items.into_iter().map(Event::InitApply));
+        if let Some(token) = next {
+            return Phase::List {
+                consistent,
+                continue_token: Some(token),
+            };
+        }
         self.out.push_back(Event::InitDone);
         self.health.listed();
         self.backoff = BACKOFF_BASE;
@@ -244,7 +268,10 @@ where
             tracing::debug!(watch = %self.health.name, "resourceVersion expired (410); listing again");
         }
         self.health.restarted(Restart::Gone);
-        Phase::List { consistent: true }
+        Phase::List {
+            consistent: true,
+            continue_token: None,
+        }
     }
 
     async fn step(
