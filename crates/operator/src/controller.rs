@@ -350,16 +350,15 @@ fn override_stream(
 /// `secrets (all namespaces)`, `dpcaccounts in team-a for …`: a watch's name in logs,
 /// metrics and `/readyz`.
 fn watch_name<K: Resource<DynamicType = ()>>(scope: Option<&str>, purpose: &str) -> String {
-    let scope = match scope {
-        Some(ns) => format!("in {ns}"),
-        None => "(all namespaces)".to_string(),
+    let plural = K::plural(&());
+    let mut name = match scope {
+        Some(ns) => format!("{plural} in {ns}"),
+        None => format!("{plural} (all namespaces)"),
     };
-    [K::plural(&()).as_ref(), &scope, purpose]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ")
+    if !purpose.is_empty() {
+        name = format!("{name} {purpose}");
+    }
+    name
 }
 
 /// `for ConnectionOverrides in <ns>`: what a cluster-wide watch of one scope is for.

@@ -46,8 +46,6 @@ pub struct WatchHealth {
     failing_since: Mutex<Option<Instant>>,
     /// The last failure's text (no object content: kube's error text).
     last_error: Mutex<String>,
-    /// Whether its first list has completed.
-    listed: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -58,11 +56,6 @@ impl WatchHealth {
         if let Some(since) = was_failing {
             info!(watch = %self.name, after_seconds = since.elapsed().as_secs_f64(), "watching again");
         }
-    }
-
-    pub(super) fn listed(&self) {
-        self.listed.store(true, Ordering::Relaxed);
-        self.progressed();
     }
 
     /// Records a failure; the first of a run is logged as a warning, the rest at debug.
@@ -131,10 +124,6 @@ impl Watches {
         watches
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// A new watch's health entry (a watch started again in a new term takes over the entry
     /// of the same name).
     pub fn register(&self, name: String) -> Arc<WatchHealth> {
@@ -143,7 +132,6 @@ impl Watches {
             last_progress: Mutex::new(Instant::now()),
             failing_since: Mutex::new(None),
             last_error: Mutex::new(String::new()),
-            listed: AtomicBool::new(false),
             metrics: self.metrics.clone(),
         });
         let mut all = self.all.lock().expect("watches lock");

@@ -66,14 +66,37 @@ enum Phase<K> {
         continue_token: Option<String>,
     },
     /// Start a watch from this version.
-    Watch { version: String, after_list: bool },
-    Watching {
+    Watch {
         version: String,
-        stream: futures::stream::BoxStream<'static, kube::Result<WatchEvent<K>>>,
-        started: Instant,
-        seen_event: bool,
         after_list: bool,
     },
+    Watching(Open<K>),
+}
+
+/// A watch the server accepted, being read.
+struct Open<K> {
+    version: String,
+    stream: futures::stream::BoxStream<'static, kube::Result<WatchEvent<K>>>,
+    started: Instant,
+    seen_event: bool,
+    /// Started from the version of a list that had just completed.
+    after_list: bool,
+}
+
+impl<K> Open<K> {
+    /// Nothing arrived since the list this watch started from: a 410 now means the list's
+    /// version was already too old.
+    fn fresh(&self) -> bool {
+        self.after_list && !self.seen_event
+    }
+
+    /// Watch again from the last version seen.
+    fn rewatch(self) -> Phase<K> {
+        Phase::Watch {
+            version: self.version,
+            after_list: false,
+        }
+    }
 }
 
 struct Watcher<K: Clone> {
@@ -146,16 +169,7 @@ where
                     version,
                     after_list,
                 } => self.start(version, after_list).await,
-                Phase::Watching {
-                    version,
-                    stream,
-                    started,
-                    seen_event,
-                    after_list,
-                } => {
-                    self.step(version, stream, started, seen_event, after_list)
-                        .await
-                }
+                Phase::Watching(open) => self.step(open).await,
             };
         }
     }
@@ -218,7 +232,7 @@ where
             };
         }
         self.out.push_back(Event::InitDone);
-        self.health.listed();
+        self.health.progressed();
         self.backoff = BACKOFF_BASE;
         Phase::Watch {
             version,
@@ -238,13 +252,13 @@ where
         match self.api.watch(&self.watch_params(), &version).await {
             Ok(stream) => {
                 self.health.progressed();
-                Phase::Watching {
+                Phase::Watching(Open {
                     version,
                     stream: stream.boxed(),
                     started: Instant::now(),
                     seen_event: false,
                     after_list,
-                }
+                })
             }
             Err(kube::Error::Api(status)) if status.code == 410 => self.gone(after_list, &status),
             Err(e) => {
@@ -274,79 +288,49 @@ where
         }
     }
 
-    async fn step(
-        &mut self,
-        mut version: String,
-        mut stream: futures::stream::BoxStream<'static, kube::Result<WatchEvent<K>>>,
-        started: Instant,
-        mut seen_event: bool,
-        after_list: bool,
-    ) -> Phase<K> {
-        let next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await;
-        let event = match next {
+    async fn step(&mut self, mut open: Open<K>) -> Phase<K> {
+        let event = match tokio::time::timeout(IDLE_TIMEOUT, open.stream.next()).await {
             Err(_) => {
                 self.health.restarted(Restart::Idle);
-                return Phase::Watch {
-                    version,
-                    after_list: false,
-                };
-            }
-            Ok(None) if !seen_event && started.elapsed() < SHORT_WATCH => {
-                self.failed(&"the server ended the watch at once");
-                return Phase::Watch {
-                    version,
-                    after_list: false,
-                };
+                return open.rewatch();
             }
             Ok(None) => {
-                return Phase::Watch {
-                    version,
-                    after_list: false,
-                };
+                if !open.seen_event && open.started.elapsed() < SHORT_WATCH {
+                    self.failed(&"the server ended the watch at once");
+                }
+                return open.rewatch();
             }
             // kube-client passes an ERROR event it cannot read as a watch event as an error:
             // a 410 comes either way.
             Ok(Some(Err(kube::Error::Api(status)))) if status.code == 410 => {
-                return self.gone(after_list && !seen_event, &status);
+                return self.gone(open.fresh(), &status);
             }
             Ok(Some(Err(e))) => {
                 self.failed(&e);
-                return Phase::Watch {
-                    version,
-                    after_list: false,
-                };
+                return open.rewatch();
             }
             Ok(Some(Ok(event))) => event,
         };
         match event {
             WatchEvent::Added(obj) | WatchEvent::Modified(obj) => {
-                version = obj.meta().resource_version.clone().unwrap_or(version);
+                open.version = obj.meta().resource_version.clone().unwrap_or(open.version);
                 self.out.push_back(Event::Apply(obj));
             }
             WatchEvent::Deleted(obj) => {
-                version = obj.meta().resource_version.clone().unwrap_or(version);
+                open.version = obj.meta().resource_version.clone().unwrap_or(open.version);
                 self.out.push_back(Event::Delete(obj));
             }
-            WatchEvent::Bookmark(bookmark) => version = bookmark.metadata.resource_version,
+            WatchEvent::Bookmark(bookmark) => open.version = bookmark.metadata.resource_version,
             WatchEvent::Error(status) if status.code == 410 => {
-                return self.gone(after_list && !seen_event, &status);
+                return self.gone(open.fresh(), &status);
             }
             WatchEvent::Error(status) => {
                 self.failed(&status);
-                return Phase::Watch {
-                    version,
-                    after_list: false,
-                };
+                return open.rewatch();
             }
         }
-        seen_event = true;
+        open.seen_event = true;
         self.progressed();
-        Phase::Watching {
-            version,
-            stream,
-            started,
-            seen_event,
-            after_list,
-        }
+        Phase::Watching(open)
     }
 }
