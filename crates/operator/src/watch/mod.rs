@@ -49,6 +49,8 @@ const WATCH_TIMEOUT_SECS: u32 = 290;
 /// server that ends every watch at once).
 const SHORT_WATCH: Duration = Duration::from_secs(1);
 const PAGE_SIZE: u32 = 500;
+/// The annotation of the bookmark that ends a streaming list.
+const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 
 /// What a watch selects.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +83,9 @@ struct Open<K> {
     seen_event: bool,
     /// Started from the version of a list that had just completed.
     after_list: bool,
+    /// Streaming the initial state (`sendInitialEvents`): its objects are the list's, and
+    /// the bookmark that ends it carries the version to go on from.
+    initial: bool,
 }
 
 impl<K> Open<K> {
@@ -90,8 +95,15 @@ impl<K> Open<K> {
         self.after_list && !self.seen_event
     }
 
-    /// Watch again from the last version seen.
+    /// Watch again from the last version seen; an initial stream that ended early starts
+    /// over (its objects came in no order of version).
     fn rewatch(self) -> Phase<K> {
+        if self.initial {
+            return Phase::List {
+                consistent: true,
+                continue_token: None,
+            };
+        }
         Phase::Watch {
             version: self.version,
             after_list: false,
@@ -109,6 +121,8 @@ struct Watcher<K: Clone> {
     backoff: Duration,
     health: std::sync::Arc<WatchHealth>,
     watches: std::sync::Arc<Watches>,
+    /// Get the initial state as a stream of watch events rather than a paged list.
+    streaming: bool,
 }
 
 /// The watch `name` of `api`, registered in `watches`.
@@ -121,7 +135,34 @@ pub fn watch<K>(
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
+    watch_with(watches, name, api, selectors, Initial::List)
+}
+
+/// How a watch gets the initial state (and each relist's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Initial {
+    /// A list, page by page.
+    List,
+    /// One watch with `sendInitialEvents` (a streaming list, kube-apiserver 1.34 and later
+    /// by default): one object at a time, never a page of them, so objects that may be
+    /// large (Secrets: a Helm release is up to 1 MiB) never sit in memory together. A
+    /// server that refuses it (400, 422: no `WatchList`) is listed page by page instead.
+    Stream,
+}
+
+/// As [`watch`], with the initial state got as `initial` says.
+pub fn watch_with<K>(
+    watches: &std::sync::Arc<Watches>,
+    name: String,
+    api: Api<K>,
+    selectors: Selectors,
+    initial: Initial,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + use<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
     let state = Watcher {
+        streaming: initial == Initial::Stream,
         api,
         selectors,
         phase: Phase::List {
@@ -189,6 +230,9 @@ where
     /// One page of the list: its objects are passed on at once (the next page is asked
     /// for when they are consumed), so no more than a page of full objects is held.
     async fn list(&mut self, consistent: bool, continue_token: Option<String>) -> Phase<K> {
+        if self.streaming && continue_token.is_none() {
+            return self.stream_initial(consistent).await;
+        }
         let mut params = ListParams {
             label_selector: self.selectors.labels.clone(),
             field_selector: self.selectors.fields.clone(),
@@ -248,6 +292,74 @@ where
         params
     }
 
+    /// The initial state as a watch with `sendInitialEvents`: at any version the first
+    /// time (the watch cache), consistently after a 410.
+    async fn stream_initial(&mut self, consistent: bool) -> Phase<K> {
+        let mut params = self.watch_params();
+        params.send_initial_events = true;
+        let version = if consistent { "" } else { "0" };
+        match self.api.watch(&params, version).await {
+            Ok(stream) => {
+                self.health.progressed();
+                self.out.push_back(Event::Init);
+                Phase::Watching(Open {
+                    version: String::new(),
+                    stream: stream.boxed(),
+                    started: Instant::now(),
+                    seen_event: false,
+                    after_list: true,
+                    initial: true,
+                })
+            }
+            Err(kube::Error::Api(status)) if status.code == 400 || status.code == 422 => {
+                tracing::info!(watch = %self.health.name, answer = %status, "the API server does not stream lists; listing page by page");
+                self.streaming = false;
+                Phase::List {
+                    consistent,
+                    continue_token: None,
+                }
+            }
+            Err(e) => {
+                self.failed(&e);
+                Phase::List {
+                    consistent: true,
+                    continue_token: None,
+                }
+            }
+        }
+    }
+
+    /// An event of an initial stream: an object of the list, or the bookmark that ends it.
+    fn initial_event(&mut self, mut open: Open<K>, event: WatchEvent<K>) -> Phase<K> {
+        match event {
+            WatchEvent::Added(obj) | WatchEvent::Modified(obj) => {
+                self.out.push_back(Event::InitApply(obj));
+            }
+            WatchEvent::Bookmark(bookmark)
+                if bookmark
+                    .metadata
+                    .annotations
+                    .get(INITIAL_EVENTS_END)
+                    .is_some_and(|v| v == "true") =>
+            {
+                open.version = bookmark.metadata.resource_version;
+                open.initial = false;
+                self.out.push_back(Event::InitDone);
+                self.health.progressed();
+                self.backoff = BACKOFF_BASE;
+                return Phase::Watching(open);
+            }
+            WatchEvent::Bookmark(_) | WatchEvent::Deleted(_) => {}
+            WatchEvent::Error(status) if status.code == 410 => return self.gone(false, &status),
+            WatchEvent::Error(status) => {
+                self.failed(&status);
+                return open.rewatch();
+            }
+        }
+        self.health.progressed();
+        Phase::Watching(open)
+    }
+
     async fn start(&mut self, version: String, after_list: bool) -> Phase<K> {
         match self.api.watch(&self.watch_params(), &version).await {
             Ok(stream) => {
@@ -258,6 +370,7 @@ where
                     started: Instant::now(),
                     seen_event: false,
                     after_list,
+                    initial: false,
                 })
             }
             Err(kube::Error::Api(status)) if status.code == 410 => self.gone(after_list, &status),
@@ -311,6 +424,9 @@ where
             }
             Ok(Some(Ok(event))) => event,
         };
+        if open.initial {
+            return self.initial_event(open, event);
+        }
         match event {
             WatchEvent::Added(obj) | WatchEvent::Modified(obj) => {
                 open.version = obj.meta().resource_version.clone().unwrap_or(open.version);
