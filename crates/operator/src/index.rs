@@ -47,18 +47,20 @@ struct IndexInner {
 }
 
 impl RefIndex {
-    /// Records what `object` refers to now.
-    pub fn set(&self, object: &ObjKey, refs: Vec<Reference>) {
+    /// Records what `object` refers to now; returns what nothing refers to any longer.
+    pub fn set(&self, object: &ObjKey, refs: Vec<Reference>) -> Vec<Reference> {
         let mut inner = self.inner.lock().expect("index lock");
         if inner.forward.get(object) == Some(&refs) {
-            return;
+            return Vec::new();
         }
+        let mut released = Vec::new();
         if let Some(old) = inner.forward.remove(object) {
             for r in old {
                 if let Some(users) = inner.reverse.get_mut(&r) {
                     users.remove(object);
-                    if users.is_empty() {
+                    if users.is_empty() && !refs.contains(&r) {
                         inner.reverse.remove(&r);
+                        released.push(r);
                     }
                 }
             }
@@ -71,16 +73,27 @@ impl RefIndex {
                 .insert(object.clone());
         }
         inner.forward.insert(object.clone(), refs);
+        released
     }
 
-    /// Forgets `object`.
-    pub fn remove(&self, object: &ObjKey) {
-        self.set(object, Vec::new());
+    /// Forgets `object`; returns what nothing refers to any longer.
+    pub fn remove(&self, object: &ObjKey) -> Vec<Reference> {
+        let released = self.set(object, Vec::new());
         self.inner
             .lock()
             .expect("index lock")
             .forward
             .remove(object);
+        released
+    }
+
+    /// Whether any object refers to `reference`.
+    pub fn has_users(&self, reference: &Reference) -> bool {
+        let inner = self.inner.lock().expect("index lock");
+        inner
+            .reverse
+            .get(reference)
+            .is_some_and(|users| !users.is_empty())
     }
 
     /// The objects that refer to `reference`.

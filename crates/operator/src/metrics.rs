@@ -108,6 +108,8 @@ pub struct Metrics {
     watch_failing: Family<WatchLabels, Seconds>,
     watch_restarts: Family<RestartLabels, Counter>,
     on_scrape: Mutex<Vec<ScrapeHook>>,
+    /// ConnectionOverride passes finished, for whoever waits for one (the tests).
+    passes: tokio::sync::watch::Sender<u64>,
 }
 
 fn reconcile_buckets() -> Histogram {
@@ -182,7 +184,13 @@ impl Metrics {
             watch_failing,
             watch_restarts,
             on_scrape: Mutex::new(Vec::new()),
+            passes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// The number of ConnectionOverride passes finished, as it changes.
+    pub fn passes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.passes.subscribe()
     }
 
     /// Runs `hook` before each scrape.
@@ -233,6 +241,9 @@ impl Metrics {
         self.reconcile_duration
             .get_or_create(&KindLabels { kind })
             .observe(elapsed.as_secs_f64());
+        if kind == "connectionoverride" {
+            self.passes.send_modify(|n| *n += 1);
+        }
     }
 
     /// A reconciliation of `kind` failed, in `category`.

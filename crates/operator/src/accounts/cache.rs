@@ -1,7 +1,7 @@
 //! The account cache: resolved accounts shared by every object of an account.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::Client;
@@ -11,21 +11,31 @@ use crate::api::{AccountKind, AccountRef};
 use crate::dpc::{AccountKey, ClientSettings};
 use crate::index::Reference;
 
-use super::{ResolveError, ResolvedAccount, resolve_account_ref};
+use super::changes::Changes;
+use super::{ResolveError, ResolvedAccount, Values, resolve_account_ref};
 
 /// Resolved accounts, so thousands of objects of one account do not each read the account and
 /// its credentials Secret. An entry goes when the watches see a change of anything it was read
 /// from, and after `ttl` at the latest (a Secret outside the watched namespaces).
 pub struct AccountCache {
     ttl: Duration,
-    entries: Mutex<HashMap<(String, AccountKind, String), CachedAccount>>,
+    entries: Mutex<HashMap<Key, CachedAccount>>,
     /// The last account each reference resolved to, kept until the account itself is gone:
     /// a deletion that finds the credentials Secret already deleted (a namespace deletion, a
     /// `kubectl delete -f` of the quickstart) still deletes the remote override with them.
-    last_good: Mutex<HashMap<(String, AccountKind, String), ResolvedAccount>>,
+    last_good: Mutex<HashMap<Key, ResolvedAccount>>,
     /// The namespaces ClusterDpcAccount credentials may be read from.
     cluster_credentials: Vec<String>,
+    /// One turn per account being read: concurrent first passes of one account wait for the
+    /// first pass's read instead of each reading the account and its Secret.
+    reading: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// What [`AccountCache::invalidate`] was told of, for reads under way.
+    changes: Mutex<Changes>,
+    /// What Secrets hold, kept by their watch: credentials are read from here first.
+    values: Arc<Values>,
 }
+
+type Key = (String, AccountKind, String);
 
 struct CachedAccount {
     at: Instant,
@@ -34,12 +44,15 @@ struct CachedAccount {
 }
 
 impl AccountCache {
-    pub fn new(ttl: Duration, cluster_credentials: Vec<String>) -> Self {
+    pub fn new(ttl: Duration, cluster_credentials: Vec<String>, values: Arc<Values>) -> Self {
         Self {
             ttl,
             entries: Mutex::new(HashMap::new()),
             last_good: Mutex::new(HashMap::new()),
             cluster_credentials,
+            reading: Mutex::new(HashMap::new()),
+            changes: Mutex::default(),
+            values,
         }
     }
 
@@ -73,6 +86,16 @@ impl AccountCache {
         }
     }
 
+    /// Forgets every resolved account (a new term: the watches start over); the last good
+    /// resolutions stay, for deletions.
+    pub fn clear(&self) {
+        self.changes
+            .lock()
+            .expect("account cache lock")
+            .record(None);
+        self.entries.lock().expect("account cache lock").clear();
+    }
+
     /// Forgets the last good resolution of an account that is gone.
     pub fn forget_account(&self, key: &AccountKey) {
         self.last_good
@@ -88,7 +111,7 @@ impl AccountCache {
             });
     }
 
-    fn key(namespace: &str, account_ref: &AccountRef) -> (String, AccountKind, String) {
+    fn key(namespace: &str, account_ref: &AccountRef) -> Key {
         (
             namespace.into(),
             account_ref.kind.unwrap_or_default(),
@@ -98,21 +121,15 @@ impl AccountCache {
 
     /// Forgets every entry read from `reference` (or about that account).
     pub fn invalidate(&self, reference: &Reference) {
+        let changes = Some(reference.clone());
+        self.changes
+            .lock()
+            .expect("account cache lock")
+            .record(changes);
         self.entries
             .lock()
             .expect("account cache lock")
-            .retain(|(ns, kind, name), entry| {
-                let about = match (reference, kind) {
-                    (Reference::Account { namespace, name: n }, AccountKind::DpcAccount) => {
-                        namespace == ns && n == name
-                    }
-                    (Reference::ClusterAccount { name: n }, AccountKind::ClusterDpcAccount) => {
-                        n == name
-                    }
-                    _ => false,
-                };
-                !about && !entry.refs.contains(reference)
-            });
+            .retain(|key, entry| !about_account(reference, key) && !entry.refs.contains(reference));
     }
 
     /// Resolves through the cache.
@@ -124,13 +141,52 @@ impl AccountCache {
         settings: &ClientSettings,
     ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
         let key = Self::key(namespace, account_ref);
-        if let Some(entry) = self.entries.lock().expect("account cache lock").get(&key)
-            && entry.at.elapsed() < self.ttl
-        {
-            return (Ok(entry.account.clone()), entry.refs.clone());
+        if let Some(hit) = self.cached(&key) {
+            return hit;
         }
+        let turn = self
+            .reading
+            .lock()
+            .expect("account cache lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let held = turn.lock().await;
+        // The pass whose turn came first has read it meanwhile.
+        if let Some(hit) = self.cached(&key) {
+            return hit;
+        }
+        let resolved = self
+            .read(client, namespace, account_ref, settings, key.clone())
+            .await;
+        drop(held);
+        let mut reading = self.reading.lock().expect("account cache lock");
+        // Nobody else waits on this turn (the map and this pass hold it): it goes.
+        if reading.get(&key).is_some_and(|t| Arc::strong_count(t) <= 2) {
+            reading.remove(&key);
+        }
+        resolved
+    }
+
+    fn cached(&self, key: &Key) -> Option<(Result<ResolvedAccount, ResolveError>, Vec<Reference>)> {
+        let entries = self.entries.lock().expect("account cache lock");
+        let entry = entries.get(key)?;
+        (entry.at.elapsed() < self.ttl).then(|| (Ok(entry.account.clone()), entry.refs.clone()))
+    }
+
+    /// Reads the account (and its Secret) and caches what resolved.
+    async fn read(
+        &self,
+        client: &Client,
+        namespace: &str,
+        account_ref: &AccountRef,
+        settings: &ClientSettings,
+        key: Key,
+    ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
+        let mark = self.changes.lock().expect("account cache lock").mark();
         let (result, refs) = resolve_account_ref(
             client,
+            Some(&self.values),
             namespace,
             account_ref,
             settings,
@@ -147,11 +203,28 @@ impl AccountCache {
                 account: account.clone(),
                 refs: refs.clone(),
             };
-            self.entries
-                .lock()
-                .expect("account cache lock")
-                .insert(key, entry);
+            // A change of what was read, seen while reading, may be newer than what was
+            // read: not cached, so the pass that change triggers reads again.
+            let changes = self.changes.lock().expect("account cache lock");
+            let about = |r: &Reference| refs.contains(r) || about_account(r, &key);
+            if changes.unchanged_since(mark, about) {
+                self.entries
+                    .lock()
+                    .expect("account cache lock")
+                    .insert(key, entry);
+            }
         }
         (result, refs)
+    }
+}
+
+/// Whether `reference` is the account `key` names.
+fn about_account(reference: &Reference, (ns, kind, name): &Key) -> bool {
+    match (reference, kind) {
+        (Reference::Account { namespace, name: n }, AccountKind::DpcAccount) => {
+            namespace == ns && n == name
+        }
+        (Reference::ClusterAccount { name: n }, AccountKind::ClusterDpcAccount) => n == name,
+        _ => false,
     }
 }

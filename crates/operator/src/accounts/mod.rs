@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 use kube::{Api, Client};
@@ -14,11 +14,16 @@ use crate::api::conditions::Reason;
 use crate::api::{
     AccountKind, AccountRef, ClusterDpcAccount, DpcAccount, DpcAccountSpec, KeySelector,
 };
-use crate::dpc::{AccountKey, ClientSettings, Credentials, Endpoint, Rate, SecretString};
+use crate::dpc::{AccountKey, ClientSettings, Credentials, Endpoint, Rate};
 use crate::index::Reference;
 
 mod cache;
+mod changes;
+mod reader;
+mod values;
 pub use cache::AccountCache;
+pub(crate) use reader::Reader;
+pub use values::{Values, is_config_map, is_secret};
 
 /// A resolved account: where to call, with which credentials, at which rate.
 #[derive(Clone, Debug)]
@@ -133,129 +138,6 @@ fn kube_error(what: String) -> impl FnOnce(kube::Error) -> ResolveError {
     move |source| ResolveError::Kube { what, source }
 }
 
-/// Reads Secrets and ConfigMaps of one namespace, each at most once per pass.
-pub(crate) struct Reader<'a> {
-    client: &'a Client,
-    namespace: String,
-    secrets: BTreeMap<String, Option<Secret>>,
-    config_maps: BTreeMap<String, Option<ConfigMap>>,
-}
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(client: &'a Client, namespace: &str) -> Self {
-        Self {
-            client,
-            namespace: namespace.into(),
-            secrets: BTreeMap::new(),
-            config_maps: BTreeMap::new(),
-        }
-    }
-
-    fn missing(&self, kind: &'static str, selector: &KeySelector, purpose: &str) -> ResolveError {
-        ResolveError::NotFound {
-            kind,
-            namespace: self.namespace.clone(),
-            name: selector.name.clone(),
-            purpose: purpose.into(),
-        }
-    }
-
-    fn key_missing(
-        &self,
-        kind: &'static str,
-        selector: &KeySelector,
-        purpose: &str,
-    ) -> ResolveError {
-        ResolveError::KeyMissing {
-            kind,
-            namespace: self.namespace.clone(),
-            name: selector.name.clone(),
-            key: selector.key.clone(),
-            purpose: purpose.into(),
-        }
-    }
-
-    fn not_text(&self, kind: &'static str, selector: &KeySelector, purpose: &str) -> ResolveError {
-        ResolveError::NotText {
-            kind,
-            namespace: self.namespace.clone(),
-            name: selector.name.clone(),
-            key: selector.key.clone(),
-            purpose: purpose.into(),
-        }
-    }
-
-    pub(crate) async fn secret_value(
-        &mut self,
-        selector: &KeySelector,
-        purpose: &str,
-    ) -> Result<SecretString, ResolveError> {
-        if !self.secrets.contains_key(&selector.name) {
-            let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-            let secret = api
-                .get_opt(&selector.name)
-                .await
-                .map_err(kube_error(format!(
-                    "Secret {}/{}",
-                    self.namespace, selector.name
-                )))?;
-            self.secrets.insert(selector.name.clone(), secret);
-        }
-        let Some(secret) = self.secrets.get(&selector.name).and_then(Option::as_ref) else {
-            return Err(self.missing("Secret", selector, purpose));
-        };
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&selector.key))
-            .map(|b| b.0.clone())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(&selector.key))
-                    .map(|s| s.clone().into_bytes())
-            })
-            .ok_or_else(|| self.key_missing("Secret", selector, purpose))?;
-        String::from_utf8(bytes)
-            .map(SecretString::new)
-            .map_err(|_| self.not_text("Secret", selector, purpose))
-    }
-
-    pub(crate) async fn config_map_value(
-        &mut self,
-        selector: &KeySelector,
-        purpose: &str,
-    ) -> Result<String, ResolveError> {
-        if !self.config_maps.contains_key(&selector.name) {
-            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-            let map = api
-                .get_opt(&selector.name)
-                .await
-                .map_err(kube_error(format!(
-                    "ConfigMap {}/{}",
-                    self.namespace, selector.name
-                )))?;
-            self.config_maps.insert(selector.name.clone(), map);
-        }
-        let Some(map) = self
-            .config_maps
-            .get(&selector.name)
-            .and_then(Option::as_ref)
-        else {
-            return Err(self.missing("ConfigMap", selector, purpose));
-        };
-        if let Some(value) = map.data.as_ref().and_then(|d| d.get(&selector.key)) {
-            return Ok(value.clone());
-        }
-        match map.binary_data.as_ref().and_then(|d| d.get(&selector.key)) {
-            Some(bytes) => String::from_utf8(bytes.0.clone())
-                .map_err(|_| self.not_text("ConfigMap", selector, purpose)),
-            None => Err(self.key_missing("ConfigMap", selector, purpose)),
-        }
-    }
-}
-
 /// Whether a label selector matches a set of labels (`matchLabels` and every
 /// `matchExpressions` operator). An empty selector matches everything.
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -267,6 +149,7 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
 /// (read from `credentials_namespace`).
 pub async fn account_from_spec(
     client: &Client,
+    values: Option<&Values>,
     key: AccountKey,
     kind: &'static str,
     spec: &DpcAccountSpec,
@@ -282,6 +165,9 @@ pub async fn account_from_spec(
     let creds = &spec.credentials_secret_ref;
     let purpose = format!("credentials of {kind} {}", key.name);
     let mut reader = Reader::new(client, credentials_namespace);
+    if let Some(values) = values {
+        reader = reader.cached(values);
+    }
     let selector = |key: &String| KeySelector {
         name: creds.name.clone(),
         key: key.clone(),
@@ -313,6 +199,7 @@ pub async fn account_from_spec(
 /// watch for it, as far as resolving got.
 pub async fn resolve_account_ref(
     client: &Client,
+    values: Option<&Values>,
     namespace: &str,
     account_ref: &AccountRef,
     settings: &ClientSettings,
@@ -320,11 +207,14 @@ pub async fn resolve_account_ref(
 ) -> (Result<ResolvedAccount, ResolveError>, Vec<Reference>) {
     let name = &account_ref.name;
     match account_ref.kind.unwrap_or_default() {
-        AccountKind::DpcAccount => resolve_dpc_account(client, namespace, name, settings).await,
+        AccountKind::DpcAccount => {
+            resolve_dpc_account(client, values, namespace, name, settings).await
+        }
         AccountKind::ClusterDpcAccount => {
             let mut refs = Vec::new();
             let resolved = resolve_cluster_account(
                 client,
+                values,
                 namespace,
                 name,
                 settings,
@@ -340,6 +230,7 @@ pub async fn resolve_account_ref(
 /// A DpcAccount of the object's own namespace, with credentials from that namespace.
 async fn resolve_dpc_account(
     client: &Client,
+    values: Option<&Values>,
     namespace: &str,
     name: &str,
     settings: &ClientSettings,
@@ -352,7 +243,8 @@ async fn resolve_dpc_account(
         namespace: namespace.into(),
         name: account.spec.credentials_secret_ref.name.clone(),
     }];
-    let resolved = resolve_dpc_account_spec(client, namespace, name, &account.spec, settings).await;
+    let spec = &account.spec;
+    let resolved = resolve_dpc_account_spec(client, values, namespace, name, spec, settings).await;
     let deleting = account.metadata.deletion_timestamp.is_some();
     let resolved = resolved.map(|r| ResolvedAccount { deleting, ..r });
     (resolved, refs)
@@ -367,7 +259,7 @@ pub(crate) async fn read_dpc_account(
 ) -> Result<(ResolvedAccount, DpcAccountSpec), ResolveError> {
     let account = get_dpc_account(client, namespace, name).await?;
     let resolved =
-        resolve_dpc_account_spec(client, namespace, name, &account.spec, settings).await?;
+        resolve_dpc_account_spec(client, None, namespace, name, &account.spec, settings).await?;
     Ok((resolved, account.spec))
 }
 
@@ -393,6 +285,7 @@ async fn get_dpc_account(
 
 async fn resolve_dpc_account_spec(
     client: &Client,
+    values: Option<&Values>,
     namespace: &str,
     name: &str,
     spec: &DpcAccountSpec,
@@ -416,13 +309,14 @@ async fn resolve_dpc_account_spec(
         namespace: Some(namespace.into()),
         name: name.to_string(),
     };
-    account_from_spec(client, key, "DpcAccount", spec, namespace, settings).await
+    account_from_spec(client, values, key, "DpcAccount", spec, namespace, settings).await
 }
 
 /// A ClusterDpcAccount that allows the object's namespace, with credentials from where
 /// the operator may read them. What was read is added to `refs` as it goes.
 async fn resolve_cluster_account(
     client: &Client,
+    values: Option<&Values>,
     namespace: &str,
     name: &str,
     settings: &ClientSettings,
@@ -467,6 +361,7 @@ async fn resolve_cluster_account(
     let spec = &account.spec.account;
     let mut resolved = account_from_spec(
         client,
+        values,
         key,
         "ClusterDpcAccount",
         spec,

@@ -17,9 +17,8 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
 use kube::{Client, Resource};
 use rand::Rng;
-use tracing::warn;
 
-use crate::accounts::AccountCache;
+use crate::accounts::{AccountCache, Values};
 use crate::api::ConnectionOverride;
 use crate::claims::Claims;
 use crate::config::OperatorConfig;
@@ -36,6 +35,11 @@ mod objects;
 use events::{Reporter, publish_events};
 pub use objects::{Gate, ObjectStates};
 
+/// How long a resolved account is used without reading it again. The watches of accounts,
+/// Secrets and namespaces drop an entry when what it was read from changes; this is the
+/// backstop for a change no watch saw.
+const ACCOUNT_TTL: Duration = Duration::from_secs(30 * 60);
+
 /// A ConnectionOverride as the controllers queue it.
 pub type GuardRef = ObjectRef<DeserializeGuard<ConnectionOverride>>;
 
@@ -43,7 +47,7 @@ pub type GuardRef = ObjectRef<DeserializeGuard<ConnectionOverride>>;
 pub struct Context {
     pub client: Client,
     pub dpc: DpcClient,
-    /// Events wait here for the publisher task: a reconcile does not wait for them.
+    /// Events wait here for the publisher task: a reconcile waits only while it is full.
     events: tokio::sync::mpsc::Sender<(KubeEvent, ObjectReference)>,
     pub config: OperatorConfig,
     /// ConnectionOverrides by what they refer to.
@@ -60,6 +64,8 @@ pub struct Context {
     pub claims: Claims,
     /// Resolved accounts, kept in step by the watches.
     pub accounts: AccountCache,
+    /// The values read from Secrets and ConfigMaps, kept in step by the watches.
+    pub values: Arc<Values>,
     /// Reads DPC back on each object's sync interval.
     pub drift: Arc<DriftChecker>,
     /// The ConnectionOverride controllers' queues, one per watched scope.
@@ -104,7 +110,7 @@ impl Context {
         };
         let config_share_window = config.drift_share_window;
         let cluster_credentials = config.cluster_credentials_namespaces();
-        let (events, queue) = tokio::sync::mpsc::channel(4096);
+        let (events, queue) = tokio::sync::mpsc::channel(events::QUEUE);
         // Events about a cluster-scoped object (a ClusterDpcAccount) can only go to `default`:
         // kube-apiserver refuses an events.k8s.io/v1 Event about a cluster-scoped object in
         // any namespace but `default` and `kube-system`. `kubectl describe` finds them there.
@@ -116,6 +122,7 @@ impl Context {
             queue,
         ));
         let watches = Watches::new(client.clone(), metrics.clone());
+        let values = Arc::new(Values::default());
         Arc::new(Self {
             events,
             objects: ObjectStates::new(config.backoff_base, config.backoff_max),
@@ -128,7 +135,8 @@ impl Context {
             metrics,
             running: AtomicBool::new(false),
             claims: Claims::default(),
-            accounts: AccountCache::new(Duration::from_secs(60), cluster_credentials),
+            accounts: AccountCache::new(ACCOUNT_TTL, cluster_credentials, values.clone()),
+            values,
             drift: Arc::new(DriftChecker::new(config_share_window, journal)),
             triggers: Mutex::new(Vec::new()),
             account_triggers: Mutex::new(Vec::new()),
@@ -140,13 +148,11 @@ impl Context {
         })
     }
 
-    /// Queues an Event for publishing. Events are informational: when the queue is full (a
-    /// very busy API server) the Event is dropped with a warning rather than slowing
-    /// reconciles.
-    pub fn publish(&self, event: KubeEvent, reference: ObjectReference) {
-        if self.events.try_send((event, reference)).is_err() {
-            warn!("the Event queue is full; an Event was dropped");
-        }
+    /// Queues an Event for publishing, waiting for a slot while the queue is full (a busy
+    /// API server): no Event is dropped, and the backlog stays bounded.
+    pub async fn publish(&self, event: KubeEvent, reference: ObjectReference) {
+        // Only fails once the publisher has stopped, with the runtime.
+        let _ = self.events.send((event, reference)).await;
     }
 
     /// Whether the controllers are running (false on a follower waiting for the lease).
@@ -180,12 +186,14 @@ impl Context {
         self.synced_changed.notify_waiters();
     }
 
-    /// Starts a term of running the controllers over `scopes` watched scopes. A replica
-    /// leading again starts afresh: the queues and caches of its last term are gone, and
-    /// another replica may have written status meanwhile.
-    pub(crate) fn begin_term(&self, scopes: usize) {
-        self.pending_scopes.store(scopes, Ordering::Release);
-        self.synced.store(scopes == 0, Ordering::Release);
+    /// Starts a term of running the controllers, whose first passes wait for `lists` first
+    /// lists. A replica leading again starts afresh: the queues and caches of its last term
+    /// are gone (its watches stopped meanwhile), and another replica may have written status.
+    pub(crate) fn begin_term(&self, lists: usize) {
+        self.pending_scopes.store(lists, Ordering::Release);
+        self.synced.store(lists == 0, Ordering::Release);
+        self.values.clear();
+        self.accounts.clear();
         self.triggers.lock().expect("triggers lock").clear();
         self.account_triggers.lock().expect("triggers lock").clear();
         self.override_stores.lock().expect("stores lock").clear();
@@ -236,10 +244,16 @@ impl Context {
     /// it refers to, its drift checks, its rate-limit tickets and its metric series.
     pub fn forget(&self, key: &ObjKey) {
         self.objects.forget(key);
-        self.index.remove(key);
+        self.values.release(&self.index.remove(key));
         self.drift.unregister(key);
         self.dpc.forget_object(key);
         self.metrics.forget_object(&key.0, &key.1);
+    }
+
+    /// Records what an object refers to now, so a change of it triggers the object; the
+    /// values of what no object refers to any longer are forgotten.
+    pub fn refer(&self, key: &ObjKey, refs: Vec<crate::index::Reference>) {
+        self.values.release(&self.index.set(key, refs));
     }
 
     /// Asks for a reconcile of an object now.

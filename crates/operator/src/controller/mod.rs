@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -30,6 +30,8 @@ use crate::key::ObjKey;
 use crate::reconcile;
 use crate::reconcile::account::AccountObject;
 use crate::watch::{self, Selectors};
+
+mod shared;
 
 /// Checks that the CRDs are installed; the error says how to install them.
 ///
@@ -125,7 +127,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     } else {
         ctx.config.namespaces.iter().cloned().map(Some).collect()
     };
-    ctx.begin_term(scopes.len());
+    // A ClusterDpcAccount's credentials Secret is in the operator's namespace (or the
+    // configured ones): Secrets are watched there and in every scope, each namespace once.
+    let secret_scopes =
+        shared::secret_scopes(&scopes, ctx.accounts.cluster_credentials_namespaces());
+    // The first passes wait for the first lists of the ConnectionOverrides, the Secrets and
+    // the accounts (a DpcAccount watch per scope, one of ClusterDpcAccounts).
+    ctx.begin_term(2 * scopes.len() + secret_scopes.len() + 1);
     let mut tasks = Vec::new();
     // A pass waiting for the first lists when shutdown begins gives up, so graceful shutdown
     // (which waits for passes in flight) never waits for a list that will not come.
@@ -143,29 +151,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     tasks.push(ctx.drift.clone().run(trigger, shutdown.clone()).boxed());
     for scope in &scopes {
         tasks.push(run_overrides(ctx.clone(), scope.clone(), shutdown.clone()).boxed());
-        tasks.push(
-            run_accounts::<DpcAccount>(
-                ctx.clone(),
-                scope.clone(),
-                vec![scope.clone()],
-                shutdown.clone(),
-            )
-            .boxed(),
-        );
+        tasks
+            .push(run_accounts::<DpcAccount>(ctx.clone(), scope.clone(), shutdown.clone()).boxed());
     }
-    // A ClusterDpcAccount's credentials Secret is in the operator's namespace (or the
-    // configured ones): Secrets are watched there only.
-    let credential_scopes = ctx
-        .accounts
-        .cluster_credentials_namespaces()
-        .iter()
-        .cloned()
-        .map(Some)
-        .collect();
-    tasks.push(
-        run_accounts::<ClusterDpcAccount>(ctx.clone(), None, credential_scopes, shutdown.clone())
-            .boxed(),
-    );
+    tasks.push(run_accounts::<ClusterDpcAccount>(ctx.clone(), None, shutdown.clone()).boxed());
+    for scope in secret_scopes {
+        tasks.push(shared::run_secrets(ctx.clone(), scope, shutdown.clone()).boxed());
+    }
     futures::future::join_all(tasks).await;
     ctx.end_term();
     info!("controllers stopped");
@@ -194,10 +186,7 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     let (reader, writer) = reflector::store();
     let main = override_stream(&ctx, scope.clone(), writer);
     let Triggers {
-        secrets,
         config_maps,
-        accounts,
-        cluster_accounts,
         namespaces,
     } = triggers(&ctx, ns);
     let (tx, rx) = futures::channel::mpsc::unbounded();
@@ -207,37 +196,26 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
         ctx.config.resync_interval,
     ));
     ctx.add_scope(scope.clone(), tx, reader.clone());
-    // A change of an account, a Secret or a namespace also drops what the account cache read
-    // from it.
+    // A change of a ConfigMap or a namespace also drops what the caches read from it. Secrets
+    // and accounts are watched once for every controller (`shared`).
     let users = |ctx: &Arc<Context>| {
         let ctx = ctx.clone();
         move |reference: Reference| {
             ctx.accounts.invalidate(&reference);
+            ctx.values.invalidate(&reference);
             to_refs(ctx.index.users(&reference))
         }
     };
-    let (secret_users, config_map_users, account_users) = (users(&ctx), users(&ctx), users(&ctx));
-    let (cluster_account_users, namespace_users) = (users(&ctx), users(&ctx));
+    let (config_map_users, namespace_users) = (users(&ctx), users(&ctx));
     let stop = shutdown.clone();
     let store = reader.clone();
     let controller = Controller::for_stream(main, reader)
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
         .trigger_backoff(EachWatchItsOwn)
         .reconcile_on(rx)
-        .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
-            let (namespace, name) = (s.namespace().unwrap_or_default(), s.name_any());
-            secret_users(Reference::Secret { namespace, name })
-        })
         .watches_stream(config_maps, move |c: PartialObjectMeta<ConfigMap>| {
             let (namespace, name) = (c.namespace().unwrap_or_default(), c.name_any());
             config_map_users(Reference::ConfigMap { namespace, name })
-        })
-        .watches_stream(accounts, move |a: DpcAccount| {
-            let (namespace, name) = (a.namespace().unwrap_or_default(), a.name_any());
-            account_users(Reference::Account { namespace, name })
-        })
-        .watches_stream(cluster_accounts, move |a: ClusterDpcAccount| {
-            cluster_account_users(Reference::ClusterAccount { name: a.name_any() })
         })
         .watches_stream(namespaces, move |n: PartialObjectMeta<Namespace>| {
             namespace_users(Reference::Namespace { name: n.name_any() })
@@ -251,50 +229,32 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
 
 /// What a ConnectionOverride reads, watched: changes trigger the objects that read it.
 struct Triggers {
-    secrets: BoxStream<'static, Result<PartialObjectMeta<Secret>, watcher::Error>>,
     config_maps: BoxStream<'static, Result<PartialObjectMeta<ConfigMap>, watcher::Error>>,
-    accounts: BoxStream<'static, Result<DpcAccount, watcher::Error>>,
-    cluster_accounts: BoxStream<'static, Result<ClusterDpcAccount, watcher::Error>>,
     namespaces: BoxStream<'static, Result<PartialObjectMeta<Namespace>, watcher::Error>>,
 }
 
 fn triggers(ctx: &Context, ns: Option<&str>) -> Triggers {
     let client = ctx.client.clone();
     let all = Selectors::default;
-    // Secrets and ConfigMaps pass on a new resourceVersion only: a relist after a 410 (an
-    // API server restart) triggers the users of what changed, not of every Secret.
-    let secrets = touched(
-        ctx,
-        ns,
-        "",
-        scoped::<PartialObjectMeta<Secret>>(&client, ns),
-        all(),
-    )
-    .predicate_filter(predicates::resource_version, Default::default());
-    let config_maps = touched(
-        ctx,
-        ns,
-        "",
+    // ConfigMaps pass on a new resourceVersion only: a relist after a 410 (an API server
+    // restart) triggers the users of what changed, not of every ConfigMap; the relist drops
+    // the values read from the scope's ConfigMaps (a deletion meanwhile is not in it).
+    let values = ctx.values.clone();
+    let scope = ns.map(str::to_string);
+    let config_maps = watch::watch(
+        &ctx.watches,
+        watch_name::<ConfigMap>(ns, ""),
         scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
         all(),
     )
+    .map_ok(move |event| {
+        if matches!(event, watcher::Event::Init) {
+            values.invalidate_scope(scope.as_deref(), crate::accounts::is_config_map);
+        }
+        event
+    })
+    .touched_objects()
     .predicate_filter(predicates::resource_version, Default::default());
-    let accounts = touched(
-        ctx,
-        ns,
-        "for ConnectionOverrides",
-        scoped::<DpcAccount>(&client, ns),
-        all(),
-    )
-    .predicate_filter(predicates::generation, Default::default());
-    let cluster_accounts = touched(
-        ctx,
-        None,
-        "for ConnectionOverrides",
-        Api::<ClusterDpcAccount>::all(client.clone()),
-        all(),
-    )
-    .predicate_filter(predicates::generation, Default::default());
     let namespace_config = Selectors {
         fields: ns.map(|ns| format!("metadata.name={ns}")),
         ..Selectors::default()
@@ -309,10 +269,7 @@ fn triggers(ctx: &Context, ns: Option<&str>) -> Triggers {
     )
     .predicate_filter(predicates::labels, Default::default());
     Triggers {
-        secrets: secrets.boxed(),
         config_maps: config_maps.boxed(),
-        accounts: accounts.boxed(),
-        cluster_accounts: cluster_accounts.boxed(),
         namespaces: namespaces.boxed(),
     }
 }
@@ -490,16 +447,15 @@ async fn reconcile_account_counted<K: AccountObject>(
 async fn run_accounts<K: AccountObject>(
     ctx: Arc<Context>,
     scope: Option<String>,
-    secret_scopes: Vec<Option<String>>,
     shutdown: CancellationToken,
 ) {
-    let client = ctx.client.clone();
-    let cluster = K::KIND == "ClusterDpcAccount";
-    let api = K::watch_api(client.clone(), scope.as_deref());
+    let api = K::watch_api(ctx.client.clone(), scope.as_deref());
     let (reader, writer) = reflector::store();
     // A change of spec, and the start of a deletion (which holds for the in-use finalizer).
+    // The same watch triggers the ConnectionOverrides using the account.
     let name = watch_name::<K>(scope.as_deref(), "");
     let main = watch::watch(&ctx.watches, name, api, Selectors::default())
+        .map_ok(shared::account_changes::<K>(ctx.clone()))
         .reflect(writer)
         .applied_objects()
         .predicate_filter(
@@ -518,34 +474,11 @@ async fn run_accounts<K: AccountObject>(
     let asked = rx.filter_map(move |key: AccountKey| {
         futures::future::ready(account_ref::<K>(&key, account_scope.as_deref()))
     });
-    let purpose = format!("for {}s", K::KIND);
-    let secrets = futures::stream::select_all(secret_scopes.iter().map(|ns| {
-        let api = scoped::<PartialObjectMeta<Secret>>(&client, ns.as_deref());
-        touched(&ctx, ns.as_deref(), &purpose, api, Selectors::default())
-            .predicate_filter(predicates::resource_version, Default::default())
-            .boxed()
-    }));
-    let index_ctx = ctx.clone();
     let stop = shutdown.clone();
     let store = reader.clone();
     let controller = Controller::for_stream(main, reader)
         .trigger_backoff(EachWatchItsOwn)
         .reconcile_on(asked)
-        .watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
-            index_ctx
-                .account_index
-                .users(&Reference::Secret {
-                    namespace: s.namespace().unwrap_or_default(),
-                    name: s.name_any(),
-                })
-                .into_iter()
-                .filter(|(ns, _)| ns.is_empty() == cluster)
-                .map(|(ns, name)| {
-                    let r = ObjectRef::<K>::new(&name);
-                    if cluster { r } else { r.within(&ns) }
-                })
-                .collect::<Vec<_>>()
-        })
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(
             reconcile_account_counted::<K>,

@@ -187,6 +187,7 @@ async fn resolve_account<K: AccountObject>(
     let settings = ctx.dpc.settings();
     accounts::account_from_spec(
         &ctx.client,
+        Some(&ctx.values),
         key.clone(),
         K::KIND,
         spec,
@@ -392,7 +393,8 @@ async fn write_status<K: AccountObject>(
                         note: message,
                         action: "Authenticate".into(),
                     },
-                );
+                )
+                .await;
             }
         }
         Ok(())

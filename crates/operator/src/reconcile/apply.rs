@@ -140,9 +140,10 @@ async fn stages(pass: &Pass<'_>) -> Result<(Outcome, Action), Stop> {
 async fn resolve_references(pass: &Pass<'_>) -> Result<Resolved, Stop> {
     let (ctx, key, obj) = (pass.ctx, pass.key, pass.obj);
     let settings = ctx.dpc.settings();
-    let resolving = resolve::resolve(&ctx.client, &ctx.accounts, &key.0, &obj.spec, settings);
+    let (accounts, values) = (&ctx.accounts, &ctx.values);
+    let resolving = resolve::resolve(&ctx.client, accounts, values, &key.0, &obj.spec, settings);
     let (resolved, refs) = resolving.await;
-    ctx.index.set(key, refs);
+    ctx.refer(key, refs);
     resolved.map_err(|e| match e.reason() {
         Some(reason) => {
             info!(reason = %reason, detail = %e, "waiting for a referenced object");

@@ -44,7 +44,7 @@ pub async fn cleanup(
                 note,
                 action: "Delete".into(),
             };
-            write::publish(ctx, &obj.object_ref(&()), event);
+            write::publish(ctx, &obj.object_ref(&()), event).await;
             ctx.forget(key);
             return Ok(Action::await_change());
         }
@@ -139,7 +139,7 @@ impl Deletion<'_> {
         let (account, account_refs) = resolving.await;
         let mut refs = crate::index::spec_references(&key.0, &obj.spec);
         refs.extend(account_refs);
-        ctx.index.set(key, refs);
+        ctx.refer(key, refs);
         match account {
             Ok(account) => self.delete(&account).await,
             Err(e) if e.reason().is_none() => Err(Error::Resolve(e.to_string())),
@@ -206,7 +206,7 @@ impl Deletion<'_> {
             note,
             action: "Delete".into(),
         };
-        write::publish(ctx, &obj.object_ref(&()), event);
+        write::publish(ctx, &obj.object_ref(&()), event).await;
         ctx.forget(key);
         Ok(Action::await_change())
     }
@@ -234,7 +234,7 @@ impl Deletion<'_> {
                 note,
                 action: "Delete".into(),
             };
-            write::publish(ctx, &obj.object_ref(&()), event);
+            write::publish(ctx, &obj.object_ref(&()), event).await;
             ctx.forget(key);
             return Ok(Action::await_change());
         }

@@ -1,11 +1,12 @@
 //! Resolve: everything a ConnectionOverride refers to in the cluster — its account (through
-//! the account cache) and each `connectionPropertiesFrom` value — read, never stored.
+//! the account cache) and each `connectionPropertiesFrom` value (through [`Values`]: read
+//! once, then again only after its object changed).
 
 use std::collections::BTreeMap;
 
 use kube::Client;
 
-use crate::accounts::{AccountCache, Reader, ResolveError, ResolvedAccount};
+use crate::accounts::{AccountCache, Reader, ResolveError, ResolvedAccount, Values};
 use crate::api::ConnectionOverrideSpec;
 use crate::dpc::{ClientSettings, SecretString};
 use crate::index::{Reference, spec_references};
@@ -49,6 +50,7 @@ impl Resolved {
 pub async fn resolve(
     client: &Client,
     accounts: &AccountCache,
+    values: &Values,
     namespace: &str,
     spec: &ConnectionOverrideSpec,
     settings: &ClientSettings,
@@ -62,7 +64,7 @@ pub async fn resolve(
         Ok(resolved) => resolved,
         Err(e) => return (Err(e), refs),
     };
-    let mut reader = Reader::new(client, namespace);
+    let mut reader = Reader::new(client, namespace).cached(values);
     let mut values = BTreeMap::new();
     for from in &spec.connection_overrides.connection_properties_from {
         let purpose = format!("property {}", from.property);

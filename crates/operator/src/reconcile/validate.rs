@@ -35,7 +35,7 @@ pub fn check(pass: &Pass) -> Result<(), Stop> {
         // Nothing of this spec is checked against DPC; its references still re-trigger it.
         pass.ctx.drift.unregister(pass.key);
         let refs = crate::index::spec_references(&pass.key.0, spec);
-        pass.ctx.index.set(pass.key, refs);
+        pass.ctx.refer(pass.key, refs);
         Stop::report(outcome)
     };
     if pass.annotation(PAUSED_ANNOTATION) == Some("true") {
@@ -245,7 +245,7 @@ pub async fn unreadable(
         note: message.clone(),
         action: "Reconcile".into(),
     };
-    write::publish(ctx, &unreadable_reference(guard), event);
+    write::publish(ctx, &unreadable_reference(guard), event).await;
     ctx.objects.refuse(key, gate, Reason::InvalidSpec, message);
     Ok(Action::await_change())
 }

@@ -47,7 +47,7 @@ pub async fn report(
         ctx.objects.record_applied(&key, uid, hash);
     }
     if let Some(event) = outcome::event_for(old, &obj.spec, &outcome) {
-        publish(ctx, &obj.object_ref(&()), event);
+        publish(ctx, &obj.object_ref(&()), event).await;
     }
     Ok(())
 }
@@ -137,7 +137,7 @@ async fn send_patch<P: serde::Serialize + std::fmt::Debug>(
 }
 
 /// Queues an Event about `reference` (its note cut to 1,000 bytes).
-pub fn publish(ctx: &Context, reference: &ObjectReference, event: EventSpec) {
+pub async fn publish(ctx: &Context, reference: &ObjectReference, event: EventSpec) {
     let mut note = event.note;
     if note.len() > 1000 {
         let mut cut = 1000;
@@ -158,7 +158,7 @@ pub fn publish(ctx: &Context, reference: &ObjectReference, event: EventSpec) {
         action: event.action,
         secondary: None,
     };
-    ctx.publish(event, reference.clone());
+    ctx.publish(event, reference.clone()).await;
 }
 
 /// Adds the cleanup finalizer unless it is there (a JSON patch guarded by `test`).

@@ -36,11 +36,11 @@ async fn a_400_reports_the_problem_details_and_waits_for_a_spec_change() {
     assert_eq!(posts, 1);
 
     // Nothing changed: reconciled again, but no call.
-    let reads = h.requests("get secrets");
+    let passes = h.passes_done();
     h.touch_secret("refs", "one").await;
-    h.wait_requests("get secrets", reads + 1).await;
+    h.wait_passes(passes + 1).await;
     h.touch_secret("refs", "two").await;
-    h.wait_requests("get secrets", reads + 2).await;
+    h.wait_passes(passes + 2).await;
     assert_eq!(
         h.sim.calls_of(SimOp::Create).len(),
         posts,

@@ -16,6 +16,7 @@ mod failures;
 mod hostile;
 mod kubectl;
 mod rate_limit;
+mod requests;
 mod secrets;
 mod soak;
 mod writes;

@@ -129,14 +129,14 @@ async fn spec_change_sends_exactly_one_put_and_an_unchanged_object_sends_nothing
     );
 
     // Reconciled again with nothing changed (a label on the referenced Secret): no DPC call
-    // and no status patch. Two touches: the second pass's read proves the first finished.
+    // and no status patch, after each of two touches.
     h.sim.clear_calls();
     let status_patches = h.requests("patch connectionoverrides/status");
-    let secret_reads = h.requests("get secrets");
+    let passes = h.passes_done();
     h.touch_secret("refs", "one").await;
-    h.wait_requests("get secrets", secret_reads + 1).await;
+    h.wait_passes(passes + 1).await;
     h.touch_secret("refs", "two").await;
-    h.wait_requests("get secrets", secret_reads + 2).await;
+    h.wait_passes(passes + 2).await;
     assert!(h.sim.calls().is_empty(), "{:?}", h.sim.calls());
     assert_eq!(
         h.requests("patch connectionoverrides/status"),
@@ -428,9 +428,8 @@ async fn a_new_object_costs_one_metadata_patch_one_status_patch_and_one_event() 
     h.apply(&Cov::new("sf", "Salesforce")).await;
     let ready = h.wait_ready("sf").await;
     h.wait_event("sf", "Created").await;
-    // The test's own apply, and the operator's one patch: the finalizer and the
-    // create-pending mark together.
-    assert_eq!(h.requests("patch connectionoverrides"), patches + 2);
+    // One patch: the finalizer and the create-pending mark together.
+    assert_eq!(h.requests("patch connectionoverrides"), patches + 1);
     assert_eq!(h.requests("patch connectionoverrides/status"), statuses + 1);
     let events = h.events("sf").await;
     assert_eq!(events.len(), 1, "{events:?}");

@@ -53,6 +53,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["dpc-operator.io"]
   resources: ["connectionoverrides/status", "dpcaccounts/status"]
   verbs: ["patch"]
+{{- /* Secrets come in a watch with sendInitialEvents; list is for a server without streaming lists. */}}
 - apiGroups: [""]
   resources: ["secrets", "configmaps"]
   verbs: ["get", "list", "watch"]

@@ -102,7 +102,14 @@ pub fn assert_rules_match_use(h: &Harness, id: &Identity, scope: Scope) {
             .join(", ")
     };
     eprintln!("API calls of the operator ({scope:?}): {}", summary(&used));
-    let unused: BTreeSet<Access> = granted.difference(&used).cloned().collect();
+    // Secrets are listed only by a server without streaming lists (before Kubernetes 1.34,
+    // or 1.33 with WatchList off); this one streams them in a watch.
+    let fallback: Access = (String::new(), "secrets".into(), "list".into());
+    let unused: BTreeSet<Access> = granted
+        .difference(&used)
+        .filter(|access| **access != fallback)
+        .cloned()
+        .collect();
     assert!(
         unused.is_empty(),
         "the chart grants what the operator never used: {}",

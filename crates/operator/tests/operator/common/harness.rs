@@ -49,11 +49,10 @@ impl Harness {
     ) -> Self {
         let ns = unique_name("");
         let counter = counting::RequestCounter::default();
-        let client = counting::counted_client(
-            &cluster.kubeconfig_with_token("admin", &cluster.admin_token, &ns),
-            &counter,
-        )
-        .await;
+        let kubeconfig = cluster.kubeconfig_with_token("admin", &cluster.admin_token, &ns);
+        // The operator's requests are counted; the test's own are not.
+        let operator_client = counting::counted_client(&kubeconfig, &counter).await;
+        let client = control_plane::client_from(&kubeconfig).await;
         install_crds(&client, &cluster.server).await;
         create_namespace(&client, &ns, serde_json::json!({})).await;
         let sim = DpcSim::start(sim_config).await.unwrap();
@@ -69,7 +68,8 @@ impl Harness {
         }
         let h = Self {
             requests_per_minute: 60_000,
-            ctx: Context::new(client.clone(), config.clone()),
+            ctx: Context::new(operator_client.clone(), config.clone()),
+            operator_client,
             config,
             ns,
             cluster,
@@ -95,7 +95,7 @@ impl Harness {
         self.config
             .namespaces
             .extend(namespaces.iter().map(|n| n.to_string()));
-        self.ctx = Context::new(self.client.clone(), self.config.clone());
+        self.ctx = Context::new(self.operator_client.clone(), self.config.clone());
         self
     }
 
@@ -147,7 +147,7 @@ impl Harness {
     pub async fn halt(mut self) -> Self {
         self.stop_controller().await;
         self.shutdown = CancellationToken::new();
-        self.ctx = Context::new(self.client.clone(), self.config.clone());
+        self.ctx = Context::new(self.operator_client.clone(), self.config.clone());
         self
     }
 
@@ -422,6 +422,32 @@ impl Harness {
                 self.events(name).await
             ),
         }
+    }
+
+    /// ConnectionOverride passes finished so far.
+    pub fn passes_done(&self) -> u64 {
+        *self.ctx.metrics.passes().borrow()
+    }
+
+    /// Waits until `n` ConnectionOverride passes have finished.
+    pub async fn wait_passes(&self, n: u64) {
+        let mut passes = self.ctx.metrics.passes();
+        tokio::time::timeout(WAIT, passes.wait_for(|done| *done >= n))
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} passes within {WAIT:?}"))
+            .unwrap();
+    }
+
+    /// Runs one more pass of `name` (as the resync sweep or a drift check asks for one) and
+    /// waits until it has finished.
+    pub async fn pass(&self, name: &str) {
+        let mut passes = self.ctx.metrics.passes();
+        let target = *passes.borrow_and_update() + 1;
+        self.ctx.trigger(&(self.ns.clone(), name.to_string()));
+        tokio::time::timeout(WAIT, passes.wait_for(|n| *n >= target))
+            .await
+            .unwrap_or_else(|_| panic!("no pass of {name} within {WAIT:?}"))
+            .unwrap();
     }
 
     /// Requests of `verb resource` sent through this harness's client.

@@ -96,8 +96,11 @@ pub struct Harness {
     pub ns: String,
     pub cluster: &'static Endpoint,
     pub sim: DpcSim,
-    /// An admin client whose requests (the test's and the in-process controller's) are counted.
+    /// The test's admin client (its requests are not counted).
     pub client: Client,
+    /// The in-process controller's client, whose requests `counter` counts by verb and
+    /// resource.
+    operator_client: Client,
     pub counter: counting::RequestCounter,
     pub ctx: Arc<Context>,
     config: OperatorConfig,

@@ -1,0 +1,323 @@
+//! The values ConnectionOverrides read from Secrets and ConfigMaps, kept between passes so a
+//! pass over an unchanged object reads nothing from the API server.
+//!
+//! The watch of Secrets carries their data ([`Values::observe`]): a Secret some object
+//! refers to keeps, of its data, the keys read from it — or all of it while it is small
+//! (at most [`SMALL`] bytes), so a new reference to another key needs no read. A Secret no
+//! object refers to yet (listed before the objects that will read it; created just before
+//! its ConnectionOverride) is kept, if small, for [`GRACE`]; larger ones (a Helm release)
+//! are not kept at all, and are read when an object asks. A Secret nothing refers to any
+//! longer leaves memory ([`Values::release`], [`Values::prune`]). ConfigMap values are
+//! kept from the passes' reads and dropped on a new resourceVersion. The values are
+//! [`SecretString`]s: never in logs or `Debug`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::dpc::SecretString;
+use crate::index::Reference;
+
+use super::changes::Changes;
+
+/// The most data a Secret may have to be kept whole.
+pub const SMALL: usize = 16 * 1024;
+/// How long a small Secret nothing refers to is kept for the object that may read it.
+pub const GRACE: Duration = Duration::from_secs(120);
+
+/// What a key of a Secret or ConfigMap held when it was read.
+#[derive(Clone, Debug)]
+pub(crate) enum Lookup {
+    /// The object does not exist.
+    Absent,
+    /// The object has no such key.
+    NoKey,
+    /// The key's bytes are not UTF-8.
+    NotText,
+    Text(SecretString),
+}
+
+/// What is known of one Secret or ConfigMap.
+enum Entry {
+    /// It does not exist (as last seen).
+    Absent,
+    Held {
+        keys: HashMap<String, Lookup>,
+        /// `keys` is all of its data: a key not there is not in the object.
+        whole: bool,
+        /// Kept for an object that may come to read it (nothing referred to it when seen).
+        unreferenced_since: Option<Instant>,
+    },
+}
+
+/// The values read from Secrets and ConfigMaps, by object and key.
+#[derive(Default)]
+pub struct Values {
+    entries: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Reference, Entry>,
+    /// A read that a change of its object began after is not kept.
+    changes: Changes,
+}
+
+fn lookup_of(bytes: &[u8]) -> Lookup {
+    std::str::from_utf8(bytes).map_or(Lookup::NotText, |s| Lookup::Text(SecretString::new(s)))
+}
+
+impl Values {
+    /// The lookup of `key` in `reference` as last seen, if it is known.
+    pub(crate) fn get(&self, reference: &Reference, key: &str) -> Option<Lookup> {
+        let inner = self.entries.lock().expect("values lock");
+        match inner.entries.get(reference)? {
+            Entry::Absent => Some(Lookup::Absent),
+            Entry::Held { keys, whole, .. } => match keys.get(key) {
+                Some(lookup) => Some(lookup.clone()),
+                None => whole.then_some(Lookup::NoKey),
+            },
+        }
+    }
+
+    /// A mark to pass to [`Values::put`]: taken before the read.
+    pub(crate) fn mark(&self) -> u64 {
+        self.entries.lock().expect("values lock").changes.mark()
+    }
+
+    /// Keeps what a pass read, unless something changed since `mark`.
+    pub(crate) fn put(&self, mark: u64, reference: &Reference, key: &str, lookup: Lookup) {
+        let mut inner = self.entries.lock().expect("values lock");
+        if !inner.changes.unchanged_since(mark, |r| r == reference) {
+            return;
+        }
+        let entries = &mut inner.entries;
+        if let Lookup::Absent = lookup {
+            entries.insert(reference.clone(), Entry::Absent);
+            return;
+        }
+        let entry = entries.entry(reference.clone()).or_insert(Entry::Absent);
+        if let Entry::Absent = entry {
+            *entry = Entry::Held {
+                keys: HashMap::new(),
+                whole: false,
+                unreferenced_since: None,
+            };
+        }
+        if let Entry::Held { keys, .. } = entry {
+            keys.insert(key.to_string(), lookup);
+        }
+    }
+
+    /// What the watch of Secrets saw of `reference`: its data, or `None` once deleted.
+    /// `referenced`: some object refers to it.
+    pub fn observe(
+        &self,
+        reference: &Reference,
+        data: Option<&BTreeMap<String, Vec<u8>>>,
+        referenced: bool,
+    ) {
+        let mut inner = self.entries.lock().expect("values lock");
+        inner.changes.record(Some(reference.clone()));
+        let entries = &mut inner.entries;
+        let Some(data) = data else {
+            match referenced {
+                true => entries.insert(reference.clone(), Entry::Absent),
+                false => entries.remove(reference),
+            };
+            return;
+        };
+        let size: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let read: Vec<String> = match entries.get(reference) {
+            Some(Entry::Held {
+                keys, whole: false, ..
+            }) => keys.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let entry = if size <= SMALL {
+            Entry::Held {
+                keys: data
+                    .iter()
+                    .map(|(k, v)| (k.clone(), lookup_of(v)))
+                    .collect(),
+                whole: true,
+                unreferenced_since: (!referenced).then(Instant::now),
+            }
+        } else if referenced && !read.is_empty() {
+            let keys = read.into_iter().map(|k| {
+                let lookup = data.get(&k).map_or(Lookup::NoKey, |v| lookup_of(v));
+                (k, lookup)
+            });
+            Entry::Held {
+                keys: keys.collect(),
+                whole: false,
+                unreferenced_since: None,
+            }
+        } else {
+            entries.remove(reference);
+            return;
+        };
+        entries.insert(reference.clone(), entry);
+    }
+
+    /// `reference` changed: what was read of it is gone.
+    pub fn invalidate(&self, reference: &Reference) {
+        let mut inner = self.entries.lock().expect("values lock");
+        inner.changes.record(Some(reference.clone()));
+        inner.entries.remove(reference);
+    }
+
+    /// A watch of `namespace` (`None`: every namespace) lists again: what it may have missed
+    /// meanwhile (a deletion) is not in the list's events, so every entry it covers goes.
+    pub fn invalidate_scope(&self, namespace: Option<&str>, kind_of: fn(&Reference) -> bool) {
+        let mut inner = self.entries.lock().expect("values lock");
+        inner.changes.record(None);
+        inner.entries.retain(|reference, _| {
+            let covered = match reference {
+                Reference::Secret { namespace: ns, .. }
+                | Reference::ConfigMap { namespace: ns, .. } => {
+                    namespace.is_none_or(|scope| scope == ns)
+                }
+                _ => false,
+            };
+            !(covered && kind_of(reference))
+        });
+    }
+
+    /// Forgets the objects no ConnectionOverride refers to any longer.
+    pub fn release(&self, references: &[Reference]) {
+        if references.is_empty() {
+            return;
+        }
+        let mut inner = self.entries.lock().expect("values lock");
+        for reference in references {
+            inner.entries.remove(reference);
+        }
+    }
+
+    /// Forgets what was kept for an object that never came ([`GRACE`]), and what nothing
+    /// refers to (`referenced` says), older than that too.
+    pub fn prune(&self, referenced: impl Fn(&Reference) -> bool) {
+        let mut inner = self.entries.lock().expect("values lock");
+        inner.entries.retain(|reference, entry| match entry {
+            Entry::Held {
+                unreferenced_since: Some(since),
+                ..
+            } if since.elapsed() >= GRACE => referenced(reference),
+            Entry::Held {
+                unreferenced_since: Some(_),
+                ..
+            } => true,
+            _ => referenced(reference),
+        });
+    }
+
+    /// Forgets everything (a new term: the watches start over).
+    pub fn clear(&self) {
+        let mut inner = self.entries.lock().expect("values lock");
+        inner.changes.record(None);
+        inner.entries.clear();
+    }
+
+    /// How many objects have values kept.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("values lock").entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Secret reference (`invalidate_scope` of the Secret watch).
+pub fn is_secret(reference: &Reference) -> bool {
+    matches!(reference, Reference::Secret { .. })
+}
+
+/// A ConfigMap reference (`invalidate_scope` of the ConfigMap watch).
+pub fn is_config_map(reference: &Reference) -> bool {
+    matches!(reference, Reference::ConfigMap { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(ns: &str, name: &str) -> Reference {
+        Reference::Secret {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn text(lookup: Option<Lookup>) -> Option<String> {
+        match lookup {
+            Some(Lookup::Text(v)) => Some(v.expose().to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_value_read_is_kept_until_its_object_changes() {
+        let values = Values::default();
+        let s = secret("a", "db");
+        values.put(
+            values.mark(),
+            &s,
+            "password",
+            Lookup::Text(SecretString::new("p1")),
+        );
+        assert_eq!(text(values.get(&s, "password")).as_deref(), Some("p1"));
+        assert!(
+            values.get(&s, "user").is_none(),
+            "a key never read is not known"
+        );
+        values.invalidate(&s);
+        assert!(values.get(&s, "password").is_none());
+    }
+
+    #[test]
+    fn a_read_that_began_before_a_change_is_not_kept() {
+        let values = Values::default();
+        let s = secret("a", "db");
+        let mark = values.mark();
+        values.invalidate(&s);
+        values.put(mark, &s, "password", Lookup::Text(SecretString::new("old")));
+        assert!(values.get(&s, "password").is_none());
+    }
+
+    #[test]
+    fn a_relist_of_a_namespace_drops_its_entries_only() {
+        let values = Values::default();
+        let (a, b) = (secret("a", "db"), secret("b", "db"));
+        for s in [&a, &b] {
+            values.put(values.mark(), s, "k", Lookup::NoKey);
+        }
+        values.invalidate_scope(Some("a"), is_secret);
+        assert!(values.get(&a, "k").is_none());
+        assert!(values.get(&b, "k").is_some());
+        values.invalidate_scope(None, is_config_map);
+        assert!(
+            values.get(&b, "k").is_some(),
+            "a ConfigMap relist keeps Secrets"
+        );
+        values.invalidate_scope(None, is_secret);
+        assert!(values.is_empty());
+    }
+
+    #[test]
+    fn a_released_object_leaves_memory_and_debug_shows_no_value() {
+        let values = Values::default();
+        let s = secret("a", "db");
+        values.put(
+            values.mark(),
+            &s,
+            "k",
+            Lookup::Text(SecretString::new("hunter2")),
+        );
+        let shown = format!("{:?}", values.get(&s, "k"));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        values.release(std::slice::from_ref(&s));
+        assert!(values.is_empty());
+    }
+}
