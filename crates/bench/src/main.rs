@@ -87,6 +87,9 @@ struct Args {
     /// Secrets rotated at once.
     #[arg(long, default_value_t = 100)]
     rotations: usize,
+    /// Secrets of 1 MiB no object reads (Helm releases, say), in the objects' namespace.
+    #[arg(long, default_value_t = 0)]
+    large_secrets: usize,
     /// The operator binary (default: dpc-operator next to this program).
     #[arg(long)]
     operator: Option<PathBuf>,
@@ -168,6 +171,7 @@ async fn main() -> ExitCode {
         burst: args.burst,
         sync_interval: args.sync_interval,
         rotations: args.rotations,
+        large_secrets: args.large_secrets,
         operator,
         operator_args: args.operator_args,
         work_dir,

@@ -3,7 +3,7 @@
 //! operator as a process.
 
 use super::*;
-use dpc_testkit::control_plane::ControlPlane;
+use dpc_testkit::control_plane::{ControlPlane, audited_identity, audited_requests};
 use k8s_openapi::api::core::v1::Namespace;
 
 /// A running operator process.
@@ -113,9 +113,20 @@ pub struct World {
     pub sim: DpcSim,
     pub client: Client,
     pub kubeconfig: PathBuf,
+    /// The operator's identity and the audit log (the real API server only).
+    pub audit: Option<Audit>,
 }
 
-async fn start_kube(work_dir: &Path, kind: KubeKind) -> std::io::Result<(Kube, Client, PathBuf)> {
+/// Who the operator is on the real API server, and where its requests are logged.
+pub struct Audit {
+    pub username: String,
+    pub log: PathBuf,
+}
+
+async fn start_kube(
+    work_dir: &Path,
+    kind: KubeKind,
+) -> std::io::Result<(Kube, Client, PathBuf, Option<Audit>)> {
     let kubeconfig = work_dir.join("kubeconfig");
     match kind {
         KubeKind::Emulator => {
@@ -133,7 +144,7 @@ async fn start_kube(work_dir: &Path, kind: KubeKind) -> std::io::Result<(Kube, C
             emu.create_namespace(NAMESPACE)
                 .await
                 .map_err(std::io::Error::other)?;
-            Ok((Kube::Emulator(emu), client, kubeconfig))
+            Ok((Kube::Emulator(emu), client, kubeconfig, None))
         }
         KubeKind::Real => {
             let plane = ControlPlane::start(Some(work_dir.join("control-plane")))
@@ -151,8 +162,15 @@ async fn start_kube(work_dir: &Path, kind: KubeKind) -> std::io::Result<(Kube, C
                 )
                 .await
                 .map_err(std::io::Error::other)?;
-            std::fs::copy(&plane.endpoint.kubeconfig, &kubeconfig)?;
-            Ok((Kube::Real(Box::new(plane)), client, kubeconfig))
+            // The operator runs as a ServiceAccount: the audit log records its requests.
+            let (username, operator_kubeconfig) =
+                audited_identity(&client, &plane.endpoint, NAMESPACE, "dpc-operator")
+                    .await
+                    .map_err(std::io::Error::other)?;
+            std::fs::write(&kubeconfig, operator_kubeconfig)?;
+            let log = plane.endpoint.audit_log.clone();
+            let audit = Some(Audit { username, log });
+            Ok((Kube::Real(Box::new(plane)), client, kubeconfig, audit))
         }
     }
 }
@@ -166,7 +184,7 @@ impl World {
         kind: KubeKind,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(work_dir)?;
-        let (kube, client, kubeconfig) = start_kube(work_dir, kind).await?;
+        let (kube, client, kubeconfig, audit) = start_kube(work_dir, kind).await?;
         let sim = DpcSim::start(sim_config).await?;
         sim.add_client(CLIENT_ID, CLIENT_SECRET);
         let world = Self {
@@ -174,6 +192,7 @@ impl World {
             sim,
             client,
             kubeconfig,
+            audit,
         };
         world
             .put_secret(
@@ -216,6 +235,19 @@ impl World {
         )
         .await
         .expect("writing a Secret");
+    }
+
+    /// The operator's requests the API server logged from byte `from` of its audit log on,
+    /// by verb and resource, and where to read on from (the real API server only).
+    pub fn operator_requests(&self, from: u64) -> Option<(BTreeMap<String, u64>, u64)> {
+        let audit = self.audit.as_ref()?;
+        match audited_requests(&audit.log, &audit.username, from) {
+            Ok(counts) => Some(counts),
+            Err(e) => {
+                eprintln!("bench: {e}");
+                None
+            }
+        }
     }
 
     /// CPU seconds used so far by kube-apiserver and etcd (0 on the emulator).

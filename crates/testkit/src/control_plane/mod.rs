@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+mod audit;
 mod support;
+pub use audit::{audited_identity, audited_requests};
 use support::*;
 pub use support::{compact_etcd, install_crds, tools_dir};
 
