@@ -320,4 +320,67 @@ mod tests {
         values.release(std::slice::from_ref(&s));
         assert!(values.is_empty());
     }
+
+    fn data(pairs: &[(&str, usize)]) -> BTreeMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(k, n)| (k.to_string(), vec![b'v'; *n]))
+            .collect()
+    }
+
+    #[test]
+    fn a_small_secret_is_kept_whole_and_a_missing_key_is_known() {
+        let values = Values::default();
+        let s = secret("a", "db");
+        values.observe(&s, Some(&data(&[("user", 3), ("password", 5)])), true);
+        assert_eq!(text(values.get(&s, "password")).as_deref(), Some("vvvvv"));
+        assert!(matches!(values.get(&s, "other"), Some(Lookup::NoKey)));
+        values.observe(&s, None, true);
+        assert!(matches!(values.get(&s, "password"), Some(Lookup::Absent)));
+    }
+
+    #[test]
+    fn a_large_secret_keeps_only_the_keys_read_and_only_while_referenced() {
+        let values = Values::default();
+        let s = secret("a", "release");
+        let large = data(&[("release", SMALL + 1), ("password", 4)]);
+        values.observe(&s, Some(&large), false);
+        assert!(
+            values.is_empty(),
+            "a large Secret nothing reads is not kept"
+        );
+        values.observe(&s, Some(&large), true);
+        assert!(
+            values.get(&s, "password").is_none(),
+            "no key of it was read yet"
+        );
+        values.put(
+            values.mark(),
+            &s,
+            "password",
+            Lookup::Text(SecretString::new("old")),
+        );
+        values.observe(&s, Some(&large), true);
+        assert_eq!(text(values.get(&s, "password")).as_deref(), Some("vvvv"));
+        assert!(
+            values.get(&s, "release").is_none(),
+            "a key not read is not kept"
+        );
+    }
+
+    #[test]
+    fn pruning_keeps_what_is_referenced_and_what_is_within_its_grace() {
+        let values = Values::default();
+        let (kept, waiting, gone) = (secret("a", "kept"), secret("a", "new"), secret("a", "gone"));
+        values.observe(&kept, Some(&data(&[("k", 1)])), true);
+        values.observe(&waiting, Some(&data(&[("k", 1)])), false);
+        values.put(values.mark(), &gone, "k", Lookup::NoKey);
+        values.prune(|r| *r == kept);
+        assert!(values.get(&kept, "k").is_some());
+        assert!(
+            values.get(&waiting, "k").is_some(),
+            "seen before any object read it"
+        );
+        assert!(values.get(&gone, "k").is_none(), "nothing refers to it");
+    }
 }
