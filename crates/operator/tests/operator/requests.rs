@@ -131,3 +131,50 @@ async fn new_objects_of_one_account_cost_three_requests_each_and_one_read_of_the
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_restart_asks_nothing_per_object() {
+    const OBJECTS: usize = 4;
+    let h = Harness::start().await;
+    for i in 0..OBJECTS {
+        h.put_secret(&format!("refs-{i}"), &[("key", "v1")]).await;
+    }
+    let h = h.run();
+    for i in 0..OBJECTS {
+        let cov = Cov::new(&format!("sf-{i}"), &format!("Salesforce {i}")).property_from_secret(
+            "secretKey",
+            &format!("refs-{i}"),
+            "key",
+        );
+        h.apply(&cov).await;
+    }
+    for i in 0..OBJECTS {
+        h.wait_ready(&format!("sf-{i}")).await;
+        h.wait_event(&format!("sf-{i}"), "Created").await;
+    }
+
+    let before = h.counter.counts();
+    // A new process: nothing in memory; its first pass over each object finds it done.
+    let h = h.restart().await;
+    h.wait_passes(OBJECTS as u64).await;
+    let asked = since(&h, &before);
+    for per_object in [
+        "patch connectionoverrides",
+        "patch connectionoverrides/status",
+        "create events",
+        "get secrets",
+        "get connectionoverrides",
+    ] {
+        assert!(!asked.contains_key(per_object), "{per_object}: {asked:?}");
+    }
+    // The account is read once for all of them.
+    assert!(
+        asked.get("get dpcaccounts").copied().unwrap_or(0) <= 1,
+        "{asked:?}"
+    );
+    assert!(
+        h.sim.calls_of(SimOp::Create).len() == OBJECTS,
+        "no write after the restart"
+    );
+    h.stop().await;
+}
