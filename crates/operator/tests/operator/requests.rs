@@ -24,6 +24,23 @@ fn since(h: &Harness, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Applies `n` objects, `sf-{i}` reading Secret `refs-{i}`, and waits until each is Ready
+/// and its Event is published.
+async fn apply_ready(h: &Harness, n: usize) {
+    for i in 0..n {
+        let cov = Cov::new(&format!("sf-{i}"), &format!("Salesforce {i}")).property_from_secret(
+            "secretKey",
+            &format!("refs-{i}"),
+            "key",
+        );
+        h.apply(&cov).await;
+    }
+    for i in 0..n {
+        h.wait_ready(&format!("sf-{i}")).await;
+        h.wait_event(&format!("sf-{i}"), "Created").await;
+    }
+}
+
 fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
     pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
 }
@@ -98,18 +115,7 @@ async fn new_objects_of_one_account_cost_three_requests_each_and_one_read_of_the
     }
     let before = h.counter.counts();
     let h = h.run();
-    for i in 0..OBJECTS {
-        let cov = Cov::new(&format!("sf-{i}"), &format!("Salesforce {i}")).property_from_secret(
-            "secretKey",
-            &format!("refs-{i}"),
-            "key",
-        );
-        h.apply(&cov).await;
-    }
-    for i in 0..OBJECTS {
-        h.wait_ready(&format!("sf-{i}")).await;
-        h.wait_event(&format!("sf-{i}"), "Created").await;
-    }
+    apply_ready(&h, OBJECTS).await;
     let asked = since(&h, &before);
     let n = OBJECTS as u64;
     // Each object: the finalizer patch (with the create-pending mark), the status patch
@@ -140,18 +146,7 @@ async fn a_restart_asks_nothing_per_object() {
         h.put_secret(&format!("refs-{i}"), &[("key", "v1")]).await;
     }
     let h = h.run();
-    for i in 0..OBJECTS {
-        let cov = Cov::new(&format!("sf-{i}"), &format!("Salesforce {i}")).property_from_secret(
-            "secretKey",
-            &format!("refs-{i}"),
-            "key",
-        );
-        h.apply(&cov).await;
-    }
-    for i in 0..OBJECTS {
-        h.wait_ready(&format!("sf-{i}")).await;
-        h.wait_event(&format!("sf-{i}"), "Created").await;
-    }
+    apply_ready(&h, OBJECTS).await;
 
     let before = h.counter.counts();
     // A new process: nothing in memory; its first pass over each object finds it done.
