@@ -43,9 +43,26 @@ pub async fn audited_identity(
         .create(&PostParams::default(), &binding)
         .await
         .map_err(e("binding the ServiceAccount"))?;
+    let token = service_account_token(admin, namespace, name, 86_400).await?;
+    let username = format!("system:serviceaccount:{namespace}:{name}");
+    Ok((
+        username.clone(),
+        endpoint.kubeconfig_with_token(&username, &token, namespace),
+    ))
+}
+
+/// A TokenRequest token of ServiceAccount `namespace/name`, valid for `seconds` (what
+/// `kubectl create token` gets).
+pub async fn service_account_token(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    seconds: i64,
+) -> Result<String, String> {
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            expiration_seconds: Some(86_400),
+            expiration_seconds: Some(seconds),
             ..Default::default()
         },
         ..Default::default()
@@ -53,13 +70,8 @@ pub async fn audited_identity(
     let answer: TokenRequest = accounts
         .create_subresource("token", name, &PostParams::default(), &request)
         .await
-        .map_err(e("requesting a token"))?;
-    let token = answer.status.ok_or("the TokenRequest has no token")?.token;
-    let username = format!("system:serviceaccount:{namespace}:{name}");
-    Ok((
-        username.clone(),
-        endpoint.kubeconfig_with_token(&username, &token, namespace),
-    ))
+        .map_err(|e| format!("requesting a token of {namespace}/{name}: {e}"))?;
+    Ok(answer.status.ok_or("the TokenRequest has no token")?.token)
 }
 
 /// The requests of `username` in the audit log from byte `from` on, as `verb

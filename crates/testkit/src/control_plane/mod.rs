@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 mod audit;
 mod support;
-pub use audit::{audited_identity, audited_requests};
+pub use audit::{audited_identity, audited_requests, service_account_token};
 use support::*;
 pub use support::{compact_etcd, install_crds, tools_dir};
 

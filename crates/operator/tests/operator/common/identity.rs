@@ -3,9 +3,7 @@
 //! holding a TokenRequest token of that ServiceAccount — so the operator binary under test
 //! has exactly the permissions a user's install gives it.
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Api, Client};
 use serde_json::Value;
@@ -112,20 +110,9 @@ pub async fn grant(admin: &Client, id: &Identity) {
 
 /// A TokenRequest token of a ServiceAccount, valid for an hour (`kubectl create token`).
 pub async fn token_for(admin: &Client, namespace: &str, service_account: &str) -> String {
-    let api: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: Vec::new(),
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let answer: TokenRequest = api
-        .create_subresource("token", service_account, &PostParams::default(), &request)
+    dpc_testkit::control_plane::service_account_token(admin, namespace, service_account, 3600)
         .await
-        .expect("a TokenRequest for the operator's ServiceAccount");
-    answer.status.expect("a token").token
+        .expect("a TokenRequest for the operator's ServiceAccount")
 }
 
 /// Server-side applies one rendered object.
