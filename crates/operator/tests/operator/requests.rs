@@ -24,6 +24,13 @@ fn since(h: &Harness, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Creates the Secrets `refs-{i}` the objects of [`apply_ready`] read.
+async fn put_refs(h: &Harness, n: usize) {
+    for i in 0..n {
+        h.put_secret(&format!("refs-{i}"), &[("key", "v1")]).await;
+    }
+}
+
 /// Applies `n` objects, `sf-{i}` reading Secret `refs-{i}`, and waits until each is Ready
 /// and its Event is published.
 async fn apply_ready(h: &Harness, n: usize) {
@@ -110,9 +117,7 @@ async fn a_rotation_costs_the_status_write_and_the_event_only() {
 async fn new_objects_of_one_account_cost_three_requests_each_and_one_read_of_the_account() {
     const OBJECTS: usize = 12;
     let h = Harness::start().await;
-    for i in 0..OBJECTS {
-        h.put_secret(&format!("refs-{i}"), &[("key", "v1")]).await;
-    }
+    put_refs(&h, OBJECTS).await;
     let before = h.counter.counts();
     let h = h.run();
     apply_ready(&h, OBJECTS).await;
@@ -142,9 +147,7 @@ async fn new_objects_of_one_account_cost_three_requests_each_and_one_read_of_the
 async fn a_restart_asks_nothing_per_object() {
     const OBJECTS: usize = 4;
     let h = Harness::start().await;
-    for i in 0..OBJECTS {
-        h.put_secret(&format!("refs-{i}"), &[("key", "v1")]).await;
-    }
+    put_refs(&h, OBJECTS).await;
     let h = h.run();
     apply_ready(&h, OBJECTS).await;
 
