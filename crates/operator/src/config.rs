@@ -25,7 +25,8 @@ pub struct RunArgs {
         default_value = "auto"
     )]
     pub log_format: LogFormat,
-    /// How many objects are reconciled at once.
+    /// How many objects call DPC at once; twice as many are reconciled at once, so that
+    /// passes writing their status do not hold up the next DPC calls.
     #[arg(long, env = "DPC_OPERATOR_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
     /// Allow plain-http DPC endpoints in DpcAccounts (tests and sandboxes only).
@@ -188,7 +189,8 @@ impl RunArgs {
 pub struct OperatorConfig {
     /// Namespaces to watch; empty means all.
     pub namespaces: Vec<String>,
-    /// How many objects are reconciled at once.
+    /// How many objects call DPC at once (the controller runs
+    /// [`crate::context::PASSES_PER_DPC_SLOT`] times as many passes).
     pub concurrency: u16,
     /// Allow plain-http DPC endpoints (tests and the sandbox only).
     pub allow_insecure_http: bool,

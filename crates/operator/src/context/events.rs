@@ -5,8 +5,8 @@
 //! the 4,096-slot queue filled and Events were dropped, and those that were sent arrived
 //! seconds after the objects were Ready. Now the queue is small and a full queue makes the
 //! reconcile that queues wait for a slot (it holds one of the controller's concurrency
-//! slots, so the backlog is bounded by the queue and the publishers in flight, and nothing a
-//! user should see is dropped).
+//! slots, though not a DPC slot, so the backlog is bounded by the queue and the publishers
+//! in flight, and nothing a user should see is dropped).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -68,6 +68,9 @@ pub struct Context {
     pub values: Arc<Values>,
     /// Reads DPC back on each object's sync interval.
     pub drift: Arc<DriftChecker>,
+    /// `--concurrency` permits: a pass holds one while it reads or writes DPC, not while it
+    /// writes its status and Event (see [`Context::dpc_slot`]).
+    dpc_slots: tokio::sync::Semaphore,
     /// The ConnectionOverride controllers' queues, one per watched scope.
     triggers: Mutex<Vec<(Option<String>, UnboundedSender<GuardRef>)>>,
     /// The account controllers' queues, for an account whose last user may have gone.
@@ -81,6 +84,11 @@ pub struct Context {
     stopping: AtomicBool,
     synced_changed: tokio::sync::Notify,
 }
+
+/// How many passes the ConnectionOverride controller runs at once for each DPC slot
+/// (`--concurrency`): the passes beyond the slots are writing their status and Events, or
+/// waiting for a slot with their references already resolved.
+pub const PASSES_PER_DPC_SLOT: u16 = 2;
 
 impl Context {
     /// The one way to build a context.
@@ -109,6 +117,7 @@ impl Context {
                 .unwrap_or_else(|| config.reporter.clone()),
         };
         let config_share_window = config.drift_share_window;
+        let dpc_slots = tokio::sync::Semaphore::new(usize::from(config.concurrency.max(1)));
         let cluster_credentials = config.cluster_credentials_namespaces();
         let (events, queue) = tokio::sync::mpsc::channel(events::QUEUE);
         // Events about a cluster-scoped object (a ClusterDpcAccount) can only go to `default`:
@@ -138,6 +147,7 @@ impl Context {
             accounts: AccountCache::new(ACCOUNT_TTL, cluster_credentials, values.clone()),
             values,
             drift: Arc::new(DriftChecker::new(config_share_window, journal)),
+            dpc_slots,
             triggers: Mutex::new(Vec::new()),
             account_triggers: Mutex::new(Vec::new()),
             override_stores: Mutex::new(Vec::new()),
@@ -248,6 +258,15 @@ impl Context {
         self.drift.unregister(key);
         self.dpc.forget_object(key);
         self.metrics.forget_object(&key.0, &key.1);
+    }
+
+    /// Waits for one of the `--concurrency` slots for talking to DPC. The controller runs
+    /// [`PASSES_PER_DPC_SLOT`] times as many passes at once, so a pass writing its status
+    /// and Event on a busy API server does not keep the next pass from calling DPC: a
+    /// rotation of more Secrets than slots waits for the calls before it, not for their
+    /// status patches. `None` only if the semaphore were closed, which it never is.
+    pub async fn dpc_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.dpc_slots.acquire().await.ok()
     }
 
     /// Records what an object refers to now, so a change of it triggers the object; the

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{CREATE_PENDING_ANNOTATION, ClusterDpcAccount, ConnectionOverride, DpcAccount};
-use crate::context::{Context, GuardRef};
+use crate::context::{Context, GuardRef, PASSES_PER_DPC_SLOT};
 use crate::dpc::AccountKey;
 use crate::index::Reference;
 use crate::key::ObjKey;
@@ -209,8 +209,9 @@ async fn run_overrides(ctx: Arc<Context>, scope: Option<String>, shutdown: Cance
     let (config_map_users, namespace_users) = (users(&ctx), users(&ctx));
     let stop = shutdown.clone();
     let store = reader.clone();
+    let passes = ctx.config.concurrency.saturating_mul(PASSES_PER_DPC_SLOT);
     let controller = Controller::for_stream(main, reader)
-        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
+        .with_config(ControllerConfig::default().concurrency(passes))
         .trigger_backoff(EachWatchItsOwn)
         .reconcile_on(rx)
         .watches_stream(config_maps, move |c: PartialObjectMeta<ConfigMap>| {

@@ -115,11 +115,15 @@ pub async fn apply(obj: &ConnectionOverride, key: &ObjKey, ctx: &Context) -> Res
     pass.requested = pass
         .annotation(RECONCILE_REQUESTED_ANNOTATION)
         .map(String::from);
+    // The DPC slot is held through the stages, which may call DPC, and given back before
+    // the status write and the Event.
+    let slot = ctx.dpc_slot().await;
     let (outcome, next) = match stages(&pass).await {
         Ok(done) => done,
         Err(Stop::Report { outcome, next }) => (*outcome, next),
         Err(Stop::Failed(error)) => return Err(error),
     };
+    drop(slot);
     write::report(obj, ctx, &pass.old, outcome, pass.requested.clone()).await?;
     Ok(next)
 }

@@ -182,7 +182,10 @@ impl Deletion<'_> {
             )
             .for_object(&key.0, &key.1);
         let connections = std::slice::from_ref(connection);
-        if let Err(error) = dpc.delete(project, environment, connections).await {
+        let slot = ctx.dpc_slot().await;
+        let deleted = dpc.delete(project, environment, connections).await;
+        drop(slot);
+        if let Err(error) = deleted {
             let delay = classify(&error).retry_delay(|| ctx.objects.next_backoff(key));
             let detail = error.to_string();
             warn!(detail = %detail, "deleting the override in DPC failed");

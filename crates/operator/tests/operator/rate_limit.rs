@@ -156,3 +156,44 @@ async fn a_429_holds_all_twenty_waiting_objects_for_retry_after() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn no_more_objects_call_dpc_at_once_than_the_concurrency_allows() {
+    // The controller runs twice as many passes as `--concurrency`, so that status writes do
+    // not hold up DPC calls; the DPC calls themselves stay within `--concurrency`.
+    let config = OperatorConfig {
+        concurrency: 4,
+        ..test_config()
+    };
+    let sim_config = SimConfig {
+        latency_ms: 100,
+        ..SimConfig::default()
+    };
+    let h = Harness::start_with(config, sim_config).await.run();
+    for i in 0..24 {
+        h.apply(&Cov::new(&format!("o{i}"), &format!("C{i}"))).await;
+    }
+    for i in 0..24 {
+        h.wait_ready(&format!("o{i}")).await;
+    }
+    let calls = h.sim.calls();
+    let writes = write_calls(&calls);
+    assert_eq!(writes.len(), 24, "exactly one write per object");
+    // The simulator's [arrival, answer] of a call lies within the client's hold of its slot.
+    let most = writes
+        .iter()
+        .map(|w| {
+            writes
+                .iter()
+                .filter(|o| o.at_ms <= w.at_ms && o.done_ms.is_some_and(|d| d > w.at_ms))
+                .count()
+        })
+        .max()
+        .unwrap_or_default();
+    assert!(
+        most <= 4,
+        "{most} writes in flight at once, with --concurrency 4"
+    );
+    assert!(most > 1, "the writes never overlapped: {most}");
+    h.stop().await;
+}
