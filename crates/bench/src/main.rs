@@ -87,6 +87,10 @@ struct Args {
     /// Secrets rotated at once.
     #[arg(long, default_value_t = 100)]
     rotations: usize,
+    /// How many times the rotation is done, one round after the other (the percentiles
+    /// pool every round).
+    #[arg(long, default_value_t = 1)]
+    rotation_rounds: usize,
     /// Secrets of 1 MiB no object reads (Helm releases, say), in the objects' namespace.
     #[arg(long, default_value_t = 0)]
     large_secrets: usize,
@@ -171,6 +175,7 @@ async fn main() -> ExitCode {
         burst: args.burst,
         sync_interval: args.sync_interval,
         rotations: args.rotations,
+        rotation_rounds: args.rotation_rounds,
         large_secrets: args.large_secrets,
         operator,
         operator_args: args.operator_args,
