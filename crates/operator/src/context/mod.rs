@@ -87,7 +87,7 @@ pub struct Context {
 
 /// How many passes the ConnectionOverride controller runs at once for each DPC slot
 /// (`--concurrency`): the passes beyond the slots are writing their status and Events, or
-/// waiting for a slot with their references already resolved.
+/// waiting for a slot.
 pub const PASSES_PER_DPC_SLOT: u16 = 2;
 
 impl Context {
