@@ -315,8 +315,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         .and_then(|(_, from)| world.operator_requests(*from));
 
     // Rotation: every rotated Secret changes at once, in each of the rounds.
-    let mut latencies = Vec::with_capacity(rotated * options.rotation_rounds);
-    for round in 0..options.rotation_rounds.max(1) {
+    let rounds = options.rotation_rounds.max(1);
+    let mut latencies = Vec::with_capacity(rotated * rounds);
+    for round in 0..rounds {
         if round > 0 {
             // The previous round's status writes and Events settle first.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -362,7 +363,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         quiet_writes,
         too_many_requests: too_many,
         rotations: rotated,
-        rotation_rounds: options.rotation_rounds.max(1),
+        rotation_rounds: rounds,
         large_secrets: options.large_secrets,
         rotation_p50_ms: percentile(&latencies, 0.50),
         rotation_p99_ms: percentile(&latencies, 0.99),
