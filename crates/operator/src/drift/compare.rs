@@ -2,7 +2,6 @@
 //! names and digests of their values (never the values: tens of thousands of objects, and
 //! some values come from Secrets).
 
-use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
@@ -101,7 +100,9 @@ impl Expected {
 pub struct Seen {
     auth_type: Option<u64>,
     properties: Box<[(Box<str>, u64)]>,
-    location: BTreeMap<Box<str>, u64>,
+    /// Every `secretsLocation` field DPC holds (sorted): a slice, not a map, since one is
+    /// kept per override of a listed environment.
+    location: Box<[(Box<str>, u64)]>,
     /// Fields of `connectionOverrides` beyond those a spec can describe (sorted).
     undescribed: Box<[Box<str>]>,
     /// What DPC reported, for status.
@@ -124,7 +125,7 @@ impl Seen {
             })
             .unwrap_or_default();
         properties.sort();
-        let location = overrides
+        let mut location: Vec<(Box<str>, u64)> = overrides
             .and_then(|o| o.get("secretsLocation"))
             .and_then(Value::as_object)
             .map(|m| {
@@ -133,6 +134,7 @@ impl Seen {
                     .collect()
             })
             .unwrap_or_default();
+        location.sort();
         // A null says nothing is held there (Kubernetes drops nulls the same way).
         let mut undescribed: Vec<Box<str>> = overrides
             .into_iter()
@@ -144,7 +146,7 @@ impl Seen {
         Self {
             auth_type: remote.auth_type.as_deref().map(digest),
             properties: properties.into(),
-            location,
+            location: location.into(),
             undescribed: undescribed.into(),
             status: remote.status(),
         }
@@ -183,7 +185,7 @@ pub fn compare(expected: &Expected, seen: Option<&Seen>) -> Finding {
         }
     }
     for (key, want) in expected.location.iter() {
-        if seen.location.get(key) != Some(want) {
+        if value(&seen.location, key) != Some(*want) {
             fields.push(format!("connectionOverrides.secretsLocation.{key}"));
         }
     }
