@@ -3,7 +3,7 @@
 //! the objects that use it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::api::{AccountKind, ConnectionOverride, ConnectionOverrideSpec};
 use crate::dpc::AccountKey;
@@ -42,37 +42,95 @@ pub struct RefIndex {
 
 #[derive(Default)]
 struct IndexInner {
-    forward: HashMap<ObjKey, Vec<Reference>>,
-    reverse: HashMap<Reference, HashSet<ObjKey>>,
+    /// What each object refers to, sharing the reverse map's copy of each reference (most
+    /// objects name the same account and credentials Secret).
+    forward: HashMap<ObjKey, Box<[Arc<Reference>]>>,
+    reverse: HashMap<Arc<Reference>, Users>,
+}
+
+/// The objects that refer to one thing. Most Secrets have one reader: a set of one costs a
+/// hash table of four slots (about 0.2 KB) per Secret, so one user is kept inline.
+enum Users {
+    One(ObjKey),
+    Many(HashSet<ObjKey>),
+}
+
+impl Users {
+    fn insert(&mut self, object: &ObjKey) {
+        match self {
+            Users::One(one) if one == object => {}
+            Users::One(one) => {
+                let first = std::mem::take(one);
+                *self = Users::Many(HashSet::from([first, object.clone()]));
+            }
+            Users::Many(set) => {
+                set.insert(object.clone());
+            }
+        }
+    }
+
+    /// Removes `object`; true when no user is left.
+    fn remove(&mut self, object: &ObjKey) -> bool {
+        match self {
+            Users::One(one) => one == object,
+            Users::Many(set) => {
+                set.remove(object);
+                set.is_empty()
+            }
+        }
+    }
+
+    fn to_vec(&self) -> Vec<ObjKey> {
+        match self {
+            Users::One(one) => vec![one.clone()],
+            Users::Many(set) => set.iter().cloned().collect(),
+        }
+    }
 }
 
 impl RefIndex {
     /// Records what `object` refers to now; returns what nothing refers to any longer.
     pub fn set(&self, object: &ObjKey, refs: Vec<Reference>) -> Vec<Reference> {
         let mut inner = self.inner.lock().expect("index lock");
-        if inner.forward.get(object) == Some(&refs) {
+        let same = |old: &[Arc<Reference>]| old.iter().map(|r| &**r).eq(refs.iter());
+        if inner.forward.get(object).is_some_and(|old| same(old)) {
             return Vec::new();
         }
         let mut released = Vec::new();
         if let Some(old) = inner.forward.remove(object) {
             for r in old {
-                if let Some(users) = inner.reverse.get_mut(&r) {
-                    users.remove(object);
-                    if users.is_empty() && !refs.contains(&r) {
-                        inner.reverse.remove(&r);
-                        released.push(r);
+                if let Some(users) = inner.reverse.get_mut(&r)
+                    && users.remove(object)
+                {
+                    inner.reverse.remove(&r);
+                    if !refs.contains(&*r) {
+                        released.push((*r).clone());
                     }
                 }
             }
         }
-        for r in &refs {
-            inner
-                .reverse
-                .entry(r.clone())
-                .or_default()
-                .insert(object.clone());
+        let mut shared = Vec::with_capacity(refs.len());
+        for r in refs {
+            let known = inner.reverse.get_key_value(&r).map(|(key, _)| key.clone());
+            match known {
+                Some(key) => {
+                    if let Some(users) = inner.reverse.get_mut(&key) {
+                        users.insert(object);
+                    }
+                    shared.push(key);
+                }
+                None => {
+                    let key = Arc::new(r);
+                    inner
+                        .reverse
+                        .insert(key.clone(), Users::One(object.clone()));
+                    shared.push(key);
+                }
+            }
         }
-        inner.forward.insert(object.clone(), refs);
+        inner
+            .forward
+            .insert(object.clone(), shared.into_boxed_slice());
         released
     }
 
@@ -90,10 +148,8 @@ impl RefIndex {
     /// Whether any object refers to `reference`.
     pub fn has_users(&self, reference: &Reference) -> bool {
         let inner = self.inner.lock().expect("index lock");
-        inner
-            .reverse
-            .get(reference)
-            .is_some_and(|users| !users.is_empty())
+        // An entry is removed with its last user.
+        inner.reverse.contains_key(reference)
     }
 
     /// The objects that refer to `reference`.
@@ -102,7 +158,7 @@ impl RefIndex {
         inner
             .reverse
             .get(reference)
-            .map(|users| users.iter().cloned().collect())
+            .map(Users::to_vec)
             .unwrap_or_default()
     }
 }
@@ -148,5 +204,56 @@ pub fn account_of(cov: &ConnectionOverride) -> AccountKey {
             namespace: None,
             name,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(name: &str) -> Reference {
+        Reference::Secret {
+            namespace: "ns".into(),
+            name: name.into(),
+        }
+    }
+
+    fn key(name: &str) -> ObjKey {
+        ("ns".into(), name.into())
+    }
+
+    #[test]
+    fn a_reference_is_released_with_its_last_user() {
+        let index = RefIndex::default();
+        assert!(
+            index
+                .set(&key("a"), vec![secret("s"), secret("only-a")])
+                .is_empty()
+        );
+        assert!(index.set(&key("b"), vec![secret("s")]).is_empty());
+        let mut users = index.users(&secret("s"));
+        users.sort();
+        assert_eq!(users, vec![key("a"), key("b")]);
+        // a stops reading only-a; s is still b's.
+        assert_eq!(
+            index.set(&key("a"), vec![secret("s")]),
+            vec![secret("only-a")]
+        );
+        assert!(!index.has_users(&secret("only-a")));
+        assert!(index.remove(&key("b")).is_empty());
+        assert_eq!(index.users(&secret("s")), vec![key("a")]);
+        assert_eq!(index.remove(&key("a")), vec![secret("s")]);
+        assert!(!index.has_users(&secret("s")));
+        assert!(index.users(&secret("s")).is_empty());
+    }
+
+    #[test]
+    fn setting_the_same_references_again_changes_nothing() {
+        let index = RefIndex::default();
+        index.set(&key("a"), vec![secret("s")]);
+        assert!(index.set(&key("a"), vec![secret("s")]).is_empty());
+        index.set(&key("b"), vec![secret("s")]);
+        index.set(&key("b"), vec![secret("s")]);
+        assert_eq!(index.users(&secret("s")).len(), 2);
     }
 }
