@@ -20,6 +20,7 @@ pub mod metrics;
 pub(crate) mod reconcile;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod stored;
 pub mod telemetry;
 pub mod watch;
 

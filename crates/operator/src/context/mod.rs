@@ -27,6 +27,7 @@ use crate::drift::{DriftChecker, Journal};
 use crate::index::{RefIndex, account_of};
 use crate::key::{ObjKey, key_of};
 use crate::metrics::Metrics;
+use crate::stored::Stored;
 use crate::watch::Watches;
 
 mod events;
@@ -41,7 +42,7 @@ pub use objects::{Gate, ObjectStates};
 const ACCOUNT_TTL: Duration = Duration::from_secs(30 * 60);
 
 /// A ConnectionOverride as the controllers queue it.
-pub type GuardRef = ObjectRef<DeserializeGuard<ConnectionOverride>>;
+pub type GuardRef = ObjectRef<Stored>;
 
 /// Everything a reconcile needs, built once by [`Context::new`] for the binary and the tests.
 pub struct Context {
@@ -76,7 +77,7 @@ pub struct Context {
     /// The account controllers' queues, for an account whose last user may have gone.
     account_triggers: Mutex<Vec<UnboundedSender<AccountKey>>>,
     /// The ConnectionOverride caches, one per watched scope.
-    override_stores: Mutex<Vec<reflector::Store<DeserializeGuard<ConnectionOverride>>>>,
+    override_stores: Mutex<Vec<reflector::Store<Stored>>>,
     pending_scopes: AtomicUsize,
     running: AtomicBool,
     synced: AtomicBool,
@@ -223,7 +224,7 @@ impl Context {
         &self,
         scope: Option<String>,
         trigger: UnboundedSender<GuardRef>,
-        store: reflector::Store<DeserializeGuard<ConnectionOverride>>,
+        store: reflector::Store<Stored>,
     ) {
         self.triggers
             .lock()
@@ -303,9 +304,9 @@ impl Context {
         let mut users: Vec<ObjKey> = stores
             .iter()
             .flat_map(|store| store.state())
-            .filter_map(|guard| {
-                let cov = guard.0.as_ref().ok()?;
-                (account_of(cov) == *account && needs(cov)).then(|| key_of(&cov.metadata))
+            .filter_map(|stored| {
+                let cov = stored.unpack().0.ok()?;
+                (account_of(&cov) == *account && needs(&cov)).then(|| key_of(&cov.metadata))
             })
             .collect();
         users.sort();

@@ -29,6 +29,7 @@ use crate::index::Reference;
 use crate::key::ObjKey;
 use crate::reconcile;
 use crate::reconcile::account::AccountObject;
+use crate::stored::{self, Stored};
 use crate::watch::{self, Selectors};
 
 mod shared;
@@ -72,7 +73,7 @@ fn hash_of<T: Hash>(value: &T) -> u64 {
 /// What makes a ConnectionOverride worth reconciling again: its generation (spec), deletion,
 /// and the operator's annotations a user sets. Writes of our own (status, the finalizer, the
 /// create-pending annotation) change none of these.
-fn trigger_hash(obj: &DeserializeGuard<ConnectionOverride>) -> Option<u64> {
+fn trigger_hash(obj: &DeserializeGuard<ConnectionOverride>) -> u64 {
     let meta = obj.meta();
     let annotations: Vec<(&String, &String)> = meta
         .annotations
@@ -81,13 +82,13 @@ fn trigger_hash(obj: &DeserializeGuard<ConnectionOverride>) -> Option<u64> {
         .filter(|(k, _)| k.starts_with("dpc-operator.io/") && *k != CREATE_PENDING_ANNOTATION)
         .collect();
     let parse_ok = obj.0.is_ok();
-    Some(hash_of(&(
+    hash_of(&(
         meta.generation,
         meta.deletion_timestamp.is_some(),
         annotations,
         parse_ok,
         meta.uid.as_deref(),
-    )))
+    ))
 }
 
 /// Drops what the operator never reads from a watched object before it is stored:
@@ -276,14 +277,12 @@ fn triggers(ctx: &Context, ns: Option<&str>) -> Triggers {
 }
 
 /// The watch of the ConnectionOverrides of one scope, slimmed, feeding the claims index and
-/// the store, and passing on only changes worth a reconcile.
+/// the store (packed, see `stored`), and passing on only changes worth a reconcile.
 fn override_stream(
     ctx: &Arc<Context>,
     scope: Option<String>,
-    writer: reflector::store::Writer<DeserializeGuard<ConnectionOverride>>,
-) -> impl futures::Stream<Item = Result<DeserializeGuard<ConnectionOverride>, watcher::Error>>
-+ Send
-+ use<> {
+    writer: reflector::store::Writer<Stored>,
+) -> impl futures::Stream<Item = Result<Stored, watcher::Error>> + Send + use<> {
     let api: Api<DeserializeGuard<ConnectionOverride>> = scoped(&ctx.client, scope.as_deref());
     let selectors = Selectors {
         labels: ctx.config.label_selector.clone(),
@@ -298,11 +297,11 @@ fn override_stream(
         .modify(slim)
         .map_ok(move |event| {
             hook.observe_event(scope.as_deref(), &event, &relist, &first_sync);
-            event
+            stored::pack_event(event, trigger_hash)
         })
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(trigger_hash, Default::default())
+        .predicate_filter(|obj: &Stored| Some(obj.trigger()), Default::default())
 }
 
 /// `secrets (all namespaces)`, `dpcaccounts in team-a for …`: a watch's name in logs,
@@ -369,11 +368,11 @@ impl kube::runtime::utils::Backoff for EachWatchItsOwn {
 
 /// One reconcile, counted in the metrics.
 async fn reconcile_counted(
-    obj: Arc<DeserializeGuard<ConnectionOverride>>,
+    obj: Arc<Stored>,
     ctx: Arc<Context>,
 ) -> Result<Action, reconcile::Error> {
     let started = std::time::Instant::now();
-    let result = reconcile::reconcile_guarded(obj, ctx.clone()).await;
+    let result = reconcile::reconcile_guarded(Arc::new(obj.unpack()), ctx.clone()).await;
     ctx.metrics
         .reconciled("connectionoverride", started.elapsed());
     if let Err(e) = &result {
@@ -390,7 +389,7 @@ const SWEEP_PARTS: u64 = 64;
 /// sixty-fourth of them (by a hash of the key) at a time: one timer for all objects rather than a
 /// scheduled requeue per object, and the work spread evenly over the interval.
 async fn sweep(
-    reader: reflector::Store<DeserializeGuard<ConnectionOverride>>,
+    reader: reflector::Store<Stored>,
     tx: UnboundedSender<GuardRef>,
     interval: Duration,
 ) {

@@ -29,6 +29,7 @@ use crate::api::conditions::Reason;
 use crate::api::{ConnectionOverride, ConnectionOverrideSpec};
 use crate::context::Context;
 use crate::key::key_of;
+use crate::stored::Stored;
 
 /// A failure that the error policy retries with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +57,7 @@ impl Error {
 type Guarded = DeserializeGuard<ConnectionOverride>;
 
 /// The error policy: retry with the object's backoff.
-pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(obj: Arc<Stored>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = key_of(obj.meta());
     let delay = ctx.objects.next_backoff(&key);
     warn!(namespace = %key.0, object = %key.1, error = %error, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
