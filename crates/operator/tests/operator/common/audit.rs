@@ -20,6 +20,8 @@ pub struct Request {
     /// RBAC's verdict, from the event's `authorization.k8s.io/decision` annotation (a 403 may
     /// also be a create in a terminating namespace, which is no RBAC refusal).
     pub decision: Option<String>,
+    /// The answer's HTTP status (`responseStatus.code`).
+    pub code: Option<u16>,
 }
 
 /// The requests `username` made, as the audit log recorded them.
@@ -46,6 +48,9 @@ pub fn requests_of(log: &std::path::Path, username: &str) -> Vec<Request> {
                 decision: event["annotations"]["authorization.k8s.io/decision"]
                     .as_str()
                     .map(str::to_string),
+                code: event["responseStatus"]["code"]
+                    .as_u64()
+                    .and_then(|c| u16::try_from(c).ok()),
             })
         })
         .collect()
