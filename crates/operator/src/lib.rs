@@ -14,6 +14,7 @@ pub mod dpc;
 pub(crate) mod drift;
 pub mod import;
 pub(crate) mod index;
+pub(crate) mod intern;
 pub(crate) mod key;
 pub mod leader;
 pub mod metrics;

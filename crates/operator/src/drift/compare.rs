@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::api::RemoteStatus;
 use crate::dpc::{OverrideRequest, RemoteOverride};
+use crate::intern::{Shared, shared};
 
 /// What a comparison found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,9 +58,9 @@ const DESCRIBED: [&str; 2] = ["connectionProperties", "secretsLocation"];
 pub struct Expected {
     auth_type: Option<u64>,
     /// Every property, by name (sorted).
-    properties: Box<[(Box<str>, u64)]>,
+    properties: Box<[(Shared, u64)]>,
     /// The `secretsLocation` fields the spec sets.
-    location: Box<[(Box<str>, u64)]>,
+    location: Box<[(Shared, u64)]>,
 }
 
 impl Expected {
@@ -77,9 +78,9 @@ impl Expected {
             .collect();
         let location = match &request.connection_overrides.secrets_location {
             Some(Value::Object(map)) => {
-                let mut fields: Vec<(Box<str>, u64)> = map
+                let mut fields: Vec<(Shared, u64)> = map
                     .iter()
-                    .map(|(k, v)| (k.as_str().into(), json_digest(v)))
+                    .map(|(k, v)| (shared(k), json_digest(v)))
                     .collect();
                 fields.sort();
                 fields.into_boxed_slice()
@@ -99,48 +100,81 @@ impl Expected {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Seen {
     auth_type: Option<u64>,
-    properties: Box<[(Box<str>, u64)]>,
+    properties: Box<[(Shared, u64)]>,
     /// Every `secretsLocation` field DPC holds (sorted): a slice, not a map, since one is
     /// kept per override of a listed environment.
-    location: Box<[(Box<str>, u64)]>,
+    location: Box<[(Shared, u64)]>,
     /// Fields of `connectionOverrides` beyond those a spec can describe (sorted).
-    undescribed: Box<[Box<str>]>,
+    undescribed: Box<[Shared]>,
     /// What DPC reported, for status.
-    pub status: RemoteStatus,
+    status: HeldStatus,
+}
+
+/// What DPC reported of an override, for its object's status: the type, provider and
+/// author shared (few distinct values across thousands of overrides), the date its own.
+#[derive(Clone, Debug, PartialEq)]
+struct HeldStatus {
+    platform_connection_type: Option<Shared>,
+    auth_provider: Option<Shared>,
+    auth_type: Option<Shared>,
+    created_by: Option<Shared>,
+    created_date: Option<Box<str>>,
+}
+
+impl HeldStatus {
+    fn of(remote: &RemoteOverride) -> Self {
+        let short = |field: &Option<String>| field.as_deref().map(shared);
+        Self {
+            platform_connection_type: short(&remote.platform_connection_type),
+            auth_provider: short(&remote.auth_provider),
+            auth_type: short(&remote.auth_type),
+            created_by: short(&remote.created_by),
+            created_date: remote.created_date.as_deref().map(Box::from),
+        }
+    }
 }
 
 impl Seen {
+    /// What DPC reported of the override, as status shows it.
+    pub fn status(&self) -> RemoteStatus {
+        let text = |field: &Option<Shared>| field.as_deref().map(String::from);
+        let held = &self.status;
+        RemoteStatus {
+            platform_connection_type: text(&held.platform_connection_type),
+            auth_provider: text(&held.auth_provider),
+            auth_type: text(&held.auth_type),
+            created_by: text(&held.created_by),
+            created_date: held.created_date.as_deref().map(String::from),
+        }
+    }
+
     pub fn of(remote: &RemoteOverride) -> Self {
         let overrides = remote
             .connection_overrides
             .as_ref()
             .and_then(Value::as_object);
-        let mut properties: Vec<(Box<str>, u64)> = overrides
+        let mut properties: Vec<(Shared, u64)> = overrides
             .and_then(|o| o.get("connectionProperties"))
             .and_then(Value::as_object)
             .map(|m| {
                 m.iter()
-                    .map(|(k, v)| (k.as_str().into(), digest(&v.to_string())))
+                    .map(|(k, v)| (shared(k), digest(&v.to_string())))
                     .collect()
             })
             .unwrap_or_default();
         properties.sort();
-        let mut location: Vec<(Box<str>, u64)> = overrides
+        let mut location: Vec<(Shared, u64)> = overrides
             .and_then(|o| o.get("secretsLocation"))
             .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.as_str().into(), json_digest(v)))
-                    .collect()
-            })
+            .map(|m| m.iter().map(|(k, v)| (shared(k), json_digest(v))).collect())
             .unwrap_or_default();
         location.sort();
         // A null says nothing is held there (Kubernetes drops nulls the same way).
-        let mut undescribed: Vec<Box<str>> = overrides
+        let mut undescribed: Vec<Shared> = overrides
             .into_iter()
             .flatten()
             .filter(|(k, v)| !DESCRIBED.contains(&k.as_str()) && !v.is_null())
-            .map(|(k, _)| k.as_str().into())
+            .map(|(k, _)| shared(k))
             .collect();
         undescribed.sort();
         Self {
@@ -148,7 +182,7 @@ impl Seen {
             properties: properties.into(),
             location: location.into(),
             undescribed: undescribed.into(),
-            status: remote.status(),
+            status: HeldStatus::of(remote),
         }
     }
 }
@@ -176,7 +210,7 @@ pub fn compare(expected: &Expected, seen: Option<&Seen>) -> Finding {
         .collect();
     names.sort_unstable();
     names.dedup();
-    let value = |list: &[(Box<str>, u64)], name: &str| {
+    let value = |list: &[(Shared, u64)], name: &str| {
         list.iter().find(|(k, _)| &**k == name).map(|(_, v)| *v)
     };
     for name in names {

@@ -327,7 +327,7 @@ fn observed(
         Finding::InSync => Outcome::Ready {
             desired_hash: None,
             applied: None,
-            remote: remote.map(|seen| seen.status),
+            remote: remote.map(|seen| seen.status()),
             corrected: None,
             observed: true,
             managed: None,
@@ -359,7 +359,7 @@ async fn write_override(
         Some((Finding::InSync, seen)) if plan == Plan::Create => {
             marks.ensure_finalizer().await?;
             let managed = managed_override(pass, &target);
-            let taken = Some((Applied::Taken, seen.map(|s| s.status)));
+            let taken = Some((Applied::Taken, seen.map(|s| s.status())));
             return Ok(written(pass, target, desired, taken, None, managed));
         }
         Some((Finding::Differs(_), _)) if plan == Plan::Create => plan = Plan::Adopt,
