@@ -313,7 +313,7 @@ mod tests {
     }
 
     fn key(ns: &str, name: &str) -> ObjKey {
-        (ns.into(), name.into())
+        crate::key::obj_key(ns, name)
     }
 
     fn remote(api: &str, connection: &str) -> RemoteKey {

@@ -219,7 +219,7 @@ mod tests {
     }
 
     fn key(name: &str) -> ObjKey {
-        ("ns".into(), name.into())
+        crate::key::obj_key("ns", name)
     }
 
     #[test]

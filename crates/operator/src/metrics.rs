@@ -71,7 +71,8 @@ impl Collector for ConditionSeries {
             None,
             MetricType::Gauge,
         )?;
-        for ((namespace, name), conditions) in state.iter() {
+        for (key, conditions) in state.iter() {
+            let (namespace, name) = &**key;
             for &(type_, status) in conditions.iter() {
                 let labels = [
                     ("namespace", namespace.as_str()),
@@ -268,6 +269,11 @@ impl Metrics {
 
     /// The conditions an object now has.
     pub fn set_conditions(&self, namespace: &str, name: &str, conditions: &[Condition]) {
+        self.set_object_conditions(&crate::key::obj_key(namespace, name), conditions);
+    }
+
+    /// The conditions the object `key` now has (the series keep the key, shared).
+    pub fn set_object_conditions(&self, key: &ObjKey, conditions: &[Condition]) {
         if !self.per_object {
             return;
         }
@@ -276,9 +282,8 @@ impl Metrics {
             .filter_map(|c| static_type(&c.type_).map(|t| (t, static_status(&c.status))))
             .collect();
         let mut state = self.conditions.state.lock().expect("metrics lock");
-        let key = (namespace.to_string(), name.to_string());
-        if state.get(&key) != Some(&now) {
-            state.insert(key, now);
+        if state.get(key) != Some(&now) {
+            state.insert(key.clone(), now);
         }
     }
 

@@ -276,8 +276,8 @@ impl Context {
         self.values.release(&self.index.set(key, refs));
     }
 
-    /// Asks for a reconcile of an object now.
-    pub fn trigger(&self, key: &ObjKey) {
+    /// Asks for a reconcile of the object `(namespace, name)` now.
+    pub fn trigger(&self, key: &(String, String)) {
         let triggers = self.triggers.lock().expect("triggers lock");
         for (scope, sender) in triggers.iter() {
             if scope.as_deref().is_none_or(|ns| ns == key.0) {
@@ -321,13 +321,7 @@ impl Context {
         relist: &Mutex<Option<HashSet<ObjKey>>>,
         first_sync: &AtomicBool,
     ) {
-        let key_of = |obj: &DeserializeGuard<ConnectionOverride>| {
-            let meta = obj.meta();
-            (
-                meta.namespace.clone().unwrap_or_default(),
-                meta.name.clone().unwrap_or_default(),
-            )
-        };
+        let key_of = |obj: &DeserializeGuard<ConnectionOverride>| crate::key::key_of(obj.meta());
         let mut triggers = Vec::new();
         match event {
             watcher::Event::Init => *relist.lock().expect("relist lock") = Some(HashSet::new()),

@@ -200,7 +200,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> ObjKey {
-        ("ns".into(), name.into())
+        crate::key::obj_key("ns", name)
     }
 
     fn request(hash: &str) -> Gate {

@@ -105,7 +105,7 @@ fn slim(obj: &mut DeserializeGuard<ConnectionOverride>) {
 fn to_refs(users: Vec<ObjKey>) -> Vec<GuardRef> {
     users
         .into_iter()
-        .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
+        .map(|key| ObjectRef::new(&key.1).within(&key.0))
         .collect()
 }
 

@@ -141,9 +141,13 @@ fn secret_seen(ctx: &Context, secret: &Secret, deleted: bool, changed: bool) {
     for key in ctx.index.users(&reference) {
         ctx.trigger(&key);
     }
-    for (ns, name) in ctx.account_index.users(&reference) {
-        let namespace = (!ns.is_empty()).then_some(ns);
-        ctx.trigger_account(&AccountKey { namespace, name });
+    for key in ctx.account_index.users(&reference) {
+        let (ns, name) = &*key;
+        let namespace = (!ns.is_empty()).then(|| ns.clone());
+        ctx.trigger_account(&AccountKey {
+            namespace,
+            name: name.clone(),
+        });
     }
 }
 

@@ -116,7 +116,7 @@ mod tests {
     use super::*;
 
     fn who(n: u32) -> Requester {
-        Some(("ns".into(), format!("o{n}")))
+        Some(crate::key::obj_key("ns", format!("o{n}")))
     }
 
     fn send_time(a: Admission) -> Instant {

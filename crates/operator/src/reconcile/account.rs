@@ -109,12 +109,12 @@ impl AccountObject for ClusterDpcAccount {
 }
 
 fn index_key(key: &AccountKey) -> ObjKey {
-    (key.namespace.clone().unwrap_or_default(), key.name.clone())
+    crate::key::obj_key(key.namespace.clone().unwrap_or_default(), key.name.clone())
 }
 
 /// Backoff keys of accounts are kept apart from those of ConnectionOverrides.
 fn backoff_key(kind: &str, key: &AccountKey) -> ObjKey {
-    (
+    crate::key::obj_key(
         format!("{kind}:{}", key.namespace.as_deref().unwrap_or("")),
         key.name.clone(),
     )
@@ -276,7 +276,7 @@ async fn release_when_unused<K: AccountObject>(
     let named: Vec<String> = users
         .iter()
         .take(5)
-        .map(|(ns, name)| format!("{ns}/{name}"))
+        .map(|key| format!("{}/{}", key.0, key.1))
         .collect();
     let more = if users.len() > named.len() {
         ", …"

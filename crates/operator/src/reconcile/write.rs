@@ -38,7 +38,7 @@ pub async fn report(
         ctx.metrics.failed("connectionoverride", reason.as_str());
     }
     let key = key_of(&obj.metadata);
-    ctx.metrics.set_conditions(&key.0, &key.1, &new.conditions);
+    ctx.metrics.set_object_conditions(&key, &new.conditions);
     if new != *old {
         patch_status(ctx, &obj.metadata, &serde_json::to_value(&new)?).await?;
     }
@@ -99,7 +99,7 @@ async fn patch_status(
     meta: &ObjectMeta,
     status: &serde_json::Value,
 ) -> Result<(), kube::Error> {
-    let (namespace, name) = key_of(meta);
+    let (namespace, name) = &*key_of(meta);
     let patch = json!({
         "apiVersion": ConnectionOverride::api_version(&()),
         "kind": ConnectionOverride::kind(&()),
@@ -107,8 +107,8 @@ async fn patch_status(
     });
     send_patch(
         ctx,
-        &namespace,
-        &name,
+        namespace,
+        name,
         Some("status"),
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
@@ -211,9 +211,9 @@ pub async fn set_pending(
     api_url: Option<&str>,
 ) -> Result<(), Error> {
     let patch = json!({"metadata": {"annotations": {CREATE_PENDING_ANNOTATION: api_url}}});
-    let (namespace, name) = key_of(meta);
+    let (namespace, name) = &*key_of(meta);
     let params = PatchParams::default();
-    send_patch(ctx, &namespace, &name, None, &params, &Patch::Merge(&patch)).await?;
+    send_patch(ctx, namespace, name, None, &params, &Patch::Merge(&patch)).await?;
     record_pending(ctx, meta, api_url.is_some());
     Ok(())
 }
@@ -260,11 +260,11 @@ async fn patch_finalizers(
     operations: serde_json::Value,
 ) -> Result<(), Error> {
     let operations: Patch<()> = Patch::Json(serde_json::from_value(operations)?);
-    let (namespace, name) = key_of(meta);
+    let (namespace, name) = &*key_of(meta);
     send_patch(
         ctx,
-        &namespace,
-        &name,
+        namespace,
+        name,
         None,
         &PatchParams::default(),
         &operations,

@@ -335,7 +335,7 @@ impl AccountHandle {
     /// The same handle, calling on behalf of the object `(namespace, name)`.
     pub fn for_object(&self, namespace: &str, name: &str) -> AccountHandle {
         AccountHandle {
-            requester: Some((namespace.to_string(), name.to_string())),
+            requester: Some(crate::key::obj_key(namespace, name)),
             ..self.clone()
         }
     }
