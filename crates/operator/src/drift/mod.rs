@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::dpc::{AccountHandle, AccountKey, DpcError, Operation, OverrideRequest};
+use crate::dpc::{AccountHandle, AccountKey, DpcError, Operation, OverrideRequest, RemoteOverride};
 use crate::key::ObjKey;
 
 pub use compare::{Expected, Finding, Seen, compare};
@@ -57,8 +57,36 @@ impl Member {
 /// journal its call began at.
 #[derive(Clone)]
 struct Listing {
-    overrides: Arc<HashMap<String, Seen>>,
+    /// Sorted by connection name, each name once: a slice of exactly the answer's size
+    /// (every environment's answer is kept while first writes may read it, and a hash
+    /// table's spare room was a third of that).
+    overrides: Arc<[(Box<str>, Seen)]>,
     seq: u64,
+}
+
+impl Listing {
+    fn of(answer: &[RemoteOverride], seq: u64) -> Self {
+        // Were a name listed twice, the later entry stands.
+        let mut overrides: Vec<(Box<str>, Seen)> = answer
+            .iter()
+            .rev()
+            .filter_map(|remote| Some((remote.name.as_deref()?.into(), Seen::of(remote))))
+            .collect();
+        overrides.sort_by(|a, b| a.0.cmp(&b.0));
+        overrides.dedup_by(|a, b| a.0 == b.0);
+        Self {
+            overrides: overrides.into(),
+            seq,
+        }
+    }
+
+    fn get(&self, connection: &str) -> Option<&Seen> {
+        let at = self
+            .overrides
+            .binary_search_by(|(name, _)| (**name).cmp(connection))
+            .ok()?;
+        Some(&self.overrides[at].1)
+    }
 }
 
 /// A cached list answer and when its call began.
@@ -278,7 +306,7 @@ impl DriftChecker {
         connection: &str,
     ) -> Option<Option<Seen>> {
         match self.journal.view(place, listing.seq, connection) {
-            View::Listed => Some(listing.overrides.get(connection).cloned()),
+            View::Listed => Some(listing.get(connection).cloned()),
             View::Holds(seen) => Some(Some(seen)),
             View::Gone => Some(None),
             View::Unknown => None,
@@ -303,15 +331,7 @@ impl DriftChecker {
         let answer = handle
             .list(&group_key.project, &group_key.environment)
             .await?;
-        let listing = Listing {
-            overrides: Arc::new(
-                answer
-                    .iter()
-                    .filter_map(|remote| Some((remote.name.clone()?, Seen::of(remote))))
-                    .collect(),
-            ),
-            seq,
-        };
+        let listing = Listing::of(&answer, seq);
         *cached = Some((began, listing.clone()));
         Ok(listing)
     }
@@ -420,5 +440,42 @@ fn remove_member(groups: &mut HashMap<Arc<GroupKey>, Group>, group_key: &GroupKe
         if group.members.is_empty() {
             groups.remove(group_key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(name: Option<&str>, auth: &str) -> RemoteOverride {
+        RemoteOverride {
+            name: name.map(String::from),
+            auth_type: Some(auth.into()),
+            ..RemoteOverride::default()
+        }
+    }
+
+    #[test]
+    fn a_listing_finds_each_connection_and_a_name_listed_twice_keeps_the_later() {
+        let answer = [
+            remote(Some("b"), "FIRST"),
+            remote(Some("a"), "A"),
+            remote(None, "NAMELESS"),
+            remote(Some("c"), "C"),
+            remote(Some("b"), "SECOND"),
+        ];
+        let listing = Listing::of(&answer, 7);
+        assert_eq!(listing.seq, 7);
+        assert_eq!(
+            listing.overrides.len(),
+            3,
+            "each name once, the nameless left out"
+        );
+        for (name, auth) in [("a", "A"), ("b", "SECOND"), ("c", "C")] {
+            let seen = listing.get(name).expect(name);
+            assert_eq!(seen.status().auth_type.as_deref(), Some(auth), "{name}");
+        }
+        assert!(listing.get("d").is_none());
+        assert!(listing.get("").is_none());
     }
 }
