@@ -8,7 +8,7 @@
 //! list answer older than the write may still be read (see [`Journal::prune`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,9 +31,12 @@ pub enum View {
     Unknown,
 }
 
+/// Held behind an `Arc`: every write of the last two minutes has an entry (10,000 at once
+/// when objects are created in bulk), and an entry the size of a `Seen` made the table half
+/// spare room.
 #[derive(Clone)]
 enum Last {
-    Holds(Seen),
+    Holds(Arc<Seen>),
     Gone,
     Unknown,
 }
@@ -76,7 +79,7 @@ impl Journal {
         }
         match &entry.last {
             Some((seq, last, _)) if *seq > listed_at => match last {
-                Last::Holds(seen) => View::Holds(seen.clone()),
+                Last::Holds(seen) => View::Holds(Seen::clone(seen)),
                 Last::Gone => View::Gone,
                 Last::Unknown => View::Unknown,
             },
@@ -123,7 +126,7 @@ impl WriteObserver for Journal {
 
     fn end(&self, place: &Place, connections: &[&str], effect: WriteEffect<'_>) {
         let last = match effect {
-            WriteEffect::Holds(remote) => Some(Last::Holds(Seen::of(remote))),
+            WriteEffect::Holds(remote) => Some(Last::Holds(Arc::new(Seen::of(remote)))),
             WriteEffect::Gone => Some(Last::Gone),
             WriteEffect::Unknown => Some(Last::Unknown),
             // Refused: DPC holds what it held before the write.
