@@ -107,20 +107,52 @@ pub(super) async fn run_secrets(
 }
 
 /// Passes on a Secret only for a new resourceVersion: a relist after a 410 (an API server
-/// restart) triggers the users of what changed, not of every Secret.
+/// restart) triggers the users of what changed, not of every Secret. One entry per Secret of
+/// the watched namespaces, referenced or not: `namespace/name` in one string (neither can
+/// hold a `/`) and the version as a number where it is one (etcd's are).
 #[derive(Default)]
 struct ChangeFilter {
-    versions: HashMap<(String, String), String>,
+    versions: HashMap<Box<str>, Version>,
+}
+
+#[derive(PartialEq, Eq)]
+enum Version {
+    Number(u64),
+    Text(Box<str>),
+}
+
+impl Version {
+    fn of(text: &str) -> Self {
+        match text.parse() {
+            // "01" and "1" are different versions: only the canonical form is a number.
+            Ok(n) if text == format!("{n}") => Version::Number(n),
+            _ => Version::Text(text.into()),
+        }
+    }
 }
 
 impl ChangeFilter {
     fn changed(&mut self, secret: &Secret, deleted: bool) -> bool {
-        let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+        let key = format!(
+            "{}/{}",
+            secret.namespace().unwrap_or_default(),
+            secret.name_any()
+        );
         if deleted {
-            return self.versions.remove(&key).is_some();
+            return self.versions.remove(key.as_str()).is_some();
         }
-        let version = secret.resource_version().unwrap_or_default();
-        self.versions.insert(key, version.clone()).as_ref() != Some(&version)
+        let version = Version::of(&secret.resource_version().unwrap_or_default());
+        match self.versions.get_mut(key.as_str()) {
+            Some(kept) if *kept == version => false,
+            Some(kept) => {
+                *kept = version;
+                true
+            }
+            None => {
+                self.versions.insert(key.into(), version);
+                true
+            }
+        }
     }
 }
 
@@ -217,5 +249,48 @@ pub(super) fn account_changes<K: AccountObject>(
             Event::Init | Event::InitDone => {}
         }
         event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(namespace: &str, name: &str, version: &str) -> Secret {
+        let mut secret = Secret::default();
+        secret.metadata.namespace = Some(namespace.into());
+        secret.metadata.name = Some(name.into());
+        secret.metadata.resource_version = Some(version.into());
+        secret
+    }
+
+    #[test]
+    fn only_a_new_version_or_a_deletion_is_a_change() {
+        let mut filter = ChangeFilter::default();
+        assert!(filter.changed(&secret("a", "s", "10"), false), "first seen");
+        assert!(
+            !filter.changed(&secret("a", "s", "10"), false),
+            "relisted unchanged"
+        );
+        assert!(
+            filter.changed(&secret("b", "s", "10"), false),
+            "another namespace"
+        );
+        assert!(filter.changed(&secret("a", "s", "11"), false));
+        assert!(
+            filter.changed(&secret("a", "s", "011"), false),
+            "not the same text"
+        );
+        assert!(filter.changed(&secret("a", "s", "v-x"), false));
+        assert!(!filter.changed(&secret("a", "s", "v-x"), false));
+        assert!(filter.changed(&secret("a", "s", "v-x"), true), "deleted");
+        assert!(
+            !filter.changed(&secret("a", "s", "v-x"), true),
+            "already gone"
+        );
+        assert!(
+            filter.changed(&secret("a", "s", "v-x"), false),
+            "back again"
+        );
     }
 }
