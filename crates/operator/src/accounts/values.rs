@@ -99,6 +99,9 @@ struct Inner {
     entries: HashMap<Reference, Entry>,
     /// A read that a change of its object began after is not kept.
     changes: Changes,
+    /// When a pass last read a Secret nothing referred to yet: objects are still coming to
+    /// their first pass (a bulk creation whose first passes take longer than [`GRACE`]).
+    last_first_read: Option<Instant>,
 }
 
 fn lookup_of(bytes: &[u8]) -> Lookup {
@@ -107,14 +110,27 @@ fn lookup_of(bytes: &[u8]) -> Lookup {
 
 impl Values {
     /// The lookup of `key` in `reference` as last seen, if it is known.
+    /// A first read of a Secret nothing referred to when seen makes it an ordinary entry
+    /// (kept while referenced) and says that objects are still coming to their first pass.
     pub(crate) fn get(&self, reference: &Reference, key: &str) -> Option<Lookup> {
-        let inner = self.entries.lock().expect("values lock");
-        match inner.entries.get(reference)? {
+        let mut inner = self.entries.lock().expect("values lock");
+        let inner = &mut *inner;
+        match inner.entries.get_mut(reference)? {
             Entry::Absent => Some(Lookup::Absent),
-            Entry::Held { keys, whole, .. } => match keys.get(key) {
-                Some(lookup) => Some(lookup.clone()),
-                None => whole.then_some(Lookup::NoKey),
-            },
+            Entry::Held {
+                keys,
+                whole,
+                unreferenced_since,
+            } => {
+                let found = match keys.get(key) {
+                    Some(lookup) => Some(lookup.clone()),
+                    None => whole.then_some(Lookup::NoKey),
+                };
+                if found.is_some() && unreferenced_since.take().is_some() {
+                    inner.last_first_read = Some(Instant::now());
+                }
+                found
+            }
         }
     }
 
@@ -234,14 +250,24 @@ impl Values {
     }
 
     /// Forgets what was kept for an object that never came ([`GRACE`]), and what nothing
-    /// refers to (`referenced` says), older than that too.
+    /// refers to (`referenced` says), older than that too. While passes still come to read
+    /// Secrets nothing referred to (within [`GRACE`] of the last such read), the objects that
+    /// have not had their first pass yet may read the rest: none of those is forgotten, or
+    /// every object reached after [`GRACE`] of a bulk creation would read its Secret again.
     pub fn prune(&self, referenced: impl Fn(&Reference) -> bool) {
+        self.prune_at(Instant::now(), referenced);
+    }
+
+    fn prune_at(&self, now: Instant, referenced: impl Fn(&Reference) -> bool) {
         let mut inner = self.entries.lock().expect("values lock");
+        let coming = inner
+            .last_first_read
+            .is_some_and(|at| now.saturating_duration_since(at) < GRACE);
         inner.entries.retain(|reference, entry| match entry {
             Entry::Held {
                 unreferenced_since: Some(since),
                 ..
-            } if since.elapsed() >= GRACE => referenced(reference),
+            } if now.saturating_duration_since(*since) >= GRACE && !coming => referenced(reference),
             Entry::Held {
                 unreferenced_since: Some(_),
                 ..
@@ -420,5 +446,30 @@ mod tests {
             "seen before any object read it"
         );
         assert!(values.get(&gone, "k").is_none(), "nothing refers to it");
+    }
+
+    #[test]
+    fn unread_secrets_outlive_their_grace_while_first_passes_still_read_such_secrets() {
+        let values = Values::default();
+        let (read, unread) = (secret("a", "read"), secret("a", "unread"));
+        values.observe(&read, Some(&data(&[("k", 1)])), false);
+        values.observe(&unread, Some(&data(&[("k", 1)])), false);
+        let later = Instant::now() + GRACE + Duration::from_secs(1);
+        // A first pass reads one of them: objects are still coming.
+        assert!(values.get(&read, "k").is_some());
+        values.entries.lock().unwrap().last_first_read = Some(later - GRACE / 2);
+        values.prune_at(later, |r| *r == read);
+        assert!(
+            values.get(&unread, "k").is_some(),
+            "kept past its grace while first passes go on"
+        );
+        // No first read for a grace: what nothing refers to goes.
+        values.entries.lock().unwrap().last_first_read = Some(later - GRACE);
+        values.prune_at(later, |r| *r == read);
+        assert!(
+            values.get(&unread, "k").is_none(),
+            "forgotten after its grace"
+        );
+        assert!(values.get(&read, "k").is_some(), "referenced, kept");
     }
 }
