@@ -256,4 +256,22 @@ mod tests {
         index.set(&key("b"), vec![secret("s")]);
         assert_eq!(index.users(&secret("s")).len(), 2);
     }
+
+    #[test]
+    fn the_index_keeps_the_key_it_was_given_not_a_copy() {
+        let index = RefIndex::default();
+        let a = key("a");
+        index.set(&a, vec![secret("s"), secret("t")]);
+        // A later pass's key for the same object finds the entry and leaves the first.
+        index.set(&key("a"), vec![secret("s"), secret("t")]);
+        for reference in [secret("s"), secret("t")] {
+            let users = index.users(&reference);
+            assert!(std::sync::Arc::ptr_eq(&users[0], &a), "{reference:?}");
+        }
+        assert_eq!(
+            std::sync::Arc::strong_count(&a),
+            1 + 1 + 2,
+            "ours, the forward entry and one per reference: no copy of the strings"
+        );
+    }
 }
