@@ -54,6 +54,19 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read before `main`; a `_RJEM_MALLOC_CONF` in the environment is read
+/// after them and can change any of them. One arena rather than four per core (each kept its
+/// own partly used pages), and freed pages handed back after one second rather than ten, by
+/// jemalloc's own background thread. At 10,000 objects on kube-apiserver this took 3–3.5 MiB
+/// of anonymous memory off peak RSS (BENCHMARKS.md, "Allocator and binary size").
+#[allow(unsafe_code)]
+// SAFETY: jemalloc declares `malloc_conf` (named `_rjem_malloc_conf` by tikv-jemalloc-sys) as
+// a weak `const char *` for the program to define. This defines it as a pointer to a
+// NUL-terminated string that lives as long as the program and is never written.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 70] =
+    b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:true\0";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // Before anything builds a TLS client (the Kubernetes client, the DPC client, the OTLP

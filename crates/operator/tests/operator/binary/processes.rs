@@ -186,3 +186,29 @@ async fn absurd_numbers_from_dpc_leave_the_process_up() {
     operator.terminate();
     assert!(operator.wait_exit(Duration::from_secs(10)).await.success());
 }
+
+/// The allocator options the binary sets for itself (`MALLOC_CONF` in main.rs: one arena,
+/// freed pages back within a second) are in effect: jemalloc's statistics, printed at exit
+/// when the environment asks for them, say so.
+#[test]
+fn the_binary_runs_with_its_own_allocator_options() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dpc-operator"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .expect("dpc-operator --version runs");
+    assert!(out.status.success(), "{:?}", out.status);
+    let stats = String::from_utf8_lossy(&out.stderr);
+    let options: Vec<&str> = stats.lines().filter(|l| l.contains("opt.")).collect();
+    for option in [
+        "opt.narenas: 1",
+        "opt.dirty_decay_ms: 1000 ",
+        "opt.muzzy_decay_ms: 0 ",
+        "opt.background_thread: true ",
+    ] {
+        assert!(
+            options.iter().any(|l| l.trim_start().starts_with(option)),
+            "jemalloc's options lack {option:?}: {options:#?}"
+        );
+    }
+}
