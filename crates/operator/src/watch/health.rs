@@ -160,11 +160,20 @@ impl Watches {
         })
     }
 
+    /// How many times the probe has seen the API server answer again after it stopped
+    /// answering. A watch notes it when a request begins and passes it to [`Self::pause`].
+    pub(super) fn returns(&self) -> u64 {
+        self.gate.returns.load(Ordering::SeqCst)
+    }
+
     /// Waits `delay`, or less: until the probe sees the API server answer again after it
-    /// stopped answering. Returns whether the probe cut the wait short.
-    pub(super) async fn pause(&self, delay: Duration) -> bool {
+    /// stopped answering. `seen` is [`Self::returns`] when the failed request began: a
+    /// return since then (the request was in flight when the server came back, and failed
+    /// on a server still starting) ends the wait at once, so that watch does not sit out
+    /// its whole backoff. Returns whether the wait was cut short.
+    pub(super) async fn pause(&self, delay: Duration, seen: u64) -> bool {
         self.gate.ensure_probe(&self.client);
-        self.gate.pause(delay).await
+        self.gate.pause(delay, seen).await
     }
 }
 
@@ -214,8 +223,7 @@ impl ProbeGate {
         });
     }
 
-    async fn pause(&self, delay: Duration) -> bool {
-        let seen = self.returns.load(Ordering::SeqCst);
+    async fn pause(&self, delay: Duration, seen: u64) -> bool {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         self.wake_probe.notify_one();
         let sleep = tokio::time::sleep(delay);
@@ -298,7 +306,9 @@ mod tests {
                 status.store(200, Ordering::SeqCst);
             })
         };
-        let woken = watches.pause(Duration::from_secs(30)).await;
+        let woken = watches
+            .pause(Duration::from_secs(30), watches.returns())
+            .await;
         flip.await.unwrap();
         assert!(woken, "the pause ended because the server answered");
         let took = started.elapsed();
@@ -316,9 +326,52 @@ mod tests {
         let (_server, client) = fake_server(Arc::new(AtomicU16::new(200))).await;
         let watches = watches(client);
         let started = Instant::now();
-        let woken = watches.pause(Duration::from_millis(1500)).await;
+        let woken = watches
+            .pause(Duration::from_millis(1500), watches.returns())
+            .await;
         assert!(!woken);
         assert!(started.elapsed() >= Duration::from_millis(1500));
+    }
+
+    #[tokio::test]
+    async fn a_watch_whose_request_was_in_flight_when_the_server_returned_retries_at_once() {
+        let status = Arc::new(AtomicU16::new(503));
+        let (_server, client) = fake_server(status.clone()).await;
+        let watches = watches(client);
+        // A request begins while the server is down...
+        let seen = watches.returns();
+        // ...and meanwhile another watch, waiting to retry, sees the server come back (once
+        // the probe has seen it down).
+        let flip = {
+            let (status, gate) = (status.clone(), watches.gate.clone());
+            tokio::spawn(async move {
+                while gate.answering.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                status.store(200, Ordering::SeqCst);
+            })
+        };
+        assert!(
+            watches
+                .pause(Duration::from_secs(30), watches.returns())
+                .await
+        );
+        flip.await.unwrap();
+        // The request fails after that return (a server still starting): no wait.
+        let started = Instant::now();
+        assert!(watches.pause(Duration::from_secs(30), seen).await);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "retried {:?} after its failure",
+            started.elapsed()
+        );
+        // A request that began after the return and fails waits its backoff: no spin.
+        let started = Instant::now();
+        let woken = watches
+            .pause(Duration::from_millis(600), watches.returns())
+            .await;
+        assert!(!woken);
+        assert!(started.elapsed() >= Duration::from_millis(600));
     }
 
     #[test]

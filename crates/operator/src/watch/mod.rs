@@ -119,6 +119,8 @@ struct Watcher<K: Clone> {
     /// The delay before the next retry, if the last request failed.
     retry_in: Option<Duration>,
     backoff: Duration,
+    /// The probe's count of the API server's returns when the current request began.
+    returns_seen: u64,
     health: std::sync::Arc<WatchHealth>,
     watches: std::sync::Arc<Watches>,
     /// Get the initial state as a stream of watch events rather than a paged list.
@@ -172,6 +174,7 @@ where
         out: VecDeque::new(),
         retry_in: None,
         backoff: BACKOFF_BASE,
+        returns_seen: watches.returns(),
         health: watches.register(name),
         watches: watches.clone(),
     };
@@ -191,11 +194,12 @@ where
                 return event;
             }
             if let Some(delay) = self.retry_in.take()
-                && self.watches.pause(delay).await
+                && self.watches.pause(delay, self.returns_seen).await
             {
                 // The server is back: the next failure starts the backoff over.
                 self.backoff = BACKOFF_BASE;
             }
+            self.returns_seen = self.watches.returns();
             let placeholder = Phase::List {
                 consistent: true,
                 continue_token: None,
