@@ -6,7 +6,11 @@ use kube::core::cel::{validate_cel, validate_cel_update};
 use serde_json::{Value, json};
 
 fn repo_file(path: &str) -> String {
-    let full = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(path);
+    let full = std::path::Path::new(
+        &(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests")
+            + "/../.."),
+    )
+    .join(path);
     std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
 }
 
@@ -70,8 +74,11 @@ fn schema_errors(kind: &str, doc: &Value) -> Vec<String> {
 #[test]
 fn shipped_examples_validate_against_the_schema_and_cel_rules() {
     let mut checked = 0;
-    let dir =
-        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("deploy/examples");
+    let dir = std::path::Path::new(
+        &(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests")
+            + "/../.."),
+    )
+    .join("deploy/examples");
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {

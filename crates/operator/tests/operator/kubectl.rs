@@ -69,10 +69,13 @@ impl Kubectl {
 }
 
 fn repo(path: &str) -> String {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .join(path)
-        .display()
-        .to_string()
+    Path::new(
+        &(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests")
+            + "/../.."),
+    )
+    .join(path)
+    .display()
+    .to_string()
 }
 
 /// Splits `kubectl get` table output into rows of cells.

@@ -4,7 +4,12 @@
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(
-        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(path),
+        std::path::Path::new(
+            &(std::env::var("CARGO_MANIFEST_DIR")
+                .expect("cargo sets CARGO_MANIFEST_DIR for tests")
+                + "/../.."),
+        )
+        .join(path),
     )
     .unwrap()
 }
