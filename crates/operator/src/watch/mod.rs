@@ -8,7 +8,8 @@
 //! - **Back at once**: a watch waiting to retry wakes when the one probe of `/readyz`
 //!   ([`health::Watches`]) sees the API server answer again after it stopped answering, so
 //!   every watch retries within the probe's interval (0.5 s) of the server's return, not at
-//!   the end of its backoff.
+//!   the end of its backoff. A request on its way at that moment that fails on a server
+//!   still starting retries at once too.
 //! - **A bounded cost while the server is down**: each watch makes at most one request per
 //!   5 s after its first four retries (0.5, 1, 2, 4 s), and the probe two per second.
 //! - **410 Gone relists at the newest version**: after a `410` the list is a consistent
