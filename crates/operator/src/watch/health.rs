@@ -166,6 +166,16 @@ impl Watches {
         self.gate.returns.load(Ordering::SeqCst)
     }
 
+    /// Whether the probe saw the API server answer again within `window`: a server just
+    /// back refuses or ends watches for a few seconds while its caches fill.
+    pub(super) fn returned_within(&self, window: Duration) -> bool {
+        self.gate
+            .last_return
+            .lock()
+            .expect("probe lock")
+            .is_some_and(|at| at.elapsed() < window)
+    }
+
     /// Waits `delay`, or less: until the probe sees the API server answer again after it
     /// stopped answering. `seen` is [`Self::returns`] when the failed request began: a
     /// return since then (the request was in flight when the server came back, and failed
@@ -184,6 +194,8 @@ pub(super) struct ProbeGate {
     returns: AtomicU64,
     /// The probe's last answer: false while the server does not answer.
     answering: AtomicBool,
+    /// When the probe last saw the server answer again.
+    last_return: Mutex<Option<Instant>>,
     waiters: AtomicUsize,
     changed: tokio::sync::Notify,
     wake_probe: tokio::sync::Notify,
@@ -208,6 +220,7 @@ impl ProbeGate {
                 let answered = probe(&client).await;
                 let was = gate.answering.swap(answered, Ordering::SeqCst);
                 if answered && !was {
+                    *gate.last_return.lock().expect("probe lock") = Some(Instant::now());
                     gate.returns.fetch_add(1, Ordering::SeqCst);
                     let waiting = gate.waiters.load(Ordering::SeqCst);
                     info!(
@@ -340,6 +353,7 @@ mod tests {
         let watches = watches(client);
         // A request begins while the server is down...
         let seen = watches.returns();
+        assert!(!watches.returned_within(Duration::from_secs(3600)));
         // ...and meanwhile another watch, waiting to retry, sees the server come back (once
         // the probe has seen it down).
         let flip = {
@@ -357,6 +371,7 @@ mod tests {
                 .await
         );
         flip.await.unwrap();
+        assert!(watches.returned_within(Duration::from_secs(10)));
         // The request fails after that return (a server still starting): no wait.
         let started = Instant::now();
         assert!(watches.pause(Duration::from_secs(30), seen).await);

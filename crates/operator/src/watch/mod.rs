@@ -9,7 +9,8 @@
 //!   ([`health::Watches`]) sees the API server answer again after it stopped answering, so
 //!   every watch retries within the probe's interval (0.5 s) of the server's return, not at
 //!   the end of its backoff. A request on its way at that moment that fails on a server
-//!   still starting retries at once too.
+//!   still starting retries at once too, and for 10 s after a return a failing watch
+//!   retries every 0.5 s (a restarted server ends watches while its caches fill).
 //! - **A bounded cost while the server is down**: each watch makes at most one request per
 //!   5 s after its first four retries (0.5, 1, 2, 4 s), and the probe two per second.
 //! - **410 Gone relists at the newest version**: after a `410` the list is a consistent
@@ -41,6 +42,9 @@ pub use health::{Restart, WatchHealth, Watches};
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// The longest retry delay of a failing watch.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long after the API server's return a failing watch keeps retrying every
+/// [`BACKOFF_BASE`]: at most 20 requests per watch.
+const SETTLING: Duration = Duration::from_secs(10);
 /// A watch with no event and no bookmark for this long is started again (the server sends
 /// a bookmark about once a minute; kube-apiserver ends a watch after `timeoutSeconds`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
@@ -224,7 +228,11 @@ where
         self.health.failed(&error.to_string());
         self.health.restarted(Restart::Failed);
         self.retry_in = Some(self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        // Just after the API server came back it may end or refuse watches for a few seconds
+        // while its caches fill: retry at the first step's pace then, not ever more slowly.
+        if !self.watches.returned_within(SETTLING) {
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        }
     }
 
     fn progressed(&mut self) {
